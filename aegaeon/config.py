@@ -1,0 +1,134 @@
+"""aegaeon's configuration, in one typed place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MIB = 1 << 20
+
+DEFAULT_MAX_NUM_SEQS = 64
+DEFAULT_MAX_NUM_BATCHED_TOKENS = 4096
+DEFAULT_KV_CACHE_BYTES = 512 * MIB
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How one engine batches and how much KV memory it holds."""
+
+    # Sequences decoded together in one step, at most.
+    max_num_seqs: int = DEFAULT_MAX_NUM_SEQS
+    # Prompt tokens prefilled together in one step, at most (a longer prompt runs alone).
+    max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS
+    # Bytes of KV blocks; the block count follows from the model's block size.
+    kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES
+    # Longest sequence (prompt + output); None: the model's max_position_embeddings.
+    max_model_len: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "kv_cache_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+
+
+# --- memory (device arena, host model cache, host KV pool) ---------------------------------------
+
+GIB = 1 << 30
+# Every tensor in the arena and the host caches starts on this boundary (vector loads, DMA).
+MEMORY_ALIGNMENT = 16
+DEFAULT_DEVICE_MEMORY_FRACTION = 0.9
+DEFAULT_CPU_ARENA_BYTES = 2 * GIB
+DEFAULT_HOST_MODEL_CACHE_BYTES = 4 * GIB
+DEFAULT_KV_SLAB_BYTES = 1 * GIB
+DEFAULT_HOST_KV_POOL_BYTES = 4 * GIB
+# Host-to-device copies go in chunks this large, so one chunk's copy overlaps the next one's issue.
+DEFAULT_LOAD_CHUNK_BYTES = 64 * MIB
+DEFAULT_SHM_DIR = "/dev/shm"
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    """Sizes of the device arena and of the node's shared host pools."""
+
+    # CUDA: the arena is this fraction of the device's free memory at start.
+    device_memory_fraction: float = DEFAULT_DEVICE_MEMORY_FRACTION
+    # CPU: the arena's size in bytes (there is no "device memory" to take a fraction of).
+    cpu_arena_bytes: int = DEFAULT_CPU_ARENA_BYTES
+    # Of the arena, the bytes set aside for KV blocks; the rest holds model weights.
+    kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES
+    host_model_cache_bytes: int = DEFAULT_HOST_MODEL_CACHE_BYTES
+    host_kv_pool_bytes: int = DEFAULT_HOST_KV_POOL_BYTES
+    kv_slab_bytes: int = DEFAULT_KV_SLAB_BYTES
+    load_chunk_bytes: int = DEFAULT_LOAD_CHUNK_BYTES
+    # Where the shared-memory files of a node live (tmpfs).
+    shm_dir: str = DEFAULT_SHM_DIR
+
+    def __post_init__(self) -> None:
+        if not 0 < self.device_memory_fraction <= 1:
+            raise ValueError(f"device_memory_fraction must be in (0, 1], got {self.device_memory_fraction}")
+        for name in (
+            "cpu_arena_bytes",
+            "kv_cache_bytes",
+            "host_model_cache_bytes",
+            "host_kv_pool_bytes",
+            "kv_slab_bytes",
+            "load_chunk_bytes",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+# --- scheduling (DESIGN.md, "Token-level scheduling") --------------------------------------------
+
+DEFAULT_TTFT_SLO_S = 10.0
+DEFAULT_TBT_SLO_S = 0.1
+# Prefill: a group holds at most this many requests of one model.
+DEFAULT_MAX_GROUP_SIZE = 8
+# Decode: the longest turn any batch gets in a round, in seconds.
+DEFAULT_QMAX_S = 4.0
+# Decode: alpha never drops below this (a round never aims at half the TBT SLO or less).
+DEFAULT_ALPHA_FLOOR = 0.5
+# Decode: a request joins a batch only if the batch's KV still fits with this many tokens to spare.
+DEFAULT_KV_LOOKAHEAD_TOKENS = 64
+# A request scores "within deadline" when its paper-style time-fraction score is at least this.
+DEFAULT_ATTAINMENT_TARGET = 0.9
+
+
+@dataclass(frozen=True)
+class SLO:
+    """Latency targets of one model: time to first token and time between tokens, in seconds."""
+
+    ttft_s: float = DEFAULT_TTFT_SLO_S
+    tbt_s: float = DEFAULT_TBT_SLO_S
+
+    def __post_init__(self) -> None:
+        if self.ttft_s <= 0 or self.tbt_s <= 0:
+            raise ValueError(f"SLO targets must be positive, got ttft_s={self.ttft_s}, tbt_s={self.tbt_s}")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """The knobs of grouped-FCFS prefill and weighted round-robin decode."""
+
+    default_slo: SLO = SLO()
+    # Per-model SLOs by model name; a model not listed gets `default_slo`.
+    model_slos: tuple[tuple[str, SLO], ...] = ()
+    max_group_size: int = DEFAULT_MAX_GROUP_SIZE
+    qmax_s: float = DEFAULT_QMAX_S
+    alpha_floor: float = DEFAULT_ALPHA_FLOOR
+    kv_lookahead_tokens: int = DEFAULT_KV_LOOKAHEAD_TOKENS
+
+    def __post_init__(self) -> None:
+        if self.max_group_size < 1:
+            raise ValueError(f"max_group_size must be >= 1, got {self.max_group_size}")
+        if self.qmax_s <= 0:
+            raise ValueError(f"qmax_s must be positive, got {self.qmax_s}")
+        if self.alpha_floor <= 0:
+            raise ValueError(f"alpha_floor must be positive, got {self.alpha_floor}")
+        if self.kv_lookahead_tokens < 0:
+            raise ValueError(f"kv_lookahead_tokens must be >= 0, got {self.kv_lookahead_tokens}")
+
+    def slo(self, model: str) -> SLO:
+        """The SLO of `model`."""
+        return dict(self.model_slos).get(model, self.default_slo)

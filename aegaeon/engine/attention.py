@@ -1,0 +1,166 @@
+"""Paged attention over the block-major KV cache.
+
+The per-step metadata (`AttentionBatch`) is built once by the runner and passed explicitly to every
+layer; there is no global forward context, so two models can run in one process.
+
+- Prefill: each new sequence attends causally to its own tokens, which are all in hand, so the
+  attention runs on the fresh K/V (SDPA) while they are written into the cache.
+- Decode: one query token per sequence against its cached context. On the CPU, K and V are gathered
+  per block table into `[batch, kv_heads, tokens, head_dim]` views and handed to SDPA with the
+  query grouped as `[batch, kv_heads, group, head_dim]` (grouped-query attention without repeating
+  K/V). On CUDA, a Triton paged kernel reads the blocks in place when Triton is available.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from aegaeon.engine.kv_cache import BLOCK_SIZE
+
+# A decode group costs a few extra ops per layer; splitting pays when it saves more padded blocks
+# than this (one block per layer is ~4 us of gathering and attending on the CPU; a group, ~30 us).
+DECODE_GROUP_COST_BLOCKS = 8
+MAX_DECODE_GROUPS = 4
+
+
+@dataclass
+class DecodeGroup:
+    """Consecutive decode rows `[start, end)` attended together, padded to their longest context."""
+
+    start: int
+    end: int
+    block_tables: torch.Tensor  # [rows, max_blocks]
+    mask: torch.Tensor | None  # [rows, 1, 1, max_blocks * BLOCK_SIZE], True where a key is visible
+
+
+@dataclass
+class AttentionBatch:
+    """Where this step's tokens go in the KV cache and what each query may attend to."""
+
+    is_prefill: bool
+    slot_blocks: torch.Tensor  # [tokens] block id of each new token
+    slot_offsets: torch.Tensor  # [tokens] offset of each new token within its block
+    scale: float
+    # prefill: number of new tokens of each sequence, in packing order
+    seq_lens: list[int]
+    # prefill: boolean masks per sequence ([len, len]) when a sliding window applies, else None (causal)
+    prefill_masks: list[torch.Tensor] | None
+    # decode: rows grouped by context length, and each row's context length (new token included)
+    decode_groups: list[DecodeGroup] | None = None
+    context_lens: torch.Tensor | None = None
+    sliding_window: int | None = None
+    use_triton: bool = False
+
+
+def plan_decode_groups(block_counts: list[int]) -> list[tuple[int, int]]:
+    """Split rows sorted by ascending block count into groups `[start, end)` that waste little padding."""
+    groups = [(0, len(block_counts))]
+    while len(groups) < MAX_DECODE_GROUPS:
+        best_saving, best = 0, None
+        for g, (start, end) in enumerate(groups):
+            longest = block_counts[end - 1]
+            for split in range(start + 1, end):
+                # Rows before `split` would pad to block_counts[split - 1] instead of `longest`.
+                saving = (split - start) * (longest - block_counts[split - 1]) - DECODE_GROUP_COST_BLOCKS
+                if saving > best_saving:
+                    best_saving, best = saving, (g, split)
+        if best is None:
+            break
+        g, split = best
+        start, end = groups[g]
+        groups[g : g + 1] = [(start, split), (split, end)]
+    return groups
+
+
+def prefill_mask(length: int, sliding_window: int | None, device: torch.device) -> torch.Tensor | None:
+    """Causal mask with a sliding window (`q - k < window`), or None where plain causal suffices."""
+    if sliding_window is None or length <= sliding_window:
+        return None
+    positions = torch.arange(length, device=device)
+    distance = positions[:, None] - positions[None, :]
+    return (distance >= 0) & (distance < sliding_window)
+
+
+def decode_mask(context_lens: torch.Tensor, max_blocks: int, sliding_window: int | None) -> torch.Tensor:
+    """`[rows, 1, 1, max_blocks * BLOCK_SIZE]`: keys inside each context (and window)."""
+    positions = torch.arange(max_blocks * BLOCK_SIZE, device=context_lens.device)
+    lens = context_lens[:, None]
+    mask = positions[None, :] < lens
+    if sliding_window is not None:
+        mask &= positions[None, :] > lens - 1 - sliding_window
+    return mask[:, None, None, :]
+
+
+def write_kv(
+    kv_cache: torch.Tensor, layer: int, batch: AttentionBatch, k: torch.Tensor, v: torch.Tensor
+) -> None:
+    """Store this step's K and V (`[tokens, kv_heads, head_dim]`) at their slots."""
+    kv_cache[batch.slot_blocks, layer, :, batch.slot_offsets] = torch.stack((k, v), dim=1)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_cache: torch.Tensor,
+    layer: int,
+    batch: AttentionBatch,
+) -> torch.Tensor:
+    """Attention output `[tokens, heads * head_dim]` for this step's queries `[tokens, heads, head_dim]`."""
+    write_kv(kv_cache, layer, batch, k, v)
+    if batch.is_prefill:
+        return _prefill(q, k, v, batch)
+    if batch.use_triton:
+        from aegaeon.engine.attention_triton import paged_decode_attention
+
+        tables = batch.decode_groups[0].block_tables
+        out = paged_decode_attention(
+            q, kv_cache, layer, tables, batch.context_lens, batch.scale, batch.sliding_window
+        )
+        return out.flatten(1)
+    outputs = [
+        _decode_gathered(q[group.start : group.end], kv_cache, layer, group, batch.scale)
+        for group in batch.decode_groups
+    ]
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
+
+def _prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
+    num_heads, num_kv_heads = q.shape[1], k.shape[1]
+    group = num_heads // num_kv_heads
+    outputs = []
+    start = 0
+    for i, length in enumerate(batch.seq_lens):
+        span = slice(start, start + length)
+        # [heads, len, dim]; K/V repeated per group because SDPA's causal path needs equal head counts
+        qs = q[span].transpose(0, 1)
+        ks = k[span].transpose(0, 1).repeat_interleave(group, dim=0)
+        vs = v[span].transpose(0, 1).repeat_interleave(group, dim=0)
+        mask = batch.prefill_masks[i] if batch.prefill_masks is not None else None
+        out = F.scaled_dot_product_attention(
+            qs, ks, vs, attn_mask=mask, is_causal=mask is None, scale=batch.scale
+        )
+        outputs.append(out.transpose(0, 1).flatten(1))
+        start += length
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
+
+def _decode_gathered(
+    q: torch.Tensor, kv_cache: torch.Tensor, layer: int, group: DecodeGroup, scale: float
+) -> torch.Tensor:
+    num_seqs, num_heads, head_dim = q.shape
+    num_kv_heads = kv_cache.shape[4]
+    tokens = group.block_tables.shape[1] * BLOCK_SIZE
+    blocks = group.block_tables.flatten()
+    # Gathering K and V separately keeps each a plain [rows, tokens, kv_heads, dim] tensor, which
+    # SDPA reads through a transposed view with no further copy.
+    k = kv_cache[:, layer, 0].index_select(0, blocks).view(num_seqs, tokens, num_kv_heads, head_dim)
+    v = kv_cache[:, layer, 1].index_select(0, blocks).view(num_seqs, tokens, num_kv_heads, head_dim)
+    grouped_q = q.view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    out = F.scaled_dot_product_attention(
+        grouped_q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=group.mask, scale=scale
+    )
+    return out.reshape(num_seqs, num_heads * head_dim)

@@ -1,0 +1,97 @@
+"""The decoder-only transformer shared by Llama, Mistral, Qwen2 and Qwen3, as plain functions.
+
+No `nn.Module`: the model is an `Architecture` plus a `ModelWeights` view, so switching models is
+pointing at other tensors. The forward runs on a packed batch (`[tokens, hidden]`): a prefill
+packs several prompts back to back, a decode step holds one token per sequence.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from aegaeon.engine.architecture import Architecture
+from aegaeon.engine.attention import AttentionBatch, attention
+from aegaeon.engine.rope import apply_rotary
+from aegaeon.engine.weights import LayerWeights, ModelWeights
+
+
+class Transformer:
+    """Runs forward passes of one architecture over whatever weights and KV cache it is handed."""
+
+    def __init__(self, arch: Architecture):
+        self.arch = arch
+        self._norm_shape = (arch.hidden_size,)
+        self._head_norm_shape = (arch.head_dim,)
+
+    def forward(
+        self,
+        weights: ModelWeights,
+        kv_cache: torch.Tensor,
+        token_ids: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        batch: AttentionBatch,
+    ) -> torch.Tensor:
+        """Final hidden states `[tokens, hidden]` (before the output norm)."""
+        hidden = F.embedding(token_ids, weights.embed)
+        residual = hidden
+        hidden = self._rms_norm(hidden, weights.layers[0].input_norm)
+        for i, layer in enumerate(weights.layers):
+            hidden = self._attention(layer, hidden, kv_cache, i, cos, sin, batch)
+            residual = residual + hidden
+            hidden = self._rms_norm(residual, layer.post_norm)
+            hidden = self._mlp(layer, hidden)
+            residual = residual + hidden
+            next_norm = weights.layers[i + 1].input_norm if i + 1 < len(weights.layers) else weights.norm
+            hidden = self._rms_norm(residual, next_norm)
+        return hidden
+
+    def logits(self, weights: ModelWeights, hidden: torch.Tensor) -> torch.Tensor:
+        """float32 logits `[rows, vocab]` for already-normed hidden states."""
+        return F.linear(hidden, weights.lm_head).float()
+
+    def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, self._norm_shape, weight, self.arch.rms_norm_eps)
+
+    def _attention(
+        self,
+        layer: LayerWeights,
+        hidden: torch.Tensor,
+        kv_cache: torch.Tensor,
+        index: int,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        batch: AttentionBatch,
+    ) -> torch.Tensor:
+        arch = self.arch
+        tokens = hidden.shape[0]
+        qkv = F.linear(hidden, layer.qkv, layer.qkv_bias)
+        qk, v = qkv.split((arch.q_size + arch.kv_size, arch.kv_size), dim=-1)
+        v = v.view(tokens, arch.num_kv_heads, arch.head_dim)
+        if layer.q_norm is None:
+            # q and k sit side by side in qkv: one rotation over all their heads.
+            qk = apply_rotary(qk.view(tokens, arch.num_heads + arch.num_kv_heads, arch.head_dim), cos, sin)
+            q, k = qk.split((arch.num_heads, arch.num_kv_heads), dim=1)
+        else:
+            q, k = qk.split((arch.q_size, arch.kv_size), dim=-1)
+            q = F.rms_norm(
+                q.view(tokens, arch.num_heads, arch.head_dim),
+                self._head_norm_shape,
+                layer.q_norm,
+                arch.rms_norm_eps,
+            )
+            k = F.rms_norm(
+                k.view(tokens, arch.num_kv_heads, arch.head_dim),
+                self._head_norm_shape,
+                layer.k_norm,
+                arch.rms_norm_eps,
+            )
+            q = apply_rotary(q, cos, sin)
+            k = apply_rotary(k, cos, sin)
+        out = attention(q, k, v, kv_cache, index, batch)
+        return F.linear(out, layer.o, layer.o_bias)
+
+    def _mlp(self, layer: LayerWeights, hidden: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(hidden, layer.gate_up, layer.gate_up_bias).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, layer.down, layer.down_bias)

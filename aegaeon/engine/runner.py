@@ -1,0 +1,150 @@
+"""The model runner: one scheduled step in, one sampled token per sequence out."""
+
+from __future__ import annotations
+
+import torch
+
+from aegaeon.engine.architecture import Architecture
+from aegaeon.engine.attention import (
+    AttentionBatch,
+    DecodeGroup,
+    decode_mask,
+    plan_decode_groups,
+    prefill_mask,
+)
+from aegaeon.engine.kv_cache import BLOCK_SIZE
+from aegaeon.engine.model import Transformer
+from aegaeon.engine.rope import RotaryTable
+from aegaeon.engine.sampler import Sampler, SamplerOutput, SamplingRow
+from aegaeon.engine.sequence import Sequence
+from aegaeon.engine.weights import ModelWeights
+
+
+def triton_decode_available(device: torch.device) -> bool:
+    """Whether the Triton paged-decode kernel can run on `device`."""
+    if device.type != "cuda":
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class ModelRunner:
+    """Builds the tensors of a step, runs the transformer and samples (one model, one device)."""
+
+    def __init__(
+        self,
+        arch: Architecture,
+        weights: ModelWeights,
+        kv_cache: torch.Tensor,
+        device: torch.device,
+        dtype: torch.dtype,
+    ):
+        self.arch = arch
+        self.weights = weights
+        self.kv_cache = kv_cache
+        self.device = device
+        self.model = Transformer(arch)
+        self.rotary = RotaryTable(arch.rope, arch.head_dim, dtype, device)
+        self.sampler = Sampler()
+        self.scale = arch.head_dim**-0.5
+        self.use_triton = triton_decode_available(device)
+
+    def step(self, seqs: list[Sequence], is_prefill: bool) -> SamplerOutput:
+        """Run one forward pass over `seqs` (their blocks already allocated) and sample."""
+        logits = self.logits(seqs, is_prefill)
+        rows = [
+            SamplingRow(seq.params, seq.output_token_ids, seq.prompt_token_ids, seq.generator) for seq in seqs
+        ]
+        with torch.inference_mode():
+            return self.sampler(logits, rows)
+
+    @torch.inference_mode()
+    def logits(self, seqs: list[Sequence], is_prefill: bool) -> torch.Tensor:
+        """float32 next-token logits `[len(seqs), vocab]`, writing this step's K/V into the cache."""
+        if is_prefill:
+            token_ids, positions, batch, last_rows = self._prefill_inputs(seqs)
+        else:
+            token_ids, positions, batch, last_rows = self._decode_inputs(seqs)
+        cos, sin = self.rotary.lookup(positions, max(seq.num_tokens for seq in seqs))
+        hidden = self.model.forward(self.weights, self.kv_cache, token_ids, cos, sin, batch)
+        if last_rows is not None:
+            hidden = hidden.index_select(0, last_rows)
+        return self.model.logits(self.weights, hidden)
+
+    def _tensor(self, values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=self.device)
+
+    def _prefill_inputs(self, seqs: list[Sequence]):
+        token_ids: list[int] = []
+        positions: list[int] = []
+        slot_blocks: list[int] = []
+        slot_offsets: list[int] = []
+        seq_lens: list[int] = []
+        last_rows: list[int] = []
+        masks = []
+        for seq in seqs:
+            length = seq.num_tokens
+            token_ids.extend(seq.token_ids)
+            positions.extend(range(length))
+            for position in range(length):
+                slot_blocks.append(seq.block_table[position // BLOCK_SIZE])
+                slot_offsets.append(position % BLOCK_SIZE)
+            seq_lens.append(length)
+            last_rows.append(len(token_ids) - 1)
+            masks.append(prefill_mask(length, self.arch.sliding_window, self.device))
+        batch = AttentionBatch(
+            is_prefill=True,
+            slot_blocks=self._tensor(slot_blocks),
+            slot_offsets=self._tensor(slot_offsets),
+            scale=self.scale,
+            seq_lens=seq_lens,
+            prefill_masks=masks if any(mask is not None for mask in masks) else None,
+        )
+        rows = None if last_rows == list(range(len(token_ids))) else self._tensor(last_rows)
+        return self._tensor(token_ids), self._tensor(positions), batch, rows
+
+    def _decode_inputs(self, seqs: list[Sequence]):
+        """Decode tensors with rows ordered by context length; `rows` maps them back to `seqs`' order."""
+        order = sorted(range(len(seqs)), key=lambda i: seqs[i].num_tokens)
+        ordered = [seqs[i] for i in order]
+        positions = [seq.num_tokens - 1 for seq in ordered]
+        context_lens = torch.tensor(
+            [seq.num_tokens for seq in ordered], dtype=torch.int32, device=self.device
+        )
+        if self.use_triton:  # the kernel walks each row's own blocks: there is no padding to avoid
+            spans = [(0, len(ordered))]
+        else:
+            spans = plan_decode_groups([len(seq.block_table) for seq in ordered])
+        slots = [seq.block_table[p // BLOCK_SIZE] for seq, p in zip(ordered, positions, strict=True)]
+        batch = AttentionBatch(
+            is_prefill=False,
+            slot_blocks=self._tensor(slots),
+            slot_offsets=self._tensor([p % BLOCK_SIZE for p in positions]),
+            scale=self.scale,
+            seq_lens=[1] * len(seqs),
+            prefill_masks=None,
+            decode_groups=[self._decode_group(ordered, context_lens, start, end) for start, end in spans],
+            context_lens=context_lens,
+            sliding_window=self.arch.sliding_window,
+            use_triton=self.use_triton,
+        )
+        # Logits come back in the caller's order: undo the sort on the (small) hidden states.
+        rows = (
+            None if order == sorted(order) else self._tensor(sorted(range(len(order)), key=order.__getitem__))
+        )
+        return self._tensor([seq.last_token_id for seq in ordered]), self._tensor(positions), batch, rows
+
+    def _decode_group(
+        self, ordered: list[Sequence], context_lens: torch.Tensor, start: int, end: int
+    ) -> DecodeGroup:
+        rows = ordered[start:end]
+        max_blocks = max(len(seq.block_table) for seq in rows)
+        # Padding entries point at block 0; the mask keeps them out of every softmax.
+        tables = [seq.block_table + [0] * (max_blocks - len(seq.block_table)) for seq in rows]
+        if self.use_triton:
+            return DecodeGroup(start, end, torch.tensor(tables, dtype=torch.int32, device=self.device), None)
+        mask = decode_mask(context_lens[start:end], max_blocks, self.arch.sliding_window)
+        return DecodeGroup(start, end, self._tensor(tables), mask)

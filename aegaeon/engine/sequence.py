@@ -1,0 +1,63 @@
+"""One generated sequence: its tokens, its KV blocks and its progress (a request with n > 1 has n)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+
+from aegaeon.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from aegaeon.engine.sampler import TokenLogprobs
+from aegaeon.engine.sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class FinishReason(str, enum.Enum):
+    """Why a sequence ended, with the names OpenAI's API uses."""
+
+    STOP = "stop"
+    LENGTH = "length"
+    ABORT = "abort"
+
+
+@dataclass(eq=False)
+class Sequence:
+    """A sequence being generated; `token_ids` is the prompt followed by the output so far."""
+
+    seq_id: int
+    request_id: str
+    index: int
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    max_tokens: int
+    detokenizer: IncrementalDetokenizer
+    stop_matcher: StopStringMatcher | None
+    generator: torch.Generator | None = None
+    output_token_ids: list[int] = field(default_factory=list)
+    block_table: list[int] = field(default_factory=list)
+    status: SequenceStatus = SequenceStatus.WAITING
+    finish_reason: FinishReason | None = None
+    text: str = ""
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def last_token_id(self) -> int:
+        return self.output_token_ids[-1] if self.output_token_ids else self.prompt_token_ids[-1]
+
+    @property
+    def finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
