@@ -38,8 +38,6 @@ GIB = 1 << 30
 # Every tensor in the arena and the host caches starts on this boundary (vector loads, DMA).
 MEMORY_ALIGNMENT = 16
 DEFAULT_DEVICE_MEMORY_FRACTION = 0.9
-DEFAULT_CPU_ARENA_BYTES = 2 * GIB
-DEFAULT_HOST_MODEL_CACHE_BYTES = 4 * GIB
 DEFAULT_KV_SLAB_BYTES = 1 * GIB
 DEFAULT_HOST_KV_POOL_BYTES = 4 * GIB
 # Host-to-device copies go in chunks this large, so one chunk's copy overlaps the next one's issue.
@@ -53,11 +51,11 @@ class MemoryConfig:
 
     # CUDA: the arena is this fraction of the device's free memory at start.
     device_memory_fraction: float = DEFAULT_DEVICE_MEMORY_FRACTION
-    # CPU: the arena's size in bytes (there is no "device memory" to take a fraction of).
-    cpu_arena_bytes: int = DEFAULT_CPU_ARENA_BYTES
-    # Of the arena, the bytes set aside for KV blocks; the rest holds model weights.
-    kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES
-    host_model_cache_bytes: int = DEFAULT_HOST_MODEL_CACHE_BYTES
+    # CPU: the arena's size in bytes (there is no "device memory" to take a fraction of); None:
+    # the KV bytes plus room for two copies of the largest model (the active one and a prefetch).
+    cpu_arena_bytes: int | None = None
+    # The node's host model cache; None (an engine on its own): just large enough for its models.
+    host_model_cache_bytes: int | None = None
     host_kv_pool_bytes: int = DEFAULT_HOST_KV_POOL_BYTES
     kv_slab_bytes: int = DEFAULT_KV_SLAB_BYTES
     load_chunk_bytes: int = DEFAULT_LOAD_CHUNK_BYTES
@@ -69,14 +67,14 @@ class MemoryConfig:
             raise ValueError(f"device_memory_fraction must be in (0, 1], got {self.device_memory_fraction}")
         for name in (
             "cpu_arena_bytes",
-            "kv_cache_bytes",
             "host_model_cache_bytes",
             "host_kv_pool_bytes",
             "kv_slab_bytes",
             "load_chunk_bytes",
         ):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
 
 
 # --- scheduling (DESIGN.md, "Token-level scheduling") --------------------------------------------

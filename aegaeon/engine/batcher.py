@@ -32,13 +32,14 @@ class ContinuousBatcher:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.swapped: list[Sequence] = []
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
     @property
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.swapped)
 
     def schedule(self) -> ScheduledStep | None:
         """The next step's work, with KV blocks allocated for it; None when idle."""
@@ -56,8 +57,27 @@ class ContinuousBatcher:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+        elif seq in self.swapped:
+            self.swapped.remove(seq)
         self._release(seq)
         seq.status = SequenceStatus.FINISHED
+
+    def swap_out(self, seq: Sequence) -> list[int]:
+        """Take a running sequence off the device; its blocks go back to the caller, to be freed
+        once the copy that reads them has completed."""
+        self.running.remove(seq)
+        blocks, seq.block_table = seq.block_table, []
+        seq.status = SequenceStatus.SWAPPED
+        self.swapped.append(seq)
+        return blocks
+
+    def swap_in(self, seq: Sequence) -> list[int]:
+        """Give a swapped sequence device blocks for its KV again and make it running."""
+        seq.block_table = self.allocator.allocate(len(seq.host_blocks))
+        self.swapped.remove(seq)
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+        return seq.block_table
 
     def _admit(self) -> list[Sequence]:
         admitted: list[Sequence] = []
@@ -91,6 +111,10 @@ class ContinuousBatcher:
             if needed > 0:
                 seq.block_table.extend(self.allocator.allocate(needed))
 
+    def preempt(self, seq: Sequence) -> None:
+        """Free a running sequence's blocks; it waits again and is recomputed from its tokens."""
+        self._preempt(seq)
+
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self._release(seq)
@@ -98,5 +122,8 @@ class ContinuousBatcher:
         self.waiting.appendleft(seq)
 
     def _release(self, seq: Sequence) -> None:
+        if seq.kv_arrival is not None:  # a copy still writes these blocks: let it land first
+            seq.kv_arrival.synchronize()
+            seq.kv_arrival = None
         self.allocator.free(seq.block_table)
         seq.block_table = []

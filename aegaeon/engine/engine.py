@@ -1,108 +1,395 @@
-"""The engine for one model on one device: requests in, tokens and text out, step by step."""
+"""The engine of one device: requests in, tokens and text out, step by step, for one or many models.
+
+Every model the engine may run is registered once (`ServedModel`: architecture, tokenizer, runner,
+batcher) and its weights are cached in the node's host model cache. One model is *active* at a
+time: `switch_to` points its runner at weights in the device arena (copied there from the host
+cache unless still resident) and at the arena's KV region, laid out for its block shape. A switch
+builds nothing: no module, no tensor outside the arena, no tokenizer.
+
+KV of requests whose model is not active waits in the host KV pool (`swap_out` / `swap_in`); each
+move is a batch of block copies ending in an event, and a step runs only the sequences whose KV has
+landed. A single-model engine (`LLMEngine(PATH)`) is the same thing with one registered model.
+"""
 
 from __future__ import annotations
 
 import itertools
+import weakref
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from aegaeon.config import EngineConfig
+from aegaeon.config import EngineConfig, MemoryConfig
 from aegaeon.engine.architecture import Architecture
 from aegaeon.engine.batcher import ContinuousBatcher
 from aegaeon.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from aegaeon.engine.kv_cache import (
     BLOCK_SIZE,
     BlockAllocator,
-    allocate_kv_cache,
     blocks_for_tokens,
     kv_block_bytes,
+    kv_block_shape,
 )
 from aegaeon.engine.outputs import CompletionOutput, RequestOutput
 from aegaeon.engine.runner import ModelRunner
 from aegaeon.engine.sampler import TokenLogprobs
 from aegaeon.engine.sampling_params import SamplingParams
-from aegaeon.engine.sequence import FinishReason, Sequence
+from aegaeon.engine.sequence import FinishReason, Sequence, SequenceStatus
 from aegaeon.engine.tokenizer import Tokenizer
-from aegaeon.engine.weights import ModelWeights, load_state, parse_dtype, resolve_model_dir
+from aegaeon.engine.weights import (
+    ModelWeights,
+    canonical_shapes,
+    load_state,
+    parse_dtype,
+    resolve_model_dir,
+)
+from aegaeon.memory.arena import DeviceArena, align
+from aegaeon.memory.copies import Copy, CopyStream
+from aegaeon.memory.kv_pool import HostKVPool, KVShape
+from aegaeon.memory.loader import ModelLoader, ResidentModels
+from aegaeon.memory.model_cache import HostModelCache, plan_layout
+
+# The arena of a CPU engine holds the KV region and this many copies of its largest model: the
+# active one and a prefetched next one.
+DEFAULT_RESIDENT_MODELS = 2
 
 
 @dataclass
 class _Request:
+    model: str
     prompt: str | None
     prompt_token_ids: list[int]
     seqs: list[Sequence]
 
 
+@dataclass
+class ServedModel:
+    """A model the engine can run; all of it is built once and reused across switches."""
+
+    name: str
+    model_dir: Path
+    arch: Architecture
+    tokenizer: Tokenizer
+    eos_token_ids: frozenset[int]
+    cache_key: str  # its key in the host model cache
+    weight_bytes: int
+    num_blocks: int  # KV blocks of this model's shape the arena's KV region holds
+    max_model_len: int
+    runner: ModelRunner
+    batcher: ContinuousBatcher
+    kv_shape: KVShape
+
+
+def model_name(path: str | Path) -> str:
+    """The name a model is served under when none is given: the last part of its path or hub id."""
+    return Path(str(path).rstrip("/")).name
+
+
 class LLMEngine:
-    """Continuous batching over a paged KV cache for one model on one device."""
+    """Continuous batching over a paged KV cache, for the active one of several models on one device."""
 
     def __init__(
         self,
-        model: str | Path,
+        model: str | Path | None = None,
         *,
+        models: Mapping[str, str | Path] | None = None,
         device: str | torch.device = "cpu",
         dtype: str | torch.dtype = "float32",
         config: EngineConfig | None = None,
+        memory: MemoryConfig | None = None,
+        model_cache: HostModelCache | None = None,
+        kv_pool: HostKVPool | None = None,
+        progress: bool = True,
     ):
+        if (model is None) == (models is None):
+            raise ValueError("pass either model=PATH or models={name: PATH, ...}")
+        models = {model_name(model): model} if model is not None else dict(models)
+        if not models:
+            raise ValueError("models is empty: name at least one model")
         self.config = config or EngineConfig()
+        self.memory = memory or MemoryConfig()
         self.device = torch.device(device)
         self.dtype = parse_dtype(dtype)
-        self.model_dir = resolve_model_dir(model)
-        self.arch = Architecture.from_pretrained(self.model_dir)
-        self.tokenizer = Tokenizer.from_pretrained(self.model_dir)
-        self.eos_token_ids = frozenset(self.arch.eos_token_ids) | self.tokenizer.eos_token_ids
+        self.kv_pool = kv_pool
+        kv_bytes = align(self.config.kv_cache_bytes)
 
-        state = {
-            name: tensor.to(self.device)
-            for name, tensor in load_state(self.model_dir, self.arch, self.dtype).items()
-        }
-        num_blocks = self.config.kv_cache_bytes // kv_block_bytes(self.arch, self.dtype)
-        if num_blocks < 1:
-            raise ValueError(
-                f"kv_cache_bytes={self.config.kv_cache_bytes} holds no KV block of this model "
-                f"({kv_block_bytes(self.arch, self.dtype)} bytes each)"
-            )
-        self.max_model_len = min(
-            self.config.max_model_len or self.arch.max_position,
-            self.arch.max_position,
-            num_blocks * BLOCK_SIZE,
+        specs = {name: self._describe(name, path, kv_bytes) for name, path in models.items()}
+        largest = max(nbytes for _, _, nbytes in specs.values())
+        if model_cache is None:  # an engine on its own: a private cache just large enough
+            total = sum(nbytes for _, _, nbytes in specs.values())
+            nbytes = self.memory.host_model_cache_bytes or total
+            model_cache = HostModelCache.create(self.memory.shm_dir, nbytes)
+            weakref.finalize(self, model_cache.close)
+        self.model_cache = model_cache
+        self.models: dict[str, ServedModel] = {}
+        for name, (model_dir, arch, _) in specs.items():
+            self.models[name] = self._register(name, model_dir, arch, kv_bytes, progress)
+
+        self.arena = DeviceArena.for_device(
+            self.device, self.memory, cpu_bytes=kv_bytes + DEFAULT_RESIDENT_MODELS * largest
         )
-        kv_cache = allocate_kv_cache(self.arch, num_blocks, self.dtype, self.device)
-        self.runner = ModelRunner(
-            self.arch, ModelWeights.from_state(self.arch, state), kv_cache, self.device, self.dtype
+        self.kv_offset = self.arena.allocate(kv_bytes)
+        self.kv_bytes = kv_bytes
+        # Zeroed once, so a padded attention read of a never-written slot sees finite numbers.
+        self.arena.buffer[self.kv_offset : self.kv_offset + kv_bytes].zero_()
+        self.copies = CopyStream(self.device)
+        self.residents = ResidentModels(
+            self.arena, ModelLoader(self.arena, model_cache, self.copies, self.memory.load_chunk_bytes)
         )
-        self.batcher = ContinuousBatcher(
-            BlockAllocator(num_blocks), self.config.max_num_seqs, self.config.max_num_batched_tokens
-        )
+        self.active: ServedModel | None = None
+        self.switches = 0
+        # KV copies not yet known complete, with what to release once they are.
+        self._moves: list[tuple[Copy, Callable[[], None]]] = []
         self._requests: dict[str, _Request] = {}
         self._seq_ids = itertools.count()
+        if len(self.models) == 1:
+            self.switch_to(next(iter(self.models)))
+
+    # -- models --------------------------------------------------------------------------------------
+
+    def _describe(self, name: str, path: str | Path, kv_bytes: int) -> tuple[Path, Architecture, int]:
+        model_dir = resolve_model_dir(path)
+        arch = Architecture.from_pretrained(model_dir)
+        _, weight_bytes = plan_layout(canonical_shapes(arch), self.dtype)
+        if kv_bytes // kv_block_bytes(arch, self.dtype) < 1:
+            raise ValueError(
+                f"kv_cache_bytes={self.config.kv_cache_bytes} holds no KV block of model {name} "
+                f"({kv_block_bytes(arch, self.dtype)} bytes each)"
+            )
+        return model_dir, arch, weight_bytes
+
+    def _register(
+        self, name: str, model_dir: Path, arch: Architecture, kv_bytes: int, progress: bool
+    ) -> ServedModel:
+        tokenizer = Tokenizer.from_pretrained(model_dir)
+        shapes = canonical_shapes(arch)
+        cache_key = f"{model_dir.resolve()}@{str(self.dtype).removeprefix('torch.')}"
+        cached = self.model_cache.load(
+            cache_key, shapes, self.dtype, lambda: load_state(model_dir, arch, self.dtype), progress
+        )
+        num_blocks = kv_bytes // kv_block_bytes(arch, self.dtype)
+        max_model_len = min(self.config.max_model_len or arch.max_position, arch.max_position)
+        return ServedModel(
+            name=name,
+            model_dir=model_dir,
+            arch=arch,
+            tokenizer=tokenizer,
+            eos_token_ids=frozenset(arch.eos_token_ids) | tokenizer.eos_token_ids,
+            cache_key=cache_key,
+            weight_bytes=cached.nbytes,
+            num_blocks=num_blocks,
+            max_model_len=min(max_model_len, num_blocks * BLOCK_SIZE),
+            runner=ModelRunner(arch, self.device, self.dtype),
+            batcher=ContinuousBatcher(
+                BlockAllocator(num_blocks), self.config.max_num_seqs, self.config.max_num_batched_tokens
+            ),
+            kv_shape=KVShape(arch.num_layers, arch.num_kv_heads, arch.head_dim, self.dtype),
+        )
+
+    def _model(self, name: str | None) -> ServedModel:
+        if name is None:
+            if len(self.models) == 1:
+                return next(iter(self.models.values()))
+            if self.active is not None:
+                return self.active
+            raise ValueError(f"several models are served ({', '.join(self.models)}): name one")
+        if name not in self.models:
+            raise KeyError(f"model {name!r} is not served here; served: {', '.join(self.models)}")
+        return self.models[name]
+
+    # The single-model view (what the offline API and its tests look at).
+    @property
+    def arch(self) -> Architecture:
+        return self._model(None).arch
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self._model(None).tokenizer
+
+    @property
+    def runner(self) -> ModelRunner:
+        return self._model(None).runner
+
+    @property
+    def batcher(self) -> ContinuousBatcher:
+        return self._model(None).batcher
+
+    @property
+    def max_model_len(self) -> int:
+        return self._model(None).max_model_len
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        return self._model(None).eos_token_ids
+
+    # -- switching -----------------------------------------------------------------------------------
+
+    def switch_to(self, name: str) -> None:
+        """Make `name` the active model: the next steps run its requests.
+
+        Sequences of the previous model still on the device are swapped out to the host KV pool
+        (or, with no pool, preempted and recomputed later); outstanding KV moves finish first,
+        because the KV region is about to be read with another block shape.
+        """
+        target = self._model(name)
+        if target is self.active:
+            return
+        previous = self.active
+        if previous is not None:
+            for seq in list(previous.batcher.running):
+                if self.kv_pool is not None:
+                    self._swap_out_seq(previous, seq)
+                else:
+                    previous.batcher.preempt(seq)
+        self._finish_moves()
+        keep = frozenset()
+        resident = self.residents.load(self.model_cache_entry(target), keep)
+        resident.copy.wait()
+        kv = self.arena.view(self.kv_offset, (target.num_blocks, *kv_block_shape(target.arch)), self.dtype)
+        target.runner.bind(ModelWeights.from_state(target.arch, resident.tensors), kv)
+        if previous is not None:
+            previous.runner.bind(None, None)
+            self.model_cache.unpin(previous.cache_key)
+        self.model_cache.pin(target.cache_key)
+        self.active = target
+        self.switches += 1
+
+    def prefetch(self, name: str) -> bool:
+        """Start copying `name`'s weights into the arena beside the active model; False if no room."""
+        target = self._model(name)
+        if self.residents.get(target.cache_key) is not None:
+            return True
+        keep = frozenset({self.active.cache_key}) if self.active is not None else frozenset()
+        if self.residents.room_keeping(keep) < target.weight_bytes:
+            return False
+        self.residents.load(self.model_cache_entry(target), keep, background=True)
+        return True
+
+    def is_resident(self, name: str) -> bool:
+        """Whether `name`'s weights are in the arena (a switch to it copies nothing)."""
+        return self.residents.get(self._model(name).cache_key) is not None
+
+    def model_cache_entry(self, model: ServedModel):
+        cached = self.model_cache.get(model.cache_key)
+        if cached is not None:
+            return cached
+        # Evicted from the host cache since registration (a node cache shared with others): refill.
+        return self.model_cache.load(
+            model.cache_key,
+            canonical_shapes(model.arch),
+            self.dtype,
+            lambda: load_state(model.model_dir, model.arch, self.dtype),
+        )
+
+    # -- KV swaps ------------------------------------------------------------------------------------
+
+    def swap_out(self, request_id: str) -> None:
+        """Move a request's KV from the device to the host KV pool; its model must be active."""
+        request = self._request(request_id)
+        served = self._active_for(request)
+        for seq in request.seqs:
+            if seq.status is SequenceStatus.RUNNING:
+                self._swap_out_seq(served, seq)
+        self._reap_moves()
+
+    def swap_in(self, request_id: str) -> None:
+        """Start moving a swapped-out request's KV back to the device; steps run it once it lands."""
+        request = self._request(request_id)
+        served = self._active_for(request)
+        for seq in request.seqs:
+            if seq.status is SequenceStatus.SWAPPED:
+                self._reap_moves()
+                blocks = served.batcher.swap_in(seq)
+                pairs = [
+                    (served.runner.kv_cache[block], self.kv_pool.view(handle, served.kv_shape))
+                    for block, handle in zip(blocks, seq.host_blocks, strict=True)
+                ]
+                copy = self.copies.copy(pairs)
+                host_blocks, seq.host_blocks = seq.host_blocks, []
+                seq.kv_arrival = copy
+                self._moves.append((copy, lambda blocks=host_blocks: self.kv_pool.free(blocks)))
+        self._reap_moves()
+
+    def _swap_out_seq(self, served: ServedModel, seq: Sequence) -> None:
+        if self.kv_pool is None:
+            raise RuntimeError("this engine has no host KV pool to swap to (pass kv_pool=...)")
+        if seq.kv_arrival is not None:
+            seq.kv_arrival.wait()
+            seq.kv_arrival = None
+        handles = self.kv_pool.allocate(served.kv_shape, len(seq.block_table))
+        pairs = [
+            (self.kv_pool.view(handle, served.kv_shape), served.runner.kv_cache[block])
+            for handle, block in zip(handles, seq.block_table, strict=True)
+        ]
+        copy = self.copies.copy(pairs)
+        blocks = served.batcher.swap_out(seq)
+        seq.host_blocks = handles
+        # The device blocks are reused only once the copy that reads them has completed.
+        self._moves.append((copy, lambda: served.batcher.allocator.free(blocks)))
+
+    def _active_for(self, request: _Request) -> ServedModel:
+        served = self.models[request.model]
+        if served is not self.active:
+            raise RuntimeError(f"model {request.model} is not active: switch_to it before moving its KV")
+        return served
+
+    def _reap_moves(self) -> None:
+        """Release what completed moves held."""
+        pending = []
+        for copy, release in self._moves:
+            if copy.done():
+                copy.wait()
+                release()
+            else:
+                pending.append((copy, release))
+        self._moves = pending
+
+    def _finish_moves(self) -> None:
+        for copy, release in self._moves:
+            copy.synchronize()
+            release()
+        self._moves = []
+
+    # -- requests ------------------------------------------------------------------------------------
 
     def add_request(
-        self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        model: str | None = None,
     ) -> None:
-        """Queue a prompt (text, or token ids) for generation; raises ValueError on bad input."""
+        """Queue a prompt (text, or token ids) for `model`; raises ValueError on bad input."""
         params = params or SamplingParams()
+        served = self._model(model)
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        text, token_ids = self._prompt_tokens(prompt)
-        room = self.max_model_len - len(token_ids)
+        text, token_ids = self._prompt_tokens(served, prompt)
+        room = served.max_model_len - len(token_ids)
         if room < 1:
             raise ValueError(
                 f"the prompt has {len(token_ids)} tokens; this model accepts at most "
-                f"{self.max_model_len - 1} prompt tokens (max_model_len is {self.max_model_len})"
+                f"{served.max_model_len - 1} prompt tokens (max_model_len is {served.max_model_len})"
             )
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         seqs = [
-            self._new_sequence(request_id, index, token_ids, params, max_tokens) for index in range(params.n)
+            self._new_sequence(served, request_id, index, token_ids, params, max_tokens)
+            for index in range(params.n)
         ]
         for seq in seqs:
-            self.batcher.add(seq)
-        self._requests[request_id] = _Request(text, list(token_ids), seqs)
+            served.batcher.add(seq)
+        self._requests[request_id] = _Request(served.name, text, list(token_ids), seqs)
 
     def _new_sequence(
-        self, request_id: str, index: int, token_ids: list[int], params: SamplingParams, max_tokens: int
+        self,
+        served: ServedModel,
+        request_id: str,
+        index: int,
+        token_ids: list[int],
+        params: SamplingParams,
+        max_tokens: int,
     ) -> Sequence:
         return Sequence(
             seq_id=next(self._seq_ids),
@@ -111,67 +398,102 @@ class LLMEngine:
             prompt_token_ids=list(token_ids),
             params=params,
             max_tokens=max_tokens,
-            detokenizer=IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens),
+            detokenizer=IncrementalDetokenizer(served.tokenizer, token_ids, params.skip_special_tokens),
             stop_matcher=StopStringMatcher(params.stop, params.include_stop_str_in_output)
             if params.stop
             else None,
             generator=self._generator(params.seed, index),
         )
 
+    def _request(self, request_id: str) -> _Request:
+        if request_id not in self._requests:
+            raise KeyError(f"no unfinished request {request_id!r}")
+        return self._requests[request_id]
+
     def abort_request(self, request_id: str) -> None:
         """Stop a request now; its sequences end with finish_reason "abort"."""
         request = self._requests.pop(request_id, None)
         if request is None:
             return
+        batcher = self.models[request.model].batcher
         for seq in request.seqs:
-            if not seq.finished:
-                seq.finish_reason = FinishReason.ABORT
-                self.batcher.finish(seq)
+            if seq.finished:
+                continue
+            seq.finish_reason = FinishReason.ABORT
+            if seq.host_blocks:
+                self.kv_pool.free(seq.host_blocks)
+                seq.host_blocks = []
+            batcher.finish(seq)
 
-    def next_token_logits(self, prompts: list[list[int]]) -> torch.Tensor:
+    def next_token_logits(self, prompts: list[list[int]], model: str | None = None) -> torch.Tensor:
         """float32 logits `[len(prompts), vocab]` of the token after each prompt, prefilled together.
 
         For checking the model against a reference; it borrows KV blocks and returns them at once.
         """
+        served = self._model(model)
+        self.switch_to(served.name)
         seqs = []
         try:
             for prompt in prompts:
-                _, token_ids = self._prompt_tokens(prompt)
-                seq = self._new_sequence("logits", 0, token_ids, SamplingParams(), max_tokens=1)
-                seq.block_table = self.batcher.allocator.allocate(blocks_for_tokens(len(token_ids)))
+                _, token_ids = self._prompt_tokens(served, prompt)
+                seq = self._new_sequence(served, "logits", 0, token_ids, SamplingParams(), max_tokens=1)
+                seq.block_table = served.batcher.allocator.allocate(blocks_for_tokens(len(token_ids)))
                 seqs.append(seq)
-            return self.runner.logits(seqs, is_prefill=True)
+            return served.runner.logits(seqs, is_prefill=True)
         finally:
             for seq in seqs:
-                self.batcher.allocator.free(seq.block_table)
+                served.batcher.allocator.free(seq.block_table)
 
-    def has_unfinished_requests(self) -> bool:
-        return bool(self._requests)
+    def has_unfinished_requests(self, model: str | None = None) -> bool:
+        if model is None:
+            return bool(self._requests)
+        return any(request.model == model for request in self._requests.values())
+
+    def requests_of(self, model: str) -> list[str]:
+        """Ids of `model`'s unfinished requests, oldest first."""
+        return [request_id for request_id, request in self._requests.items() if request.model == model]
 
     def step(self) -> list[RequestOutput]:
-        """Run one forward pass; the outputs of every request it advanced."""
-        scheduled = self.batcher.schedule()
+        """Run one forward pass of the active model; the outputs of every request it advanced."""
+        served = self.active
+        if served is None:
+            raise RuntimeError("no model is active: switch_to one first")
+        self._reap_moves()
+        scheduled = served.batcher.schedule()
         if scheduled is None:
             return []
-        sampled = self.runner.step(scheduled.seqs, scheduled.is_prefill)
+        seqs = self._landed(scheduled.seqs)
+        sampled = served.runner.step(seqs, scheduled.is_prefill)
         touched: dict[str, None] = {}
-        for seq, token_id, logprobs in zip(scheduled.seqs, sampled.token_ids, sampled.logprobs, strict=True):
-            self._append_token(seq, token_id, logprobs)
+        for seq, token_id, logprobs in zip(seqs, sampled.token_ids, sampled.logprobs, strict=True):
+            self._append_token(served, seq, token_id, logprobs)
             if seq.finish_reason is not None:
-                self.batcher.finish(seq)
+                served.batcher.finish(seq)
             touched[seq.request_id] = None
         return [self._output(request_id) for request_id in touched]
 
-    def _prompt_tokens(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
+    @staticmethod
+    def _landed(seqs: list[Sequence]) -> list[Sequence]:
+        """The sequences whose KV is on the device; waits for the first arrival if none has landed."""
+        landed = [seq for seq in seqs if seq.kv_arrival is None or seq.kv_arrival.done()]
+        if not landed:
+            landed = [seqs[0]]
+        for seq in landed:
+            if seq.kv_arrival is not None:
+                seq.kv_arrival.wait()
+                seq.kv_arrival = None
+        return landed
+
+    def _prompt_tokens(self, served: ServedModel, prompt: str | list[int]) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
-            token_ids = self.tokenizer.encode(prompt)
+            token_ids = served.tokenizer.encode(prompt)
             text: str | None = prompt
         elif isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             token_ids, text = list(prompt), None
-            bad = [t for t in token_ids if not 0 <= t < self.arch.vocab_size]
+            bad = [t for t in token_ids if not 0 <= t < served.arch.vocab_size]
             if bad:
                 raise ValueError(
-                    f"prompt token id {bad[0]} is outside the vocabulary [0, {self.arch.vocab_size})"
+                    f"prompt token id {bad[0]} is outside the vocabulary [0, {served.arch.vocab_size})"
                 )
         else:
             raise ValueError("a prompt must be a string or a list of token ids")
@@ -185,12 +507,14 @@ class LLMEngine:
         # Each of a request's n samples gets its own stream, so they differ yet stay reproducible.
         return torch.Generator(device=self.device).manual_seed(seed + index)
 
-    def _append_token(self, seq: Sequence, token_id: int, logprobs: TokenLogprobs | None) -> None:
+    def _append_token(
+        self, served: ServedModel, seq: Sequence, token_id: int, logprobs: TokenLogprobs | None
+    ) -> None:
         seq.output_token_ids.append(token_id)
         if logprobs is not None:
             seq.logprobs.append(logprobs)
         params = seq.params
-        if token_id in params.stop_token_ids or (not params.ignore_eos and token_id in self.eos_token_ids):
+        if token_id in params.stop_token_ids or (not params.ignore_eos and token_id in served.eos_token_ids):
             self._finish(seq, FinishReason.STOP)
             return
         delta = seq.detokenizer.add(token_id)

@@ -37,13 +37,6 @@ def blocks_for_tokens(num_tokens: int) -> int:
     return -(-num_tokens // BLOCK_SIZE)
 
 
-def allocate_kv_cache(
-    arch: Architecture, num_blocks: int, dtype: torch.dtype, device: torch.device
-) -> torch.Tensor:
-    """A fresh KV tensor `[num_blocks, layers, 2, BLOCK_SIZE, kv_heads, head_dim]`."""
-    return torch.zeros((num_blocks, *kv_block_shape(arch)), dtype=dtype, device=device)
-
-
 class BlockAllocator:
     """Free list over the block ids of one KV tensor."""
 

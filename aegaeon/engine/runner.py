@@ -34,23 +34,22 @@ def triton_decode_available(device: torch.device) -> bool:
 class ModelRunner:
     """Builds the tensors of a step, runs the transformer and samples (one model, one device)."""
 
-    def __init__(
-        self,
-        arch: Architecture,
-        weights: ModelWeights,
-        kv_cache: torch.Tensor,
-        device: torch.device,
-        dtype: torch.dtype,
-    ):
+    def __init__(self, arch: Architecture, device: torch.device, dtype: torch.dtype):
         self.arch = arch
-        self.weights = weights
-        self.kv_cache = kv_cache
+        # Pointed at the arena by `bind` when the model is switched in; the runner owns neither.
+        self.weights: ModelWeights | None = None
+        self.kv_cache: torch.Tensor | None = None
         self.device = device
         self.model = Transformer(arch)
         self.rotary = RotaryTable(arch.rope, arch.head_dim, dtype, device)
         self.sampler = Sampler()
         self.scale = arch.head_dim**-0.5
         self.use_triton = triton_decode_available(device)
+
+    def bind(self, weights: ModelWeights | None, kv_cache: torch.Tensor | None) -> None:
+        """Run on these weights and this KV tensor from now on (a switch: no copy, no allocation)."""
+        self.weights = weights
+        self.kv_cache = kv_cache
 
     def step(self, seqs: list[Sequence], is_prefill: bool) -> SamplerOutput:
         """Run one forward pass over `seqs` (their blocks already allocated) and sample."""

@@ -15,6 +15,7 @@ from aegaeon.engine.sampling_params import SamplingParams
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
+    SWAPPED = "swapped"  # its KV waits in the host pool
     FINISHED = "finished"
 
 
@@ -41,6 +42,10 @@ class Sequence:
     generator: torch.Generator | None = None
     output_token_ids: list[int] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)
+    # While swapped out: the host KV pool blocks holding its KV.
+    host_blocks: list[int] = field(default_factory=list)
+    # While its KV is being copied in: the copy to wait for (a `memory.copies.Copy`).
+    kv_arrival: object | None = None
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: FinishReason | None = None
     text: str = ""

@@ -115,6 +115,33 @@ def canonical_state(
     return state
 
 
+def canonical_shapes(arch: Architecture) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor of the canonical state, from the architecture alone (no file read)."""
+    hidden, inter, qkv = arch.hidden_size, arch.intermediate_size, arch.q_size + 2 * arch.kv_size
+    shapes: dict[str, tuple[int, ...]] = {"embed": (arch.vocab_size, hidden), "norm": (hidden,)}
+    if not arch.tie_embeddings:
+        shapes["lm_head"] = (arch.vocab_size, hidden)
+    for i in range(arch.num_layers):
+        prefix = f"layers.{i}."
+        shapes[prefix + "input_norm"] = (hidden,)
+        shapes[prefix + "post_norm"] = (hidden,)
+        shapes[prefix + "qkv"] = (qkv, hidden)
+        shapes[prefix + "o"] = (hidden, arch.q_size)
+        shapes[prefix + "gate_up"] = (2 * inter, hidden)
+        shapes[prefix + "down"] = (hidden, inter)
+        if arch.qkv_bias:
+            shapes[prefix + "qkv_bias"] = (qkv,)
+        if arch.o_bias:
+            shapes[prefix + "o_bias"] = (hidden,)
+        if arch.mlp_bias:
+            shapes[prefix + "gate_up_bias"] = (2 * inter,)
+            shapes[prefix + "down_bias"] = (hidden,)
+        if arch.qk_norm:
+            shapes[prefix + "q_norm"] = (arch.head_dim,)
+            shapes[prefix + "k_norm"] = (arch.head_dim,)
+    return shapes
+
+
 def load_state(model_dir: Path, arch: Architecture, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Read a checkpoint from disk straight into the canonical layout."""
     return canonical_state(arch, read_hf_tensors(model_dir), dtype)
