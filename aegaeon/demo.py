@@ -355,3 +355,30 @@ def write_demo_models(directory: str | pathlib.Path, count: int = 3, *, seed: in
             )
         )
     return paths
+
+
+# The benchmark model: Llama-shaped, about 100M parameters (400 MB in float32).
+BENCHMARK_MODEL_SHAPE = dict(
+    hidden_size=768,
+    intermediate_size=2048,
+    num_hidden_layers=8,
+    num_attention_heads=12,
+    num_key_value_heads=4,
+    vocab_size=32000,
+    max_position_embeddings=2048,
+    rope_theta=500000.0,
+)
+
+
+def ensure_benchmark_model(path: str | pathlib.Path, seed: int = 0) -> pathlib.Path:
+    """Write the random-weight benchmark model to `path` unless it is already there."""
+    path = pathlib.Path(path)
+    if (path / "config.json").is_file():
+        return path
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        config = LlamaConfig(**BENCHMARK_MODEL_SHAPE, architectures=["LlamaForCausalLM"])
+        model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(path)
+    build_tokenizer().save_pretrained(path)
+    return path

@@ -32,20 +32,11 @@ import torch
 import torch.nn.functional as F
 
 from aegaeon.config import EngineConfig
+from aegaeon.demo import BENCHMARK_MODEL_SHAPE, ensure_benchmark_model
 from aegaeon.engine.engine import LLMEngine
 from aegaeon.engine.sampling_params import SamplingParams
 
 DEFAULT_MODEL_DIR = Path(".bench/llama-100m")
-MODEL_SHAPE = dict(
-    hidden_size=768,
-    intermediate_size=2048,
-    num_hidden_layers=8,
-    num_attention_heads=12,
-    num_key_value_heads=4,
-    vocab_size=32000,
-    max_position_embeddings=2048,
-    rope_theta=500000.0,
-)
 PROMPT_LENGTHS = (16, 256)
 OUTPUT_LENGTHS = (32, 160)
 BATCH_SIZES = (1, 16)
@@ -58,21 +49,6 @@ SEED = 0
 class Request:
     prompt: list[int]
     output_len: int
-
-
-def ensure_model(model_dir: Path) -> Path:
-    """Write the random-weight benchmark model once."""
-    if (model_dir / "config.json").is_file():
-        return model_dir
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    from aegaeon.demo import build_tokenizer
-
-    torch.manual_seed(SEED)
-    model = AutoModelForCausalLM.from_config(LlamaConfig(**MODEL_SHAPE, architectures=["LlamaForCausalLM"]))
-    model.save_pretrained(model_dir)
-    build_tokenizer().save_pretrained(model_dir)
-    return model_dir
 
 
 def make_requests(count: int, vocab_size: int, rng: random.Random) -> list[Request]:
@@ -159,14 +135,15 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM
 
-    model_dir = ensure_model(args.model_dir)
+    model_dir = ensure_benchmark_model(args.model_dir, SEED)
     hf_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     results = {}
     for batch_size in BATCH_SIZES:
         config = EngineConfig(max_num_seqs=batch_size)
         engine = LLMEngine(model_dir, config=config)
         rng = random.Random(SEED)
-        requests = make_requests(batch_size * REQUESTS_PER_SLOT[batch_size], MODEL_SHAPE["vocab_size"], rng)
+        count = batch_size * REQUESTS_PER_SLOT[batch_size]
+        requests = make_requests(count, BENCHMARK_MODEL_SHAPE["vocab_size"], rng)
         runs = {"aegaeon": [], "transformers": [], "ceiling": []}
         for _ in range(args.repeats):
             runs["aegaeon"].append(aegaeon_decode_rate(engine, requests, batch_size))

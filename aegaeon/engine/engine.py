@@ -14,6 +14,7 @@ landed. A single-model engine (`LLMEngine(PATH)`) is the same thing with one reg
 from __future__ import annotations
 
 import itertools
+import time
 import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -54,6 +55,21 @@ from aegaeon.memory.model_cache import HostModelCache, plan_layout
 # The arena of a CPU engine holds the KV region and this many copies of its largest model: the
 # active one and a prefetched next one.
 DEFAULT_RESIDENT_MODELS = 2
+
+
+@dataclass(frozen=True)
+class SwitchTiming:
+    """Where the time of one switch went, in seconds (host clock; CUDA copies may still be running)."""
+
+    model: str
+    drain_s: float  # swapping the previous model's KV out and waiting for outstanding moves
+    load_s: float  # making room in the arena and copying the weights in (0 when resident)
+    bind_s: float  # pointing the runner at the weights and the KV region
+    loaded: bool  # whether weights were copied (False: the model was resident)
+
+    @property
+    def total_s(self) -> float:
+        return self.drain_s + self.load_s + self.bind_s
 
 
 @dataclass
@@ -140,6 +156,7 @@ class LLMEngine:
         )
         self.active: ServedModel | None = None
         self.switches = 0
+        self.last_switch: SwitchTiming | None = None
         # KV copies not yet known complete, with what to release once they are.
         self._moves: list[tuple[Copy, Callable[[], None]]] = []
         self._requests: dict[str, _Request] = {}
@@ -236,6 +253,7 @@ class LLMEngine:
         target = self._model(name)
         if target is self.active:
             return
+        start = time.perf_counter()
         previous = self.active
         if previous is not None:
             for seq in list(previous.batcher.running):
@@ -244,9 +262,13 @@ class LLMEngine:
                 else:
                     previous.batcher.preempt(seq)
         self._finish_moves()
-        keep = frozenset()
-        resident = self.residents.load(self.model_cache_entry(target), keep)
+        drained = time.perf_counter()
+        loads = self.residents.loads
+        resident = self.residents.get(target.cache_key) or self.residents.load(
+            self.model_cache_entry(target)
+        )
         resident.copy.wait()
+        loaded = time.perf_counter()
         kv = self.arena.view(self.kv_offset, (target.num_blocks, *kv_block_shape(target.arch)), self.dtype)
         target.runner.bind(ModelWeights.from_state(target.arch, resident.tensors), kv)
         if previous is not None:
@@ -255,6 +277,13 @@ class LLMEngine:
         self.model_cache.pin(target.cache_key)
         self.active = target
         self.switches += 1
+        self.last_switch = SwitchTiming(
+            target.name,
+            drain_s=drained - start,
+            load_s=loaded - drained,
+            bind_s=time.perf_counter() - loaded,
+            loaded=self.residents.loads > loads,
+        )
 
     def prefetch(self, name: str) -> bool:
         """Start copying `name`'s weights into the arena beside the active model; False if no room."""
