@@ -1,0 +1,233 @@
+"""Execution-time predictor: per-shape latency profiles, their least-squares fit, and their JSON file.
+
+    T_prefill = a + b·Σlen + c·Σlen²       (Σlen² = sum over the batch of each prompt length squared)
+    T_decode  = a + b·Σcontext + c·batch
+
+A profile is keyed by (shape_key, dtype, device) and also holds the measured switch time. A set of
+profiles is stored as ONE JSON file: {"version": 1, "profiles": [profile.to_dict(), ...]}.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from aegaeon.scheduler.models import ModelSpec
+
+PROFILE_FORMAT_VERSION = 1
+# Each formula has three coefficients (a, b, c); fewer samples cannot determine them.
+NUM_COEFFS = 3
+
+Coeffs = tuple[float, float, float]
+# One measurement: the lengths in the batch (prompt lengths or context lengths) and the seconds it took.
+Sample = tuple[Sequence[int], float]
+
+
+def prefill_features(lengths: Sequence[int]) -> tuple[float, float, float]:
+    return (1.0, float(sum(lengths)), float(sum(n * n for n in lengths)))
+
+
+def decode_features(context_lens: Sequence[int]) -> tuple[float, float, float]:
+    return (1.0, float(sum(context_lens)), float(len(context_lens)))
+
+
+def _fit(samples: Iterable[Sample], features) -> Coeffs:
+    rows, times = [], []
+    for lengths, seconds in samples:
+        rows.append(features(lengths))
+        times.append(float(seconds))
+    if len(rows) < NUM_COEFFS:
+        raise ValueError(f"need at least {NUM_COEFFS} samples to fit, got {len(rows)}")
+    # Rank-deficient samples (e.g. every decode sample at one batch size) get the minimum-norm solution.
+    coeffs, *_ = np.linalg.lstsq(np.array(rows), np.array(times), rcond=None)
+    return (float(coeffs[0]), float(coeffs[1]), float(coeffs[2]))
+
+
+def fit_prefill(samples: Iterable[Sample]) -> Coeffs:
+    """Least-squares (a, b, c) of T_prefill from (prompt lengths, seconds) samples."""
+    return _fit(samples, prefill_features)
+
+
+def fit_decode(samples: Iterable[Sample]) -> Coeffs:
+    """Least-squares (a, b, c) of T_decode from (context lengths, seconds) samples."""
+    return _fit(samples, decode_features)
+
+
+def _evaluate(coeffs: Coeffs, features: tuple[float, float, float]) -> float:
+    # A fitted line can dip below zero outside the profiled range; time cannot.
+    return max(sum(k * x for k, x in zip(coeffs, features, strict=True)), 0.0)
+
+
+@dataclass(frozen=True)
+class ProfileKey:
+    shape_key: str
+    dtype: str
+    device: str
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Latency model of one architecture shape, in one dtype, on one device."""
+
+    shape_key: str
+    dtype: str
+    device: str
+    prefill: Coeffs
+    decode: Coeffs
+    # Measured seconds to switch this device to a model of this shape (weights host -> device).
+    switch_s: float
+
+    @property
+    def key(self) -> ProfileKey:
+        return ProfileKey(self.shape_key, self.dtype, self.device)
+
+    def predict_prefill(self, lengths: Sequence[int]) -> float:
+        """Seconds to prefill prompts of these lengths in one batch (0 for none)."""
+        return _evaluate(self.prefill, prefill_features(lengths)) if lengths else 0.0
+
+    def predict_decode(self, context_lens: Sequence[int]) -> float:
+        """Seconds of one decode step of a batch with these context lengths (0 for an empty batch)."""
+        return _evaluate(self.decode, decode_features(context_lens)) if context_lens else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "shape_key": self.shape_key,
+            "dtype": self.dtype,
+            "device": self.device,
+            "prefill": list(self.prefill),
+            "decode": list(self.decode),
+            "switch_s": self.switch_s,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> Profile:
+        return cls(
+            shape_key=str(d["shape_key"]),
+            dtype=str(d["dtype"]),
+            device=str(d["device"]),
+            prefill=_coeffs(d["prefill"]),
+            decode=_coeffs(d["decode"]),
+            switch_s=float(d["switch_s"]),
+        )
+
+
+def _coeffs(values: Sequence[float]) -> Coeffs:
+    if len(values) != NUM_COEFFS:
+        raise ValueError(f"expected {NUM_COEFFS} coefficients, got {len(values)}")
+    return (float(values[0]), float(values[1]), float(values[2]))
+
+
+def fit_profile(
+    shape_key: str,
+    dtype: str,
+    device: str,
+    prefill_samples: Iterable[Sample],
+    decode_samples: Iterable[Sample],
+    switch_s: float,
+) -> Profile:
+    """Fit both formulas from measurements and bundle them with the measured switch time."""
+    return Profile(
+        shape_key, dtype, device, fit_prefill(prefill_samples), fit_decode(decode_samples), float(switch_s)
+    )
+
+
+class ProfileStore:
+    """A set of profiles keyed by (shape_key, dtype, device), saved to and loaded from one JSON file."""
+
+    def __init__(self, profiles: Iterable[Profile] = ()) -> None:
+        self._profiles: dict[ProfileKey, Profile] = {}
+        for profile in profiles:
+            self.add(profile)
+
+    def add(self, profile: Profile) -> None:
+        """Add or replace the profile of its key."""
+        self._profiles[profile.key] = profile
+
+    def get(self, shape_key: str, dtype: str, device: str) -> Profile | None:
+        return self._profiles.get(ProfileKey(shape_key, dtype, device))
+
+    def __contains__(self, key: ProfileKey) -> bool:
+        return key in self._profiles
+
+    def __len__(self) -> int:
+        return len(self._profiles)
+
+    def __iter__(self) -> Iterator[Profile]:
+        return iter(self._profiles.values())
+
+    def to_dict(self) -> dict:
+        ordered = sorted(self._profiles.values(), key=lambda p: (p.shape_key, p.dtype, p.device))
+        return {"version": PROFILE_FORMAT_VERSION, "profiles": [p.to_dict() for p in ordered]}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> ProfileStore:
+        version = d.get("version")
+        if version != PROFILE_FORMAT_VERSION:
+            raise ValueError(f"unsupported profile file version {version!r} (want {PROFILE_FORMAT_VERSION})")
+        return cls(Profile.from_dict(p) for p in d["profiles"])
+
+    def save(self, path: str | Path) -> None:
+        """Write the whole set to `path` atomically (a reader never sees half a file)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.to_dict(), f, indent=2)
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+
+    @classmethod
+    def load(cls, path: str | Path) -> ProfileStore:
+        """Read a set saved by `save`; a missing file is an empty set (nothing profiled yet)."""
+        path = Path(path)
+        if not path.exists():
+            return cls()
+        return cls.from_dict(json.loads(path.read_text()))
+
+
+class Predictor:
+    """Predictions per model name on one device: each model maps to its shape's profile."""
+
+    def __init__(self, profiles: Mapping[str, Profile]) -> None:
+        self._profiles = dict(profiles)
+
+    @classmethod
+    def for_models(
+        cls, specs: Iterable[ModelSpec], store: ProfileStore, dtype: str, device: str
+    ) -> Predictor:
+        """Look up each model's profile; raise KeyError naming every model whose shape is not profiled."""
+        profiles, missing = {}, []
+        for spec in specs:
+            profile = store.get(spec.shape_key, dtype, device)
+            if profile is None:
+                missing.append(f"{spec.name} ({spec.shape_key}, {dtype}, {device})")
+            else:
+                profiles[spec.name] = profile
+        if missing:
+            raise KeyError(f"no profile for: {', '.join(missing)}")
+        return cls(profiles)
+
+    def profile(self, model: str) -> Profile:
+        try:
+            return self._profiles[model]
+        except KeyError:
+            raise KeyError(f"no profile for model {model!r}") from None
+
+    def prefill_s(self, model: str, lengths: Sequence[int]) -> float:
+        return self.profile(model).predict_prefill(lengths)
+
+    def decode_s(self, model: str, context_lens: Sequence[int]) -> float:
+        return self.profile(model).predict_decode(context_lens)
+
+    def switch_s(self, model: str) -> float:
+        """Seconds to switch this device to `model`."""
+        return self.profile(model).switch_s

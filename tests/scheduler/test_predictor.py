@@ -1,0 +1,122 @@
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from aegaeon.scheduler.predictor import (
+    PROFILE_FORMAT_VERSION,
+    Predictor,
+    Profile,
+    ProfileStore,
+    fit_decode,
+    fit_prefill,
+    fit_profile,
+)
+from tests.scheduler.helpers import profile, spec
+
+PREFILL_TRUE = (0.012, 3e-5, 2e-8)
+DECODE_TRUE = (0.008, 2e-6, 4e-4)
+
+
+def _prefill_time(lengths: list[int]) -> float:
+    a, b, c = PREFILL_TRUE
+    return a + b * sum(lengths) + c * sum(n * n for n in lengths)
+
+
+def _decode_time(contexts: list[int]) -> float:
+    a, b, c = DECODE_TRUE
+    return a + b * sum(contexts) + c * len(contexts)
+
+
+def _prefill_samples(rng: random.Random, count: int = 20) -> list[tuple[list[int], float]]:
+    out = []
+    for _ in range(count):
+        lengths = [rng.randint(1, 2048) for _ in range(rng.randint(1, 3))]
+        out.append((lengths, _prefill_time(lengths)))
+    return out
+
+
+def _decode_samples(rng: random.Random, count: int = 20) -> list[tuple[list[int], float]]:
+    out = []
+    for _ in range(count):
+        contexts = [rng.randint(1, 4096) for _ in range(rng.randint(1, 32))]
+        out.append((contexts, _decode_time(contexts)))
+    return out
+
+
+def test_fit_recovers_known_coefficients_from_noiseless_samples() -> None:
+    rng = random.Random(0)
+    assert fit_prefill(_prefill_samples(rng)) == pytest.approx(PREFILL_TRUE, rel=1e-6)
+    assert fit_decode(_decode_samples(rng)) == pytest.approx(DECODE_TRUE, rel=1e-6)
+
+
+def test_fitted_profile_predicts_unseen_points() -> None:
+    rng = random.Random(1)
+    p = fit_profile("s", "float32", "cpu", _prefill_samples(rng), _decode_samples(rng), switch_s=0.25)
+    assert p.switch_s == 0.25
+    for lengths in ([3000], [100, 5000], [1]):
+        assert p.predict_prefill(lengths) == pytest.approx(_prefill_time(lengths), rel=1e-6)
+    for contexts in ([8000] * 64, [1], list(range(1, 100))):
+        assert p.predict_decode(contexts) == pytest.approx(_decode_time(contexts), rel=1e-6)
+
+
+def test_fit_is_close_under_noise() -> None:
+    rng = random.Random(2)
+    noisy = [(c, t * rng.uniform(0.98, 1.02)) for c, t in _decode_samples(rng, 200)]
+    p = Profile("s", "f", "d", PREFILL_TRUE, fit_decode(noisy), 0.0)
+    assert p.predict_decode([1000] * 16) == pytest.approx(_decode_time([1000] * 16), rel=0.03)
+
+
+def test_too_few_samples_refused() -> None:
+    with pytest.raises(ValueError, match="at least 3"):
+        fit_decode([([1], 0.1), ([2], 0.2)])
+
+
+def test_predictions_never_negative_and_zero_for_empty_batches() -> None:
+    p = profile(prefill=(-1.0, 1e-6, 0.0), decode=(-1.0, 0.0, 0.0))
+    assert p.predict_prefill([10]) == 0.0
+    assert p.predict_decode([10, 20]) == 0.0
+    q = profile()
+    assert q.predict_prefill([]) == 0.0 and q.predict_decode([]) == 0.0
+
+
+def test_store_json_round_trip(tmp_path) -> None:
+    a = profile("shape-a", switch_s=0.3)
+    b = Profile("shape-b", "bfloat16", "cuda:H100", (0.1, 0.2, 0.3), (0.4, 0.5, 0.6), 1.5)
+    path = tmp_path / "sub" / "profiles.json"
+    ProfileStore([a, b]).save(path)
+    raw = json.loads(path.read_text())
+    assert raw["version"] == PROFILE_FORMAT_VERSION and len(raw["profiles"]) == 2
+    loaded = ProfileStore.load(path)
+    assert len(loaded) == 2
+    assert loaded.get("shape-a", "float32", "cpu") == a
+    assert loaded.get("shape-b", "bfloat16", "cuda:H100") == b
+    assert loaded.get("shape-b", "float32", "cuda:H100") is None  # dtype is part of the key
+    assert [p.shape_key for p in loaded] == ["shape-a", "shape-b"]
+
+
+def test_store_missing_file_is_empty_and_bad_version_refused(tmp_path) -> None:
+    assert len(ProfileStore.load(tmp_path / "none.json")) == 0
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps({"version": 999, "profiles": []}))
+    with pytest.raises(ValueError, match="version"):
+        ProfileStore.load(path)
+
+
+def test_store_add_replaces_same_key() -> None:
+    store = ProfileStore([profile(switch_s=1.0)])
+    store.add(profile(switch_s=2.0))
+    assert len(store) == 1 and store.get("shape", "float32", "cpu").switch_s == 2.0
+
+
+def test_predictor_maps_models_to_their_shape_profiles() -> None:
+    store = ProfileStore([profile("shape-a", switch_s=0.1), profile("shape-b", switch_s=0.2)])
+    pred = Predictor.for_models([spec("a"), spec("b")], store, "float32", "cpu")
+    assert pred.switch_s("a") == 0.1 and pred.switch_s("b") == 0.2
+    assert pred.decode_s("a", [100]) == pytest.approx(0.01 + 1e-3 + 1e-3)
+    with pytest.raises(KeyError, match="c \\(shape-c"):
+        Predictor.for_models([spec("a"), spec("c")], store, "float32", "cpu")
+    with pytest.raises(KeyError, match="zzz"):
+        pred.prefill_s("zzz", [1])
