@@ -130,3 +130,40 @@ class SchedulerConfig:
     def slo(self, model: str) -> SLO:
         """The SLO of `model`."""
         return dict(self.model_slos).get(model, self.default_slo)
+
+
+# --- node (instances of one machine) -------------------------------------------------------------
+
+DEFAULT_PROFILE_PATH = "~/.cache/aegaeon/profiles.json"
+# How long an idle instance sleeps before looking for work again when nobody wakes it.
+DEFAULT_IDLE_WAIT_S = 0.05
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """One machine: its device, how its instances split the work, and what each instance runs with."""
+
+    device: str = "cpu"
+    dtype: str = "float32"
+    # Colocated: each instance both prefills and decodes. Otherwise prefill and decode instances.
+    colocated: bool = True
+    colocated_instances: int = 1
+    prefill_instances: int = 1
+    decode_instances: int = 1
+    # Latency profiles (per model shape, dtype and device) the scheduler predicts with; instances
+    # measure the shapes missing from it when they start.
+    profile_path: str = DEFAULT_PROFILE_PATH
+    idle_wait_s: float = DEFAULT_IDLE_WAIT_S
+    engine: EngineConfig = EngineConfig()
+    memory: MemoryConfig = MemoryConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+
+    def __post_init__(self) -> None:
+        counts = (
+            {"colocated_instances": self.colocated_instances}
+            if self.colocated
+            else {"prefill_instances": self.prefill_instances, "decode_instances": self.decode_instances}
+        )
+        for name, value in counts.items():
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")

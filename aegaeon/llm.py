@@ -1,14 +1,21 @@
-"""The offline API, in the style of vLLM: `LLM(model=PATH).generate(prompts, SamplingParams(...))`."""
+"""The offline API, in the style of vLLM: `LLM(model=PATH).generate(prompts, SamplingParams(...))`.
+
+With several models, `LLM(models={"a": PATH_A, "b": PATH_B})` runs them on a node whose instances
+switch between them at token granularity, and `generate(..., model="a")` (or one model per prompt)
+picks which model answers.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
-from collections.abc import Sequence
+import threading
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 
-from aegaeon.config import EngineConfig
+from aegaeon.config import EngineConfig, NodeConfig
 from aegaeon.engine.engine import LLMEngine
 from aegaeon.engine.outputs import RequestOutput
 from aegaeon.engine.sampling_params import SamplingParams
@@ -17,29 +24,54 @@ Prompt = str | list[int]
 
 
 class LLM:
-    """Generate from a model in this process, batching all prompts of a call together."""
+    """Generate from one model (an engine in this process) or several (a node of instances)."""
 
     def __init__(
         self,
-        model: str | Path,
+        model: str | Path | None = None,
         *,
+        models: Mapping[str, str | Path] | None = None,
         device: str | torch.device = "cpu",
         dtype: str | torch.dtype = "float32",
         config: EngineConfig | None = None,
+        node_config: NodeConfig | None = None,
     ):
-        self.engine = LLMEngine(model, device=device, dtype=dtype, config=config)
+        if (model is None) == (models is None):
+            raise ValueError("pass either model=PATH or models={name: PATH, ...}")
         self._ids = itertools.count()
+        self.engine: LLMEngine | None = None
+        self.node = None
+        if model is not None:
+            self.engine = LLMEngine(model, device=device, dtype=dtype, config=config)
+            return
+        from aegaeon.instance.node import Node
+
+        base = node_config or NodeConfig()
+        overrides = {"device": str(device), "dtype": str(dtype).removeprefix("torch.")}
+        if config is not None:
+            overrides["engine"] = config
+        self.node = Node(models, dataclasses.replace(base, **overrides))
 
     @property
     def tokenizer(self):
+        if self.engine is None:
+            raise ValueError("several models are served: use tokenizer_of(name)")
         return self.engine.tokenizer
+
+    def tokenizer_of(self, model: str):
+        engine = self.engine or self.node.instances[0].engine
+        return engine.models[model].tokenizer
 
     def generate(
         self,
         prompts: Prompt | Sequence[Prompt],
         params: SamplingParams | Sequence[SamplingParams] | None = None,
+        model: str | Sequence[str] | None = None,
     ) -> list[RequestOutput]:
-        """Outputs in the order of `prompts`; one SamplingParams for all, or one per prompt."""
+        """Outputs in the order of `prompts`; one SamplingParams for all, or one per prompt.
+
+        `model` names the model of every prompt, or gives one per prompt (several models only).
+        """
         if isinstance(prompts, str) or _is_token_list(prompts):
             prompts = [prompts]
         prompts = list(prompts)
@@ -47,6 +79,13 @@ class LLM:
             params = [params or SamplingParams()] * len(prompts)
         elif len(params) != len(prompts):
             raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
+        if self.node is not None:
+            models = [model] * len(prompts) if model is None or isinstance(model, str) else list(model)
+            if len(models) != len(prompts):
+                raise ValueError(f"got {len(models)} models for {len(prompts)} prompts")
+            return self._generate_on_node(prompts, params, models)
+        if model is not None:
+            raise ValueError("model= picks among several models; this LLM serves one")
         request_ids = [f"offline-{next(self._ids)}" for _ in prompts]
         try:
             for request_id, prompt, sampling in zip(request_ids, prompts, params, strict=True):
@@ -62,9 +101,46 @@ class LLM:
                     finished[output.request_id] = output
         return [finished[request_id] for request_id in request_ids]
 
-    def chat(self, messages: list[dict], params: SamplingParams | None = None) -> RequestOutput:
+    def _generate_on_node(
+        self, prompts: list[Prompt], params: list[SamplingParams], models: list[str | None]
+    ) -> list[RequestOutput]:
+        finished: dict[str, RequestOutput] = {}
+        errors: list[BaseException] = []
+        all_done = threading.Event()
+        request_ids = [f"offline-{next(self._ids)}" for _ in prompts]
+
+        def on_output(output: RequestOutput) -> None:
+            if output.finished:
+                finished[output.request_id] = output
+                if len(finished) + len(errors) == len(request_ids):
+                    all_done.set()
+
+        def on_error(error: BaseException) -> None:
+            errors.append(error)
+            all_done.set()
+
+        # Check every prompt before queueing any, so a bad one leaves nothing running.
+        engine = self.node.instances[0].engine
+        for prompt, sampling, name in zip(prompts, params, models, strict=True):
+            engine.prepare_prompt(prompt, sampling, name)
+        for request_id, prompt, sampling, name in zip(request_ids, prompts, params, models, strict=True):
+            self.node.submit(prompt, sampling, name, on_output, on_error, request_id=request_id)
+        all_done.wait()
+        if errors:
+            raise RuntimeError(f"generation failed: {errors[0]}") from errors[0]
+        return [finished[request_id] for request_id in request_ids]
+
+    def chat(
+        self, messages: list[dict], params: SamplingParams | None = None, model: str | None = None
+    ) -> RequestOutput:
         """Generate the assistant's reply to one conversation, through the model's chat template."""
-        return self.generate([self.tokenizer.apply_chat_template(messages)], params)[0]
+        tokenizer = self.tokenizer if model is None else self.tokenizer_of(model)
+        return self.generate([tokenizer.apply_chat_template(messages)], params, model)[0]
+
+    def close(self) -> None:
+        """Stop the node's instances and release its shared memory (several models only)."""
+        if self.node is not None:
+            self.node.close()
 
 
 def _is_token_list(prompts: object) -> bool:

@@ -73,6 +73,45 @@ class SwitchTiming:
 
 
 @dataclass
+class SequenceHandoff:
+    """One sequence of a request moving between engines; its KV waits in the host KV pool."""
+
+    index: int
+    output_token_ids: list[int]
+    logprobs: list[TokenLogprobs]
+    host_blocks: list[int]
+    generator_state: torch.Tensor | None
+    finish_reason: str | None
+    text: str
+
+
+@dataclass
+class RequestHandoff:
+    """A request leaving one engine (a prefill instance) for another (a decode instance) of the node.
+
+    Plain data, picklable: the KV itself stays in the node's shared host KV pool.
+    """
+
+    request_id: str
+    model: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    max_tokens: int
+    seqs: list[SequenceHandoff]
+
+
+@dataclass(frozen=True)
+class PreparedPrompt:
+    """A prompt checked against its model: its tokens and how many it may generate."""
+
+    model: str
+    text: str | None
+    token_ids: list[int]
+    max_tokens: int
+
+
+@dataclass
 class _Request:
     model: str
     prompt: str | None
@@ -154,6 +193,12 @@ class LLMEngine:
         self.residents = ResidentModels(
             self.arena, ModelLoader(self.arena, model_cache, self.copies, self.memory.load_chunk_bytes)
         )
+        if largest > self.residents.capacity():
+            raise ValueError(
+                f"the largest model needs {largest} bytes but the device arena leaves "
+                f"{self.residents.capacity()} for weights after {kv_bytes} of KV "
+                "(raise cpu_arena_bytes or device_memory_fraction, or lower kv_cache_bytes)"
+            )
         self.active: ServedModel | None = None
         self.switches = 0
         self.last_switch: SwitchTiming | None = None
@@ -264,9 +309,7 @@ class LLMEngine:
         self._finish_moves()
         drained = time.perf_counter()
         loads = self.residents.loads
-        resident = self.residents.get(target.cache_key) or self.residents.load(
-            self.model_cache_entry(target)
-        )
+        resident = self.residents.get(target.cache_key) or self.residents.load(self.model_cache_entry(target))
         resident.copy.wait()
         loaded = time.perf_counter()
         kv = self.arena.view(self.kv_offset, (target.num_blocks, *kv_block_shape(target.arch)), self.dtype)
@@ -392,9 +435,23 @@ class LLMEngine:
     ) -> None:
         """Queue a prompt (text, or token ids) for `model`; raises ValueError on bad input."""
         params = params or SamplingParams()
-        served = self._model(model)
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
+        prepared = self.prepare_prompt(prompt, params, model)
+        served = self.models[prepared.model]
+        seqs = [
+            self._new_sequence(served, request_id, index, prepared.token_ids, params, prepared.max_tokens)
+            for index in range(params.n)
+        ]
+        for seq in seqs:
+            served.batcher.add(seq)
+        self._requests[request_id] = _Request(served.name, prepared.text, list(prepared.token_ids), seqs)
+
+    def prepare_prompt(
+        self, prompt: str | list[int], params: SamplingParams, model: str | None = None
+    ) -> PreparedPrompt:
+        """Tokenize and check a prompt for `model` (ValueError / KeyError saying what is wrong)."""
+        served = self._model(model)
         text, token_ids = self._prompt_tokens(served, prompt)
         room = served.max_model_len - len(token_ids)
         if room < 1:
@@ -403,13 +460,7 @@ class LLMEngine:
                 f"{served.max_model_len - 1} prompt tokens (max_model_len is {served.max_model_len})"
             )
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
-        seqs = [
-            self._new_sequence(served, request_id, index, token_ids, params, max_tokens)
-            for index in range(params.n)
-        ]
-        for seq in seqs:
-            served.batcher.add(seq)
-        self._requests[request_id] = _Request(served.name, text, list(token_ids), seqs)
+        return PreparedPrompt(served.name, text, token_ids, max_tokens)
 
     def _new_sequence(
         self,
@@ -433,6 +484,88 @@ class LLMEngine:
             else None,
             generator=self._generator(params.seed, index),
         )
+
+    def export_request(self, request_id: str) -> RequestHandoff:
+        """Hand a request over to another engine: swapped out here, it leaves this engine entirely.
+
+        Its host KV blocks now belong to the handoff; the receiving engine frees them.
+        """
+        request = self._request(request_id)
+        batcher = self.models[request.model].batcher
+        if self.models[request.model] is self.active:
+            self.swap_out(request_id)
+        self._finish_moves()  # the host copies must be complete before another engine reads them
+        handoffs = []
+        for seq in request.seqs:
+            if not seq.finished:
+                if seq.status is not SequenceStatus.SWAPPED:
+                    raise RuntimeError(f"request {request_id} has a sequence without KV to hand over")
+                batcher.swapped.remove(seq)
+            handoffs.append(
+                SequenceHandoff(
+                    index=seq.index,
+                    output_token_ids=list(seq.output_token_ids),
+                    logprobs=list(seq.logprobs),
+                    host_blocks=list(seq.host_blocks),
+                    generator_state=seq.generator.get_state() if seq.generator is not None else None,
+                    finish_reason=seq.finish_reason.value if seq.finish_reason else None,
+                    text=seq.text,
+                )
+            )
+            seq.host_blocks = []
+        del self._requests[request_id]
+        first = request.seqs[0]
+        return RequestHandoff(
+            request_id,
+            request.model,
+            request.prompt,
+            request.prompt_token_ids,
+            first.params,
+            first.max_tokens,
+            handoffs,
+        )
+
+    def import_request(self, handoff: RequestHandoff) -> None:
+        """Take over a request exported by another engine of the node; it waits swapped out."""
+        served = self._model(handoff.model)
+        if handoff.request_id in self._requests:
+            raise ValueError(f"request id {handoff.request_id!r} is already in use")
+        seqs = []
+        for moved in handoff.seqs:
+            seq = self._new_sequence(
+                served,
+                handoff.request_id,
+                moved.index,
+                handoff.prompt_token_ids,
+                handoff.params,
+                handoff.max_tokens,
+            )
+            if moved.generator_state is not None:
+                seq.generator.set_state(moved.generator_state)
+            # Replaying the tokens rebuilds the detokenizer's and stop matcher's state exactly.
+            for token_id in moved.output_token_ids:
+                seq.output_token_ids.append(token_id)
+                delta = seq.detokenizer.add(token_id)
+                if seq.stop_matcher is not None:
+                    delta = seq.stop_matcher.feed(delta)[0]
+                seq.text += delta
+            seq.logprobs = list(moved.logprobs)
+            if moved.finish_reason is not None:
+                seq.text = moved.text  # a finished text may hold a released tail the replay does not
+                seq.finish_reason = FinishReason(moved.finish_reason)
+                seq.status = SequenceStatus.FINISHED
+            else:
+                seq.host_blocks = list(moved.host_blocks)
+                seq.status = SequenceStatus.SWAPPED
+                served.batcher.swapped.append(seq)
+            seqs.append(seq)
+        self._requests[handoff.request_id] = _Request(
+            served.name, handoff.prompt, list(handoff.prompt_token_ids), seqs
+        )
+
+    def on_device(self, request_id: str) -> bool:
+        """Whether the request has sequences whose KV is on the device (running)."""
+        return any(seq.status is SequenceStatus.RUNNING for seq in self._request(request_id).seqs)
 
     def _request(self, request_id: str) -> _Request:
         if request_id not in self._requests:

@@ -11,23 +11,13 @@ from __future__ import annotations
 import random
 
 import pytest
-import torch
 from torch.profiler import ProfilerActivity, profile
-from transformers import GenerationConfig
 
 from aegaeon.config import MIB, EngineConfig, MemoryConfig
 from aegaeon.engine.engine import LLMEngine
 from aegaeon.engine.sampling_params import SamplingParams
 from aegaeon.memory.kv_pool import HostKVPool
 
-# Five shapes: four families plus a wider Llama, so block shapes and weight sizes all differ.
-SWITCH_MODELS = {
-    "llama": dict(arch="llama"),
-    "mistral": dict(arch="mistral", num_layers=3),
-    "qwen2": dict(arch="qwen2", hidden_size=96, num_heads=6, num_kv_heads=3),
-    "qwen3": dict(arch="qwen3"),
-    "llama-wide": dict(arch="llama", hidden_size=128, intermediate_size=256, num_kv_heads=4, seed=5),
-}
 RANDOM_SWITCHES = 1000
 OUTPUT_TOKENS = 24
 PROMPTS_PER_MODEL = 2
@@ -39,8 +29,8 @@ def greedy(max_tokens: int = OUTPUT_TOKENS) -> SamplingParams:
 
 
 @pytest.fixture(scope="module")
-def model_dirs(make_demo_model):
-    return {name: make_demo_model(**kwargs) for name, kwargs in SWITCH_MODELS.items()}
+def model_dirs(five_model_dirs):
+    return five_model_dirs
 
 
 @pytest.fixture(scope="module")
@@ -50,18 +40,9 @@ def prompts():
 
 
 @pytest.fixture(scope="module")
-def references(model_dirs, prompts, hf_causal_lm):
+def references(model_dirs, prompts, hf_greedy):
     """transformers' greedy continuation of every prompt, per model."""
-    config = GenerationConfig(
-        do_sample=False, max_new_tokens=OUTPUT_TOKENS, eos_token_id=None, pad_token_id=0
-    )
-    out = {}
-    for name, path in model_dirs.items():
-        model = hf_causal_lm(path)
-        with torch.no_grad():
-            generated = [model.generate(torch.tensor([p]), generation_config=config)[0] for p in prompts]
-        out[name] = [g[len(p) :].tolist() for g, p in zip(generated, prompts, strict=True)]
-    return out
+    return {name: [hf_greedy(path, p, OUTPUT_TOKENS) for p in prompts] for name, path in model_dirs.items()}
 
 
 @pytest.fixture()
@@ -211,11 +192,10 @@ def test_switch_without_a_pool_recomputes_and_stays_exact(model_dirs, prompts, r
 
 def test_a_model_larger_than_the_arena_is_refused_clearly(model_dirs):
     memory = MemoryConfig(cpu_arena_bytes=KV_BYTES + 4096)
-    engine = LLMEngine(
-        models={"a": model_dirs["llama"], "b": model_dirs["qwen2"]},
-        config=EngineConfig(kv_cache_bytes=KV_BYTES),
-        memory=memory,
-        progress=False,
-    )
-    with pytest.raises(RuntimeError, match="cpu_arena_bytes"):
-        engine.switch_to("a")
+    with pytest.raises(ValueError, match="cpu_arena_bytes"):
+        LLMEngine(
+            models={"a": model_dirs["llama"], "b": model_dirs["qwen2"]},
+            config=EngineConfig(kv_cache_bytes=KV_BYTES),
+            memory=memory,
+            progress=False,
+        )

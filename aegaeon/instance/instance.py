@@ -1,0 +1,225 @@
+"""One instance: a device's long-lived loop running the token-level schedule on a real engine.
+
+Roles (DESIGN.md, "Token-level scheduling"):
+- prefill: runs its queue of groups one request at a time (grouped FCFS), switching model only
+  between groups and prefetching the next group's model; hands each prefilled request (KV in the
+  node's host pool) to the decode instance the decode dispatcher picks.
+- decode: runs rounds of weighted round-robin over its per-model batches; each batch gets a turn of
+  its quota, its KV swapped in before and out after when the round has more than one batch.
+- colocated: both on one device; the queued prefills run between decode turns and their predicted
+  time counts in the round (`overhead_s`).
+
+The scheduler objects (`PrefillQueue`, `DecodeInstance`) are shared with the node's dispatchers and
+are only touched under the node's lock; the engine is only touched by this instance's thread.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from typing import TYPE_CHECKING
+
+from aegaeon.engine.engine import LLMEngine, RequestHandoff
+from aegaeon.engine.outputs import RequestOutput
+from aegaeon.scheduler.decode import DecodeInstance, DecodeTurn, RoundPlan
+from aegaeon.scheduler.prefill import PrefillQueue
+from aegaeon.scheduler.timeline import EventKind, Timeline
+
+if TYPE_CHECKING:
+    from aegaeon.instance.node import Node
+
+PREFILL, DECODE, COLOCATED = "prefill", "decode", "colocated"
+
+
+class Instance(threading.Thread):
+    """A device's scheduling loop over its own engine."""
+
+    def __init__(
+        self,
+        name: str,
+        role: str,
+        engine: LLMEngine,
+        node: Node,
+        prefill_queue: PrefillQueue | None,
+        decode: DecodeInstance | None,
+    ):
+        super().__init__(name=f"aegaeon-{name}", daemon=True)
+        self.instance_name = name
+        self.role = role
+        self.engine = engine
+        self.node = node
+        self.prefill_queue = prefill_queue
+        self.decode = decode
+        self.timeline = Timeline(name)
+        # Requests handed over by prefill instances, imported into this engine by this thread.
+        self.inbox: queue.SimpleQueue[RequestHandoff] = queue.SimpleQueue()
+        self.error: BaseException | None = None
+        # Seconds spent inside engine.step() during decode turns, and in the whole turn loops:
+        # their difference is the scheduler's own overhead.
+        self.decode_step_s = 0.0
+        self.decode_loop_s = 0.0
+
+    # -- the loop ------------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        try:
+            while not self.node.stopping:
+                worked = self._adopt_handoffs()
+                if self.role == PREFILL:
+                    worked |= self._run_prefills()
+                else:
+                    if self.role == COLOCATED:
+                        worked |= self._run_prefills()
+                    worked |= self._decode_round()
+                if not worked:
+                    self.node.wait_for_work()
+        except BaseException as error:  # noqa: BLE001 - reported to every request of the node
+            self.error = error
+            self.node.instance_failed(self, error)
+
+    # -- prefill -------------------------------------------------------------------------------------
+
+    def _run_prefills(self) -> bool:
+        """Run every queued prefill; True if any ran."""
+        ran = False
+        while True:
+            with self.node.lock:
+                task = self.prefill_queue.pop(self.node.now())
+                next_model = self.prefill_queue.prefetch_model()
+            if task is None:
+                return ran
+            ran = True
+            request = task.request
+            live = self.node.live.get(request.request_id)
+            if live is None:  # aborted while it waited
+                with self.node.lock:
+                    self.prefill_queue.complete()
+                continue
+            self._switch(request.model)
+            if next_model is not None and next_model != request.model and self.engine.prefetch(next_model):
+                self.timeline.record(EventKind.PREFETCH, next_model, self.node.now(), self.node.now())
+            start = self.node.now()
+            self.engine.add_request(request.request_id, live.prompt_token_ids, live.params, request.model)
+            # A step runs the new prompt (it is admitted first); loop in case KV was short for it.
+            while not request.token_times and self.engine.has_unfinished_requests():
+                self._deliver(self.engine.step())
+            self.timeline.record(
+                EventKind.PREFILL, request.model, start, self.node.now(), [request.request_id], tokens=1
+            )
+            with self.node.lock:
+                self.prefill_queue.complete()
+            if not request.done:
+                self.node.after_prefill(request, self)
+
+    # -- decode --------------------------------------------------------------------------------------
+
+    def _adopt_handoffs(self) -> bool:
+        adopted = False
+        while True:
+            try:
+                handoff = self.inbox.get_nowait()
+            except queue.Empty:
+                return adopted
+            self.engine.import_request(handoff)
+            adopted = True
+
+    def _decode_round(self) -> bool:
+        """Plan and run one round over this instance's batches; False if it had none."""
+        with self.node.lock:
+            overhead = (
+                self.prefill_queue.waiting_work_s(self.node.now()) if self.prefill_queue is not None else 0.0
+            )
+            resident = {m: 0.0 for m in self.engine.models if self.engine.is_resident(m)}
+            plan = self.decode.plan_round(overhead_s=overhead, switch_s=resident)
+        if not plan.batches:
+            return False
+        for index in range(len(plan.batches)):
+            self._decode_turn(plan, index)
+            if self.role == COLOCATED:
+                self._run_prefills()
+            self._adopt_handoffs()
+        return True
+
+    def _decode_turn(self, plan: RoundPlan, index: int) -> None:
+        batch = plan.batches[index]
+        with self.node.lock:
+            members = [r for r in batch.requests if not r.done]
+        if not members:
+            return
+        self._switch(batch.model)
+        following = plan.batches[(index + 1) % len(plan.batches)].model
+        if following != batch.model and self.engine.prefetch(following):
+            self.timeline.record(EventKind.PREFETCH, following, self.node.now(), self.node.now())
+        ids = {r.request_id for r in members}
+        self._place_on_device(batch.model, ids)
+        turn = DecodeTurn.of(plan, index)
+        start = self.node.now()
+        steps = 0
+        while True:
+            with self.node.lock:
+                # New prefills waiting count as a change: an open-ended turn yields to them.
+                changed = self.decode.changed or (
+                    self.prefill_queue is not None and len(self.prefill_queue) > 0
+                )
+                keep_going = turn.should_continue(self.node.now(), changed)
+            live = [r for r in members if not r.done]
+            if not keep_going or not live:
+                break
+            if not self._fits_next_step(batch.model, live):
+                break
+            loop_start = time.perf_counter()
+            outputs = self.engine.step()
+            stepped = time.perf_counter()
+            self._deliver(outputs)
+            steps += 1
+            with self.node.lock:
+                turn.step_done(self.node.now())
+            self.decode_step_s += stepped - loop_start
+            self.decode_loop_s += time.perf_counter() - loop_start
+        self.timeline.record(
+            EventKind.DECODE_TURN, batch.model, start, self.node.now(), sorted(ids), tokens=steps
+        )
+        if plan.swap_out:
+            swap_start = self.node.now()
+            unfinished = [r.request_id for r in members if not r.done]
+            for request_id in unfinished:
+                self.engine.swap_out(request_id)
+            if unfinished:
+                self.timeline.record(EventKind.SWAP_OUT, batch.model, swap_start, self.node.now(), unfinished)
+
+    def _fits_next_step(self, model: str, live) -> bool:
+        """Whether the batch still fits its KV with the lookahead (if not, the turn ends early)."""
+        with self.node.lock:
+            return len(live) == 1 or self.decode.fits(model, live)
+
+    def _place_on_device(self, model: str, batch_ids: set[str]) -> None:
+        """Make the engine's running set of `model` exactly the batch: swap others out, the batch in."""
+        start = self.node.now()
+        swapped_in = []
+        for request_id in self.engine.requests_of(model):
+            on_device = self.engine.on_device(request_id)
+            if request_id not in batch_ids and on_device:
+                self.engine.swap_out(request_id)
+            elif request_id in batch_ids and not on_device:
+                self.engine.swap_in(request_id)
+                swapped_in.append(request_id)
+        if swapped_in:
+            self.timeline.record(EventKind.SWAP_IN, model, start, self.node.now(), swapped_in)
+
+    # -- shared --------------------------------------------------------------------------------------
+
+    def _switch(self, model: str) -> None:
+        if self.engine.active is not None and self.engine.active.name == model:
+            return
+        start = self.node.now()
+        self.engine.switch_to(model)
+        loaded = self.engine.last_switch.loaded
+        self.timeline.record(
+            EventKind.SWITCH, model, start, self.node.now(), detail="loaded" if loaded else "resident"
+        )
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        now = self.node.now()
+        for output in outputs:
+            self.node.deliver(output, now)

@@ -1,0 +1,272 @@
+"""A node: the instances of one machine over its shared host model cache and host KV pool.
+
+The node owns what its instances share: the host model cache and host KV pool (shared memory), the
+latency profiles, and the two dispatchers of the token-level scheduler (grouped-FCFS prefill over
+the prefill-capable instances, decode placement over the decode-capable ones). A request enters with
+`submit`, is placed on a prefill queue, prefilled, placed in a decode batch (moving its KV through
+the host pool when that batch is on another instance), decoded turn by turn, and its outputs reach
+the submitter's callback as they come.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+import uuid
+import weakref
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from aegaeon.config import NodeConfig
+from aegaeon.engine.architecture import Architecture
+from aegaeon.engine.engine import LLMEngine
+from aegaeon.engine.kv_cache import kv_block_bytes
+from aegaeon.engine.outputs import RequestOutput
+from aegaeon.engine.sampling_params import SamplingParams
+from aegaeon.engine.weights import canonical_shapes, parse_dtype, resolve_model_dir
+from aegaeon.instance.instance import COLOCATED, DECODE, PREFILL, Instance
+from aegaeon.instance.profiler import device_name, profile_model
+from aegaeon.memory.kv_pool import HostKVPool
+from aegaeon.memory.model_cache import HostModelCache, plan_layout
+from aegaeon.scheduler.decode import DecodeDispatcher, DecodeInstance
+from aegaeon.scheduler.models import ModelSpec
+from aegaeon.scheduler.predictor import Predictor, ProfileStore
+from aegaeon.scheduler.prefill import PrefillDispatcher, PrefillQueue
+from aegaeon.scheduler.request import SchedRequest
+
+OutputCallback = Callable[[RequestOutput], None]
+ErrorCallback = Callable[[BaseException], None]
+
+
+@dataclass
+class LiveRequest:
+    """A request in flight on the node: the scheduler's view, its inputs, and where outputs go."""
+
+    sched: SchedRequest
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    on_output: OutputCallback
+    on_error: ErrorCallback | None
+
+
+class Node:
+    """The instances of one machine and the dispatchers that feed them."""
+
+    def __init__(
+        self, models: Mapping[str, str | Path], config: NodeConfig | None = None, progress: bool = True
+    ):
+        self.config = config or NodeConfig()
+        if not models:
+            raise ValueError("a node serves at least one model")
+        self.lock = threading.Lock()
+        self._work = threading.Condition(self.lock)
+        self.stopping = False
+        self.error: BaseException | None = None
+        self.live: dict[str, LiveRequest] = {}
+        self.completed: list[SchedRequest] = []
+        self._ids = itertools.count()
+        self._t0 = time.monotonic()
+
+        memory, device = self.config.memory, torch.device(self.config.device)
+        dtype = parse_dtype(self.config.dtype)
+        tag = f"{uuid.uuid4().hex[:8]}"
+        weights = self._weight_bytes(models, dtype)
+        self.model_cache = HostModelCache.create(
+            memory.shm_dir, memory.host_model_cache_bytes or sum(weights), name=f"aegaeon-models-{tag}"
+        )
+        self.kv_pool = HostKVPool.create(
+            memory.shm_dir, f"aegaeon-kv-{tag}", memory.host_kv_pool_bytes, memory.kv_slab_bytes
+        )
+        self.kv_pool.pin()
+        self._finalizer = weakref.finalize(self, _close_pools, self.model_cache, self.kv_pool)
+
+        roles = (
+            [COLOCATED] * self.config.colocated_instances
+            if self.config.colocated
+            else [PREFILL] * self.config.prefill_instances + [DECODE] * self.config.decode_instances
+        )
+        engines = [
+            LLMEngine(
+                models=models,
+                device=device,
+                dtype=dtype,
+                config=self.config.engine,
+                memory=memory,
+                model_cache=self.model_cache,
+                kv_pool=self.kv_pool,
+                progress=progress and index == 0,
+            )
+            for index in range(len(roles))
+        ]
+        self.models = engines[0].models
+        self.specs = {
+            name: ModelSpec(
+                name=name,
+                shape_key=served.arch.shape_key,
+                weight_bytes=served.weight_bytes,
+                kv_block_bytes=kv_block_bytes(served.arch, dtype),
+                max_model_len=served.max_model_len,
+            )
+            for name, served in self.models.items()
+        }
+        self.predictor = self._predictor(engines[0], progress)
+        scheduler = self.config.scheduler
+        self.instances: list[Instance] = []
+        for index, (role, engine) in enumerate(zip(roles, engines, strict=True)):
+            name = f"{role}-{index}"
+            queue = PrefillQueue(name, self.predictor, scheduler) if role != DECODE else None
+            decode = (
+                DecodeInstance(
+                    name,
+                    engine.kv_bytes,
+                    self.specs,
+                    self.predictor,
+                    scheduler,
+                    self.config.engine.max_num_seqs,
+                )
+                if role != PREFILL
+                else None
+            )
+            self.instances.append(Instance(name, role, engine, self, queue, decode))
+        self.prefill = PrefillDispatcher(
+            [i.prefill_queue for i in self.instances if i.prefill_queue is not None], scheduler
+        )
+        self.decode = DecodeDispatcher([i.decode for i in self.instances if i.decode is not None])
+        self._by_name = {i.instance_name: i for i in self.instances}
+        for instance in self.instances:
+            instance.start()
+
+    def _weight_bytes(self, models: Mapping[str, str | Path], dtype: torch.dtype) -> list[int]:
+        return [
+            plan_layout(canonical_shapes(Architecture.from_pretrained(resolve_model_dir(path))), dtype)[1]
+            for path in models.values()
+        ]
+
+    def _predictor(self, engine: LLMEngine, progress: bool) -> Predictor:
+        """Profiles for every model shape on this device, measuring those the store lacks."""
+        path = Path(self.config.profile_path).expanduser()
+        store = ProfileStore.load(path)
+        dtype, device = str(engine.dtype).removeprefix("torch."), device_name(engine.device)
+        missing = {
+            spec.shape_key: name
+            for name, spec in self.specs.items()
+            if store.get(spec.shape_key, dtype, device) is None
+        }
+        for name in missing.values():
+            store.add(profile_model(engine, name, progress))
+        if missing:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            store.save(path)
+        return Predictor.for_models(self.specs.values(), store, dtype, device)
+
+    # -- requests ------------------------------------------------------------------------------------
+
+    def now(self) -> float:
+        """Seconds since the node started: the clock of the scheduler and the timelines."""
+        return time.monotonic() - self._t0
+
+    def submit(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams,
+        model: str | None,
+        on_output: OutputCallback,
+        on_error: ErrorCallback | None = None,
+        request_id: str | None = None,
+    ) -> str:
+        """Accept a request (ValueError/KeyError on bad input, before anything is queued); its id."""
+        if self.error is not None:
+            raise RuntimeError(f"the node has failed: {self.error}")
+        prepared = self.instances[0].engine.prepare_prompt(prompt, params, model)
+        request_id = request_id or f"req-{next(self._ids)}"
+        sched = SchedRequest(
+            request_id, prepared.model, self.now(), len(prepared.token_ids), prepared.max_tokens
+        )
+        with self._work:
+            if request_id in self.live:
+                raise ValueError(f"request id {request_id!r} is already in use")
+            self.live[request_id] = LiveRequest(sched, prepared.token_ids, params, on_output, on_error)
+            self.prefill.submit(sched)
+            self.prefill.dispatch(self.now())
+            self._work.notify_all()
+        return request_id
+
+    def deliver(self, output: RequestOutput, now: float) -> None:
+        """An engine step advanced a request: account for its token and pass the output on."""
+        live = self.live.get(output.request_id)
+        if live is None:
+            return
+        with self.lock:
+            if not live.sched.done:
+                live.sched.record_token(now)
+            if output.finished and not live.sched.done:
+                live.sched.finish(now)
+            if output.finished:
+                del self.live[output.request_id]
+                self.completed.append(live.sched)
+        live.on_output(output)
+
+    def after_prefill(self, request: SchedRequest, instance: Instance) -> None:
+        """Place a prefilled request in a decode batch; move its KV if the batch is elsewhere."""
+        with self._work:
+            placement = self.decode.dispatch(request)
+        if placement is None:
+            instance.engine.abort_request(request.request_id)
+            message = f"request {request.request_id} does not fit the KV memory of any decode instance"
+            self._fail(request.request_id, RuntimeError(message))
+            return
+        target = self._by_name[self.decode.instances[placement.instance].name]
+        if target is not instance:
+            target.inbox.put(instance.engine.export_request(request.request_id))
+            with self._work:
+                self._work.notify_all()
+
+    def _fail(self, request_id: str, error: BaseException) -> None:
+        with self.lock:
+            live = self.live.pop(request_id, None)
+            if live is None:
+                return
+            live.sched.fail(self.now())
+            self.completed.append(live.sched)
+        if live.on_error is not None:
+            live.on_error(error)
+
+    def instance_failed(self, instance: Instance, error: BaseException) -> None:
+        """An instance loop died: fail every request in flight rather than let them hang."""
+        self.error = error
+        for request_id in list(self.live):
+            self._fail(request_id, error)
+
+    def wait_for_work(self) -> None:
+        with self._work:
+            if not self.stopping:
+                self._work.wait(self.config.idle_wait_s)
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+
+    def timelines(self):
+        return {instance.instance_name: instance.timeline for instance in self.instances}
+
+    def close(self) -> None:
+        """Stop the instances and release the shared memory."""
+        with self._work:
+            self.stopping = True
+            self._work.notify_all()
+        for instance in self.instances:
+            instance.join()
+        self._finalizer()
+
+    def __enter__(self) -> Node:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _close_pools(model_cache: HostModelCache, kv_pool: HostKVPool) -> None:
+    model_cache.close()
+    kv_pool.close()
