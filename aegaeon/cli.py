@@ -21,6 +21,35 @@ def _bench_switch(args: argparse.Namespace) -> None:
     switch.main(args)
 
 
+def _profile(args: argparse.Namespace) -> None:
+    import json
+    from pathlib import Path
+
+    from aegaeon.engine.engine import LLMEngine
+    from aegaeon.instance.profiler import profile_model
+    from aegaeon.scheduler.predictor import ProfileStore
+
+    models = dict(parse_model_arg(spec) for spec in args.models)
+    engine = LLMEngine(models=models, device=args.device, dtype=args.dtype)
+    path = Path(args.profiles).expanduser()
+    store = ProfileStore.load(path)
+    for name in models:
+        profile = profile_model(engine, name)
+        store.add(profile)
+        print(json.dumps({"model": name, **profile.to_dict()}))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    store.save(path)
+    print(f"saved {len(models)} profile(s) to {path}")
+
+
+def parse_model_arg(spec: str) -> tuple[str, str]:
+    """`NAME=PATH`, or a path / hub id served under its last path part."""
+    from aegaeon.engine.engine import model_name
+
+    name, sep, path = spec.partition("=")
+    return (name, path) if sep else (model_name(spec), spec)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aegaeon", description="Serve many LLMs on a few accelerators.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -46,6 +75,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--model-root", default=".bench", help="where the two 100M-parameter benchmark models are written"
     )
     switch.set_defaults(run=_bench_switch)
+
+    from aegaeon.config import DEFAULT_PROFILE_PATH
+
+    profile = commands.add_parser(
+        "profile", help="measure prefill/decode latency and switch time of models on this device"
+    )
+    profile.add_argument("models", nargs="+", metavar="MODEL", help="NAME=PATH, or a path or hub id")
+    profile.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    profile.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    profile.add_argument(
+        "--profiles",
+        default=DEFAULT_PROFILE_PATH,
+        help=f"profile file to update (default: {DEFAULT_PROFILE_PATH})",
+    )
+    profile.set_defaults(run=_profile)
     return parser
 
 

@@ -135,6 +135,9 @@ class SchedulerConfig:
 # --- node (instances of one machine) -------------------------------------------------------------
 
 DEFAULT_PROFILE_PATH = "~/.cache/aegaeon/profiles.json"
+# "token": aegaeon's token-level scheduling. "request": the baseline it is measured against, where a
+# model runs its requests to completion before another is loaded (colocated instances only).
+SCHEDULING_POLICIES = ("token", "request")
 # How long an idle instance sleeps before looking for work again when nobody wakes it.
 DEFAULT_IDLE_WAIT_S = 0.05
 
@@ -148,6 +151,7 @@ class NodeConfig:
     # Colocated: each instance both prefills and decodes. Otherwise prefill and decode instances.
     colocated: bool = True
     colocated_instances: int = 1
+    policy: str = "token"
     prefill_instances: int = 1
     decode_instances: int = 1
     # Latency profiles (per model shape, dtype and device) the scheduler predicts with; instances
@@ -167,3 +171,7 @@ class NodeConfig:
         for name, value in counts.items():
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.policy not in SCHEDULING_POLICIES:
+            raise ValueError(f"policy must be one of {SCHEDULING_POLICIES}, got {self.policy!r}")
+        if self.policy == "request" and not self.colocated:
+            raise ValueError("the request-level policy runs on colocated instances only")

@@ -30,6 +30,7 @@ from aegaeon.engine.sampling_params import SamplingParams
 from aegaeon.engine.weights import canonical_shapes, parse_dtype, resolve_model_dir
 from aegaeon.instance.instance import COLOCATED, DECODE, PREFILL, Instance
 from aegaeon.instance.profiler import device_name, profile_model
+from aegaeon.instance.request_level import RequestLevelInstance
 from aegaeon.memory.kv_pool import HostKVPool
 from aegaeon.memory.model_cache import HostModelCache, plan_layout
 from aegaeon.scheduler.decode import DecodeDispatcher, DecodeInstance
@@ -131,7 +132,8 @@ class Node:
                 if role != PREFILL
                 else None
             )
-            self.instances.append(Instance(name, role, engine, self, queue, decode))
+            kind = RequestLevelInstance if self.config.policy == "request" else Instance
+            self.instances.append(kind(name, role, engine, self, queue, decode))
         self.prefill = PrefillDispatcher(
             [i.prefill_queue for i in self.instances if i.prefill_queue is not None], scheduler
         )
