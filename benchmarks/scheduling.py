@@ -134,6 +134,8 @@ def run_policy(models: dict[str, Path], policy: str, rate: float, duration: floa
         "attainment": report.mean_score,
         "strict_attainment": report.strict_attainment,
         "mean_ttft_s": report.mean_ttft_s,
+        "tbt_p50_s": report.tbt_s["p50"],
+        "tbt_p99_s": report.tbt_s["p99"],
         "switches": switches,
     }
 
@@ -175,13 +177,14 @@ def main() -> None:
         return
     slo = f"TTFT {SCALED_SLO.ttft_s} s, TBT {SCALED_SLO.tbt_s} s"
     print(f"{args.models} models, one colocated CPU instance, {slo}")
-    columns = ("rate/model", "policy", "requests", "attain", "strict", "TTFT s", "switches")
+    columns = ("rate/model", "policy", "requests", "attain", "strict", "TTFT s", "TBT p50", "TBT p99", "switches")
     print(" ".join(f"{c:>10}" for c in columns))
     for rate, by_policy in results["rates"].items():
         for policy, r in by_policy.items():
             print(
                 f"{rate:>10} {policy:>10} {r['requests']:>10} {r['attainment']:>10.1%} "
-                f"{r['strict_attainment']:>10.1%} {r['mean_ttft_s']:>10.3f} {r['switches']:>10}"
+                f"{r['strict_attainment']:>10.1%} {r['mean_ttft_s']:>10.3f} {r['tbt_p50_s']:>10.3f} "
+                f"{r['tbt_p99_s']:>10.3f} {r['switches']:>10}"
             )
     o = results["scheduler_overhead"]
     print(f"scheduler overhead per decode step, batch {o['batch']}, 100M model: {o['overhead']:.1%}")

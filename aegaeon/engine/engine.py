@@ -50,7 +50,7 @@ from aegaeon.memory.arena import DeviceArena, align
 from aegaeon.memory.copies import Copy, CopyStream
 from aegaeon.memory.kv_pool import HostKVPool, KVShape
 from aegaeon.memory.loader import ModelLoader, ResidentModels
-from aegaeon.memory.model_cache import HostModelCache, plan_layout
+from aegaeon.memory.model_cache import CachedModel, HostModelCache, plan_layout
 
 # The arena of a CPU engine holds the KV region and this many copies of its largest model: the
 # active one and a prefetched next one.
@@ -129,6 +129,7 @@ class ServedModel:
     tokenizer: Tokenizer
     eos_token_ids: frozenset[int]
     cache_key: str  # its key in the host model cache
+    cached: CachedModel  # its place there
     weight_bytes: int
     num_blocks: int  # KV blocks of this model's shape the arena's KV region holds
     max_model_len: int
@@ -231,6 +232,10 @@ class LLMEngine:
         cached = self.model_cache.load(
             cache_key, shapes, self.dtype, lambda: load_state(model_dir, arch, self.dtype), progress
         )
+        # Pinned while this engine lives, so the cache never evicts or moves a model it may switch
+        # to, and a switch needs no look-up in the cache's index.
+        self.model_cache.pin(cache_key)
+        weakref.finalize(self, self.model_cache.unpin, cache_key)
         num_blocks = kv_bytes // kv_block_bytes(arch, self.dtype)
         max_model_len = min(self.config.max_model_len or arch.max_position, arch.max_position)
         return ServedModel(
@@ -240,6 +245,7 @@ class LLMEngine:
             tokenizer=tokenizer,
             eos_token_ids=frozenset(arch.eos_token_ids) | tokenizer.eos_token_ids,
             cache_key=cache_key,
+            cached=cached,
             weight_bytes=cached.nbytes,
             num_blocks=num_blocks,
             max_model_len=min(max_model_len, num_blocks * BLOCK_SIZE),
@@ -309,15 +315,13 @@ class LLMEngine:
         self._finish_moves()
         drained = time.perf_counter()
         loads = self.residents.loads
-        resident = self.residents.get(target.cache_key) or self.residents.load(self.model_cache_entry(target))
+        resident = self.residents.get(target.cache_key) or self.residents.load(target.cached)
         resident.copy.wait()
         loaded = time.perf_counter()
         kv = self.arena.view(self.kv_offset, (target.num_blocks, *kv_block_shape(target.arch)), self.dtype)
         target.runner.bind(ModelWeights.from_state(target.arch, resident.tensors), kv)
         if previous is not None:
             previous.runner.bind(None, None)
-            self.model_cache.unpin(previous.cache_key)
-        self.model_cache.pin(target.cache_key)
         self.active = target
         self.switches += 1
         self.last_switch = SwitchTiming(
@@ -336,24 +340,16 @@ class LLMEngine:
         keep = frozenset({self.active.cache_key}) if self.active is not None else frozenset()
         if self.residents.room_keeping(keep) < target.weight_bytes:
             return False
-        self.residents.load(self.model_cache_entry(target), keep, background=True)
+        self.residents.load(target.cached, keep, background=True)
         return True
 
     def is_resident(self, name: str) -> bool:
         """Whether `name`'s weights are in the arena (a switch to it copies nothing)."""
         return self.residents.get(self._model(name).cache_key) is not None
 
-    def model_cache_entry(self, model: ServedModel):
-        cached = self.model_cache.get(model.cache_key)
-        if cached is not None:
-            return cached
-        # Evicted from the host cache since registration (a node cache shared with others): refill.
-        return self.model_cache.load(
-            model.cache_key,
-            canonical_shapes(model.arch),
-            self.dtype,
-            lambda: load_state(model.model_dir, model.arch, self.dtype),
-        )
+    def model_cache_entry(self, model: ServedModel) -> CachedModel:
+        """Where `model` sits in the host cache (pinned there while this engine lives: no lookup)."""
+        return model.cached
 
     # -- KV swaps ------------------------------------------------------------------------------------
 

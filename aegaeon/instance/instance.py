@@ -30,6 +30,8 @@ if TYPE_CHECKING:
     from aegaeon.instance.node import Node
 
 PREFILL, DECODE, COLOCATED = "prefill", "decode", "colocated"
+# Weight of the newest measurement in the running estimate of a model's turn cost.
+TURN_COST_SMOOTHING = 0.2
 
 
 class Instance(threading.Thread):
@@ -59,6 +61,9 @@ class Instance(threading.Thread):
         # their difference is the scheduler's own overhead.
         self.decode_step_s = 0.0
         self.decode_loop_s = 0.0
+        # Measured seconds, per model, of bringing a batch onto the device and off it again
+        # (switch, KV swap-in and swap-out): the round's switch cost c, measured rather than guessed.
+        self.turn_cost_s: dict[str, float] = {}
 
     # -- the loop ------------------------------------------------------------------------------------
 
@@ -130,8 +135,10 @@ class Instance(threading.Thread):
             overhead = (
                 self.prefill_queue.waiting_work_s(self.node.now()) if self.prefill_queue is not None else 0.0
             )
+            # Until a model's turn cost is measured, a resident model is taken as free to switch to
+            # and any other at the profile's switch time.
             resident = {m: 0.0 for m in self.engine.models if self.engine.is_resident(m)}
-            plan = self.decode.plan_round(overhead_s=overhead, switch_s=resident)
+            plan = self.decode.plan_round(overhead_s=overhead, switch_s={**resident, **self.turn_cost_s})
         if not plan.batches:
             return False
         for index in range(len(plan.batches)):
@@ -147,6 +154,7 @@ class Instance(threading.Thread):
             members = [r for r in batch.requests if not r.done]
         if not members:
             return
+        entered = self.node.now()
         self._switch(batch.model)
         following = plan.batches[(index + 1) % len(plan.batches)].model
         if following != batch.model and self.engine.prefetch(following):
@@ -180,6 +188,7 @@ class Instance(threading.Thread):
         self.timeline.record(
             EventKind.DECODE_TURN, batch.model, start, self.node.now(), sorted(ids), tokens=steps
         )
+        cost = start - entered
         if plan.swap_out:
             swap_start = self.node.now()
             unfinished = [r.request_id for r in members if not r.done]
@@ -187,6 +196,10 @@ class Instance(threading.Thread):
                 self.engine.swap_out(request_id)
             if unfinished:
                 self.timeline.record(EventKind.SWAP_OUT, batch.model, swap_start, self.node.now(), unfinished)
+            cost += self.node.now() - swap_start
+        if len(plan.batches) > 1:
+            previous = self.turn_cost_s.get(batch.model, cost)
+            self.turn_cost_s[batch.model] = previous + TURN_COST_SMOOTHING * (cost - previous)
 
     def _fits_next_step(self, model: str, live) -> bool:
         """Whether the batch still fits its KV with the lookahead (if not, the turn ends early)."""

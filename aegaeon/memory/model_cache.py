@@ -189,12 +189,15 @@ class HostModelCache:
             pids.append(os.getpid())
 
     def unpin(self, key: str) -> None:
-        with self._index() as index:
-            pids = index["pins"].get(key, [])
-            if os.getpid() in pids:
-                pids.remove(os.getpid())
-            if not pids:
-                index["pins"].pop(key, None)
+        try:
+            with self._index() as index:
+                pids = index["pins"].get(key, [])
+                if os.getpid() in pids:
+                    pids.remove(os.getpid())
+                if not pids:
+                    index["pins"].pop(key, None)
+        except FileNotFoundError:
+            pass  # the cache is already gone (closed by its owner): nothing is pinned any more
 
     # -- filling -------------------------------------------------------------------------------------
 
