@@ -18,6 +18,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from aegaeon.engine.engine import LLMEngine, RequestHandoff
@@ -30,6 +31,14 @@ if TYPE_CHECKING:
     from aegaeon.instance.node import Node
 
 PREFILL, DECODE, COLOCATED = "prefill", "decode", "colocated"
+
+
+@dataclass(frozen=True)
+class Abort:
+    """Drop a request from this instance's engine, wherever it stands there."""
+
+    request_id: str
+
 # Weight of the newest measurement in the running estimate of a model's turn cost.
 TURN_COST_SMOOTHING = 0.2
 
@@ -54,8 +63,8 @@ class Instance(threading.Thread):
         self.prefill_queue = prefill_queue
         self.decode = decode
         self.timeline = Timeline(name)
-        # Requests handed over by prefill instances, imported into this engine by this thread.
-        self.inbox: queue.SimpleQueue[RequestHandoff] = queue.SimpleQueue()
+        # Requests handed over by prefill instances, and aborts: applied to the engine by this thread.
+        self.inbox: queue.SimpleQueue[RequestHandoff | Abort] = queue.SimpleQueue()
         self.error: BaseException | None = None
         # Seconds spent inside engine.step() during decode turns, and in the whole turn loops:
         # their difference is the scheduler's own overhead.
@@ -120,13 +129,19 @@ class Instance(threading.Thread):
     # -- decode --------------------------------------------------------------------------------------
 
     def _adopt_handoffs(self) -> bool:
+        """Apply the inbox: import handed-over requests, drop aborted ones; True if any came."""
         adopted = False
         while True:
             try:
-                handoff = self.inbox.get_nowait()
+                message = self.inbox.get_nowait()
             except queue.Empty:
                 return adopted
-            self.engine.import_request(handoff)
+            if isinstance(message, Abort):
+                self.engine.abort_request(message.request_id)
+            elif message.request_id in self.node.live:
+                self.engine.import_request(message)
+            else:  # aborted while its KV was in flight: the blocks are ours to free
+                self.engine.kv_pool.free([b for seq in message.seqs for b in seq.host_blocks])
             adopted = True
 
     def _decode_round(self) -> bool:

@@ -28,7 +28,7 @@ from aegaeon.engine.kv_cache import kv_block_bytes
 from aegaeon.engine.outputs import RequestOutput
 from aegaeon.engine.sampling_params import SamplingParams
 from aegaeon.engine.weights import canonical_shapes, parse_dtype, resolve_model_dir
-from aegaeon.instance.instance import COLOCATED, DECODE, PREFILL, Instance
+from aegaeon.instance.instance import COLOCATED, DECODE, PREFILL, Abort, Instance
 from aegaeon.instance.profiler import device_name, profile_model
 from aegaeon.instance.request_level import RequestLevelInstance
 from aegaeon.memory.kv_pool import HostKVPool
@@ -212,10 +212,33 @@ class Node:
                 self.completed.append(live.sched)
         live.on_output(output)
 
+    def abort(self, request_id: str) -> bool:
+        """Stop a request wherever it is (queued, prefilling, decoding); False if it is not in flight.
+
+        Its callbacks get nothing more; its KV blocks are freed by the instance that holds them.
+        """
+        with self._work:
+            live = self.live.pop(request_id, None)
+            if live is None:
+                return False
+            for queue in self.prefill.instances:
+                queue.remove(live.sched)
+            for decode in self.decode.instances:
+                decode.remove(live.sched)
+            live.sched.fail(self.now())
+            self._work.notify_all()
+        for instance in self.instances:
+            instance.inbox.put(Abort(request_id))
+        return True
+
     def after_prefill(self, request: SchedRequest, instance: Instance) -> None:
         """Place a prefilled request in a decode batch; move its KV if the batch is elsewhere."""
         with self._work:
-            placement = self.decode.dispatch(request)
+            aborted = request.request_id not in self.live
+            placement = None if aborted else self.decode.dispatch(request)
+        if aborted:
+            instance.engine.abort_request(request.request_id)
+            return
         if placement is None:
             instance.engine.abort_request(request.request_id)
             message = f"request {request.request_id} does not fit the KV memory of any decode instance"

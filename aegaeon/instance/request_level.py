@@ -19,6 +19,7 @@ class RequestLevelInstance(Instance):
     def run(self) -> None:
         try:
             while not self.node.stopping:
+                self._adopt_handoffs()  # aborts
                 if not self._serve_oldest_model():
                     self.node.wait_for_work()
         except BaseException as error:  # noqa: BLE001 - reported to every request of the node
@@ -52,6 +53,7 @@ class RequestLevelInstance(Instance):
             if self.engine.has_unfinished_requests(model):
                 self._deliver(self.engine.step())
                 steps += 1
+            self._adopt_handoffs()
             requests = self._take_queued(model)  # newcomers of the loaded model join its batch
         self.timeline.record(EventKind.DECODE_TURN, model, start, self.node.now(), tokens=steps)
         return True

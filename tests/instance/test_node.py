@@ -131,3 +131,44 @@ def test_bad_requests_are_refused_before_anything_is_queued(five_model_dirs, pro
         with pytest.raises(ValueError, match="max_model_len"):
             node.submit([1] * 10_000, SamplingParams(), "llama", lambda output: None)
         assert not node.live
+
+
+def test_an_aborted_request_stops_and_frees_its_kv_while_others_finish(
+    five_model_dirs, profile_path, hf_greedy
+):
+    config = node_config(profile_path, colocated=False, prefill_instances=1, decode_instances=1)
+    models = {name: five_model_dirs[name] for name in ("llama", "qwen3")}
+    with Node(models, config, progress=False) as node:
+        outputs: dict[str, list] = {"long": [], "short": []}
+        done = threading.Event()
+
+        def collect(name):
+            def on_output(output):
+                outputs[name].append(output)
+                if output.finished:
+                    done.set()
+
+            return on_output
+
+        long_params = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
+        node.submit([5, 6, 7], long_params, "llama", collect("long"), request_id="long")
+        while len(outputs["long"]) < 3:
+            threading.Event().wait(0.01)
+        assert node.abort("long")
+        assert not node.abort("long")  # already gone
+        node.submit(
+            [9, 8, 7],
+            SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),
+            "qwen3",
+            collect("short"),
+            request_id="short",
+        )
+        assert done.wait(60)
+        assert outputs["short"][-1].token_ids == hf_greedy(five_model_dirs["qwen3"], [9, 8, 7], 8)
+        assert len(outputs["long"]) < 400 and not outputs["long"][-1].finished
+        deadline = node.now() + 10
+        while node.kv_pool.stats().allocated_bytes and node.now() < deadline:
+            threading.Event().wait(0.01)
+        assert node.kv_pool.stats().allocated_bytes == 0
+        for instance in node.instances:
+            assert not instance.engine.has_unfinished_requests()
