@@ -1,0 +1,1 @@
+"""Serving: the OpenAI-compatible api server, node processes and the metadata store."""
