@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 TORCH_PIN := torch==2.13.0
 PIP := $(BIN)/python -m pip --disable-pip-version-check
 
-.PHONY: install test lint bench
+.PHONY: install test lint bench serve
 
 install: $(STAMP)
 	@command -v redis-server >/dev/null 2>&1 || { \
@@ -30,3 +30,12 @@ test: lint
 
 bench: install
 	$(BIN)/python benchmarks/engine.py
+	$(BIN)/aegaeon bench switch
+	$(BIN)/python benchmarks/scheduling.py
+
+# Demo models (tiny, random weights, real tokenizer) written once, then served on the CPU, colocated.
+DEMO_DIR := .demo-models
+PORT ?= 8000
+serve: install
+	@test -d $(DEMO_DIR) || $(BIN)/aegaeon demo-models $(DEMO_DIR) --count 3
+	$(BIN)/aegaeon serve $(DEMO_DIR)/demo-* --device cpu --colocated --port $(PORT) --profiles $(DEMO_DIR)/profiles.json

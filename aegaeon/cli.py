@@ -50,6 +50,47 @@ def parse_model_arg(spec: str) -> tuple[str, str]:
     return (name, path) if sep else (model_name(spec), spec)
 
 
+def _serve(args: argparse.Namespace) -> None:
+    from aegaeon.serve.launch import run_server
+
+    run_server(serve_config_from_args(args))
+
+
+def serve_config_from_args(args: argparse.Namespace):
+    """The YAML file's settings (if any) with every flag that was given laid over them."""
+    import yaml
+
+    from aegaeon.config import build_serve_config
+
+    settings: dict = {}
+    if args.config:
+        with open(args.config) as config_file:
+            settings = yaml.safe_load(config_file) or {}
+        if not isinstance(settings, dict):
+            raise SystemExit(f"{args.config}: expected a mapping of settings at the top level")
+    flags = {
+        "models": args.models or None,
+        "device": args.device,
+        "dtype": args.dtype,
+        "host": args.host,
+        "port": args.port,
+        "api_key": args.api_key,
+        "prefill_instances": args.prefill_instances,
+        "decode_instances": args.decode_instances,
+        "kv_cache_bytes": args.kv_cache_bytes,
+        "profile_path": args.profiles,
+    }
+    settings.update({key: value for key, value in flags.items() if value is not None})
+    if args.prefill_instances is not None or args.decode_instances is not None:
+        settings["colocated"] = False
+    if args.colocated:
+        settings["colocated"] = True
+    try:
+        return build_serve_config(settings)
+    except (TypeError, ValueError) as error:
+        raise SystemExit(f"aegaeon serve: {error}") from error
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aegaeon", description="Serve many LLMs on a few accelerators.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -90,6 +131,31 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"profile file to update (default: {DEFAULT_PROFILE_PATH})",
     )
     profile.set_defaults(run=_profile)
+
+    serve = commands.add_parser(
+        "serve",
+        help="serve models over the OpenAI API",
+        description="Serve models over the OpenAI API. Settings come from --config (YAML) and flags; "
+        "a flag overrides the file. See docs/configuration.md for every setting.",
+    )
+    serve.add_argument(
+        "models", nargs="*", metavar="MODEL", help="NAME=PATH, or a path or hub id (named by its last part)"
+    )
+    serve.add_argument("--config", help="YAML file with the same settings (models, SLOs, sizes)")
+    serve.add_argument("--device", help="cpu or cuda (default: cpu)")
+    serve.add_argument("--dtype", help="float32, bfloat16 or float16 (default: float32)")
+    serve.add_argument("--host", help="address to listen on (default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to listen on (default: 8000; 0 picks a free one)")
+    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every API call")
+    layout = serve.add_mutually_exclusive_group()
+    layout.add_argument(
+        "--colocated", action="store_true", help="each instance prefills and decodes (the default)"
+    )
+    layout.add_argument("--prefill-instances", type=int, metavar="N", help="separate prefill instances")
+    serve.add_argument("--decode-instances", type=int, metavar="M", help="separate decode instances")
+    serve.add_argument("--kv-cache-bytes", type=int, help="bytes of KV blocks per instance")
+    serve.add_argument("--profiles", help=f"latency profile file (default: {DEFAULT_PROFILE_PATH})")
+    serve.set_defaults(run=_serve)
     return parser
 
 

@@ -175,3 +175,108 @@ class NodeConfig:
             raise ValueError(f"policy must be one of {SCHEDULING_POLICIES}, got {self.policy!r}")
         if self.policy == "request" and not self.colocated:
             raise ValueError("the request-level policy runs on colocated instances only")
+
+
+# --- serving (`aegaeon serve`: flags over an optional YAML file) ---------------------------------
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8000
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A served model: the name clients use, and a local HF directory or a hub id."""
+
+    name: str
+    path: str
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Everything `aegaeon serve` runs with."""
+
+    models: tuple[ModelEntry, ...]
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    # Clients must send `Authorization: Bearer <api_key>` when set.
+    api_key: str | None = None
+    node: NodeConfig = NodeConfig()
+
+    def __post_init__(self) -> None:
+        if not self.models:
+            raise ValueError("name at least one model to serve (NAME=PATH, or a path)")
+        names = [model.name for model in self.models]
+        if len(set(names)) != len(names):
+            raise ValueError(f"model names must be unique, got {names}")
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+
+
+# Settings a YAML file (and the matching flags) may give, by the config record they belong to.
+_ENGINE_KEYS = ("max_num_seqs", "max_num_batched_tokens", "kv_cache_bytes", "max_model_len")
+_MEMORY_KEYS = (
+    "device_memory_fraction",
+    "cpu_arena_bytes",
+    "host_model_cache_bytes",
+    "host_kv_pool_bytes",
+    "kv_slab_bytes",
+    "load_chunk_bytes",
+    "shm_dir",
+)
+_NODE_KEYS = (
+    "device",
+    "dtype",
+    "colocated",
+    "colocated_instances",
+    "prefill_instances",
+    "decode_instances",
+    "profile_path",
+)
+_SLO_KEYS = ("ttft_s", "tbt_s")
+_SERVE_KEYS = ("models", "host", "port", "api_key")
+
+
+def parse_model_entry(value: str | dict) -> tuple[ModelEntry, SLO | None]:
+    """`NAME=PATH`, a path or hub id (named by its last part), or a YAML mapping with an optional SLO."""
+    if isinstance(value, dict):
+        unknown = set(value) - {"name", "path", *_SLO_KEYS}
+        if unknown or "path" not in value:
+            raise ValueError(f"a model entry needs 'path' (and may have name, ttft_s, tbt_s); got {value}")
+        path = str(value["path"])
+        name = str(value.get("name") or path.rstrip("/").rsplit("/", 1)[-1])
+        slo = (
+            SLO(**{k: float(value[k]) for k in _SLO_KEYS if k in value})
+            if set(_SLO_KEYS) & set(value)
+            else None
+        )
+        return ModelEntry(name, path), slo
+    name, sep, path = str(value).partition("=")
+    if not sep:
+        path, name = name, name.rstrip("/").rsplit("/", 1)[-1]
+    if not name or not path:
+        raise ValueError(f"a model is NAME=PATH or a path, got {value!r}")
+    return ModelEntry(name, path), None
+
+
+def build_serve_config(settings: dict) -> ServeConfig:
+    """A ServeConfig from flat settings (a YAML file's mapping with flags laid over it)."""
+    known = {*_SERVE_KEYS, *_ENGINE_KEYS, *_MEMORY_KEYS, *_NODE_KEYS, *_SLO_KEYS}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise ValueError(f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    entries = [parse_model_entry(value) for value in settings.get("models") or []]
+    default_slo = SLO(**{k: float(settings[k]) for k in _SLO_KEYS if settings.get(k) is not None})
+    model_slos = tuple((entry.name, slo) for entry, slo in entries if slo is not None)
+
+    def pick(keys: tuple[str, ...]) -> dict:
+        return {k: settings[k] for k in keys if settings.get(k) is not None}
+
+    node = NodeConfig(
+        **pick(_NODE_KEYS),
+        engine=EngineConfig(**pick(_ENGINE_KEYS)),
+        memory=MemoryConfig(**pick(_MEMORY_KEYS)),
+        scheduler=SchedulerConfig(default_slo=default_slo, model_slos=model_slos),
+    )
+    return ServeConfig(
+        models=tuple(entry for entry, _ in entries), node=node, **pick(("host", "port", "api_key"))
+    )

@@ -177,7 +177,17 @@ def main() -> None:
         return
     slo = f"TTFT {SCALED_SLO.ttft_s} s, TBT {SCALED_SLO.tbt_s} s"
     print(f"{args.models} models, one colocated CPU instance, {slo}")
-    columns = ("rate/model", "policy", "requests", "attain", "strict", "TTFT s", "TBT p50", "TBT p99", "switches")
+    columns = (
+        "rate/model",
+        "policy",
+        "requests",
+        "attain",
+        "strict",
+        "TTFT s",
+        "TBT p50",
+        "TBT p99",
+        "switches",
+    )
     print(" ".join(f"{c:>10}" for c in columns))
     for rate, by_policy in results["rates"].items():
         for policy, r in by_policy.items():

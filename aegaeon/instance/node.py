@@ -203,7 +203,9 @@ class Node:
         if live is None:
             return
         with self.lock:
-            if not live.sched.done:
+            # The scheduler's request finishes only when the engine says so: with n > 1, a sibling
+            # sequence (preempted, recomputed) may still be running when the count is reached.
+            if not live.sched.done and (output.finished or live.sched.generated + 1 < live.sched.max_tokens):
                 live.sched.record_token(now)
             if output.finished and not live.sched.done:
                 live.sched.finish(now)

@@ -172,3 +172,20 @@ def test_an_aborted_request_stops_and_frees_its_kv_while_others_finish(
         assert node.kv_pool.stats().allocated_bytes == 0
         for instance in node.instances:
             assert not instance.engine.has_unfinished_requests()
+
+
+def test_n_samples_finish_even_when_one_is_preempted(five_model_dirs, profile_path):
+    """Twenty long samples overflow the KV blocks: preempted ones are recomputed and all finish."""
+    with Node({"llama": five_model_dirs["llama"]}, node_config(profile_path), progress=False) as node:
+        done = threading.Event()
+        result = []
+
+        def on_output(output):
+            if output.finished:
+                result.append(output)
+                done.set()
+
+        params = SamplingParams(n=20, max_tokens=400, ignore_eos=True, seed=1)
+        node.submit("hi", params, "llama", on_output)
+        assert done.wait(120), "the request never finished"
+        assert [len(o.token_ids) for o in result[0].outputs] == [400] * 20

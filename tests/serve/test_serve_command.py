@@ -1,0 +1,103 @@
+"""`aegaeon serve` as a user starts it: flags or a YAML file, a startup line with a curl that works."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from aegaeon.cli import build_parser, serve_config_from_args
+from aegaeon.config import build_serve_config
+
+STARTUP_TIMEOUT_S = 120
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    return build_parser().parse_args(["serve", *argv])
+
+
+def test_flags_override_the_yaml_file(tmp_path):
+    config_file = tmp_path / "pool.yaml"
+    config_file.write_text(
+        yaml.safe_dump(
+            {
+                "models": [{"name": "a", "path": "/m/a", "ttft_s": 2.0}, "b=/m/b"],
+                "port": 9000,
+                "tbt_s": 0.05,
+                "kv_cache_bytes": 1 << 20,
+            }
+        )
+    )
+    config = serve_config_from_args(
+        parse("--config", str(config_file), "--port", "9100", "--prefill-instances", "2")
+    )
+    assert [(m.name, m.path) for m in config.models] == [("a", "/m/a"), ("b", "/m/b")]
+    assert config.port == 9100
+    assert not config.node.colocated and config.node.prefill_instances == 2
+    assert config.node.engine.kv_cache_bytes == 1 << 20
+    assert config.node.scheduler.slo("a").ttft_s == 2.0 and config.node.scheduler.slo("b").tbt_s == 0.05
+
+
+def test_models_from_paths_are_named_by_their_last_part():
+    config = serve_config_from_args(parse("/models/qwen-tiny/", "x=/other"))
+    assert [m.name for m in config.models] == ["qwen-tiny", "x"]
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"models": ["a=/m"], "prot": 1}, "unknown setting"),
+        ({}, "at least one model"),
+        ({"models": ["a=/m", "a=/n"]}, "unique"),
+        ({"models": ["a=/m"], "port": 70000}, "port"),
+        ({"models": ["a=/m"], "tbt_s": -1}, "positive"),
+    ],
+)
+def test_bad_settings_say_what_to_fix(settings, message):
+    with pytest.raises(ValueError, match=message):
+        build_serve_config(settings)
+
+
+def test_serve_prints_a_curl_line_that_returns_a_completion(demo_model_dirs, profile_path):
+    models = [f"{arch}={demo_model_dirs[arch]}" for arch in ("llama", "qwen2")]
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "aegaeon.cli",
+            "serve",
+            *models,
+            "--port",
+            "0",
+            "--profiles",
+            str(profile_path),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        curl, lines = None, []
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while curl is None and time.monotonic() < deadline:
+            line = server.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if "try:" in line:
+                curl = line.split("try:", 1)[1].strip()
+        assert curl, "".join(lines)
+        for line in server.stdout:  # wait until uvicorn listens
+            if "Uvicorn running" in line:
+                break
+        out = subprocess.run(shlex.split(curl) + ["-s"], capture_output=True, text=True, timeout=60)
+        assert '"object":"chat.completion"' in out.stdout, out.stdout
+        assert '"completion_tokens":16' in out.stdout
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
