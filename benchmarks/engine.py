@@ -9,8 +9,9 @@ intermediate 2048, vocab 32k), random weights, float32 on the CPU. It is written
 Three numbers per batch size, measured side by side in one process, each a median of `--repeats`:
 - aegaeon: decode tokens per second over the decode steps that ran at exactly that batch size.
   Requests have mixed prompt and output lengths; with `max_num_seqs` equal to the batch size and
-  more requests than slots, continuous batching keeps the batch full while requests come and go.
-  Prefill steps are not counted (they are not decode).
+  more requests than slots, continuous batching keeps the batch full while requests come and go,
+  and every full decode step counts, including those right after a newcomer joined. Prefill steps
+  are not counted (they are not decode).
 - transformers: `model.generate` (greedy) on the same weights and prompts. Batch 1 runs each
   request alone; batch 16 runs the first 16 requests in one left-padded batch. Decode time is
   `t(generate N tokens) - t(generate 1 token)`, which removes the prefill.
@@ -68,12 +69,14 @@ def aegaeon_decode_rate(engine: LLMEngine, requests: list[Request], batch_size: 
         engine.add_request(f"bench-{i}", request.prompt, params)
     tokens, seconds = 0, 0.0
     while engine.has_unfinished_requests():
-        # A step is a decode step of a full batch when nothing waits to be admitted.
-        full = not engine.batcher.waiting and len(engine.batcher.running) == batch_size
+        # With `batch_size` (= max_num_seqs) sequences running nothing can be admitted, so the step
+        # decodes them all, whether or not requests wait for a slot; it is counted when it returned
+        # one token per sequence (a preemption would have shrunk it).
+        full = len(engine.batcher.running) == batch_size
         start = time.perf_counter()
-        engine.step()
+        outputs = engine.step()
         elapsed = time.perf_counter() - start
-        if full:
+        if full and len(outputs) == batch_size:
             tokens += batch_size
             seconds += elapsed
     return tokens / seconds

@@ -13,6 +13,7 @@ layer; there is no global forward context, so two models can run in one process.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -55,18 +56,22 @@ class AttentionBatch:
     use_triton: bool = False
 
 
-def plan_decode_groups(block_counts: list[int]) -> list[tuple[int, int]]:
-    """Split rows sorted by ascending block count into groups `[start, end)` that waste little padding."""
-    groups = [(0, len(block_counts))]
+def plan_decode_groups(sizes: list[int], group_cost: int = DECODE_GROUP_COST_BLOCKS) -> list[tuple[int, int]]:
+    """Split rows into groups of consecutive rows `[start, end)`, each padded to its largest size
+    (blocks or tokens), so that little padding is wasted; a split must save more than `group_cost`."""
+    groups = [(0, len(sizes))]
     while len(groups) < MAX_DECODE_GROUPS:
         best_saving, best = 0, None
         for g, (start, end) in enumerate(groups):
-            longest = block_counts[end - 1]
-            for split in range(start + 1, end):
-                # Rows before `split` would pad to block_counts[split - 1] instead of `longest`.
-                saving = (split - start) * (longest - block_counts[split - 1]) - DECODE_GROUP_COST_BLOCKS
+            part = sizes[start:end]
+            prefix = list(itertools.accumulate(part, max))
+            suffix = list(itertools.accumulate(reversed(part), max))[::-1]
+            whole = len(part) * prefix[-1]
+            for cut in range(1, len(part)):
+                # Rows before the cut pad to their own largest size, rows after it to theirs.
+                saving = whole - cut * prefix[cut - 1] - (len(part) - cut) * suffix[cut] - group_cost
                 if saving > best_saving:
-                    best_saving, best = saving, (g, split)
+                    best_saving, best = saving, (g, start + cut)
         if best is None:
             break
         g, split = best
@@ -94,25 +99,23 @@ def decode_mask(context_lens: torch.Tensor, max_blocks: int, sliding_window: int
     return mask[:, None, None, :]
 
 
-def write_kv(
-    kv_cache: torch.Tensor, layer: int, batch: AttentionBatch, k: torch.Tensor, v: torch.Tensor
-) -> None:
-    """Store this step's K and V (`[tokens, kv_heads, head_dim]`) at their slots."""
-    kv_cache[batch.slot_blocks, layer, :, batch.slot_offsets] = torch.stack((k, v), dim=1)
+def write_kv(kv_cache: torch.Tensor, layer: int, batch: AttentionBatch, kv: torch.Tensor) -> None:
+    """Store this step's K and V (`kv`: `[tokens, 2, kv_heads, head_dim]`) at their slots."""
+    kv_cache[batch.slot_blocks, layer, :, batch.slot_offsets] = kv
 
 
 def attention(
     q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
+    kv: torch.Tensor,
     kv_cache: torch.Tensor,
     layer: int,
     batch: AttentionBatch,
 ) -> torch.Tensor:
-    """Attention output `[tokens, heads * head_dim]` for this step's queries `[tokens, heads, head_dim]`."""
-    write_kv(kv_cache, layer, batch, k, v)
+    """Attention output `[tokens, heads * head_dim]` for this step's queries `[tokens, heads, head_dim]`
+    and keys and values `kv` (`[tokens, 2, kv_heads, head_dim]`), which are stored for later steps."""
+    write_kv(kv_cache, layer, batch, kv)
     if batch.is_prefill:
-        return _prefill(q, k, v, batch)
+        return _prefill(q, kv[:, 0], kv[:, 1], batch)
     if batch.use_triton:
         from aegaeon.engine.attention_triton import paged_decode_attention
 

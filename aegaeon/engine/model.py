@@ -35,14 +35,14 @@ class Transformer:
     ) -> torch.Tensor:
         """Final hidden states `[tokens, hidden]` (before the output norm)."""
         hidden = F.embedding(token_ids, weights.embed)
-        residual = hidden
+        residual = hidden  # a fresh tensor (not the weights): the residual adds below work in place
         hidden = self._rms_norm(hidden, weights.layers[0].input_norm)
         for i, layer in enumerate(weights.layers):
             hidden = self._attention(layer, hidden, kv_cache, i, cos, sin, batch)
-            residual = residual + hidden
+            residual.add_(hidden)
             hidden = self._rms_norm(residual, layer.post_norm)
             hidden = self._mlp(layer, hidden)
-            residual = residual + hidden
+            residual.add_(hidden)
             next_norm = weights.layers[i + 1].input_norm if i + 1 < len(weights.layers) else weights.norm
             hidden = self._rms_norm(residual, next_norm)
         return hidden
@@ -67,14 +67,17 @@ class Transformer:
         arch = self.arch
         tokens = hidden.shape[0]
         qkv = F.linear(hidden, layer.qkv, layer.qkv_bias)
-        qk, v = qkv.split((arch.q_size + arch.kv_size, arch.kv_size), dim=-1)
-        v = v.view(tokens, arch.num_kv_heads, arch.head_dim)
+        q_end = arch.q_size
         if layer.q_norm is None:
-            # q and k sit side by side in qkv: one rotation over all their heads.
-            qk = apply_rotary(qk.view(tokens, arch.num_heads + arch.num_kv_heads, arch.head_dim), cos, sin)
-            q, k = qk.split((arch.num_heads, arch.num_kv_heads), dim=1)
+            # q and k sit side by side in qkv: one rotation over all their heads, written back in
+            # place so that the rotated k and v stay adjacent and reach the KV cache as one view.
+            qk_heads = arch.num_heads + arch.num_kv_heads
+            qk = qkv[:, : q_end + arch.kv_size].view(tokens, qk_heads, arch.head_dim)
+            apply_rotary(qk, cos, sin, out=qk)
+            q = qkv[:, :q_end].view(tokens, arch.num_heads, arch.head_dim)
+            kv = qkv[:, q_end:].view(tokens, 2, arch.num_kv_heads, arch.head_dim)
         else:
-            q, k = qk.split((arch.q_size, arch.kv_size), dim=-1)
+            q, k, v = qkv.split((arch.q_size, arch.kv_size, arch.kv_size), dim=-1)
             q = F.rms_norm(
                 q.view(tokens, arch.num_heads, arch.head_dim),
                 self._head_norm_shape,
@@ -89,9 +92,11 @@ class Transformer:
             )
             q = apply_rotary(q, cos, sin)
             k = apply_rotary(k, cos, sin)
-        out = attention(q, k, v, kv_cache, index, batch)
+            kv = torch.stack((k, v.view(tokens, arch.num_kv_heads, arch.head_dim)), dim=1)
+        out = attention(q, kv, kv_cache, index, batch)
         return F.linear(out, layer.o, layer.o_bias)
 
     def _mlp(self, layer: LayerWeights, hidden: torch.Tensor) -> torch.Tensor:
         gate, up = F.linear(hidden, layer.gate_up, layer.gate_up_bias).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, layer.down, layer.down_bias)
+        # In place on the gate_up product, which nothing else holds; mm reads the strided result as is.
+        return F.linear(F.silu(gate, inplace=True).mul_(up), layer.down, layer.down_bias)

@@ -60,6 +60,11 @@ class RotaryTable:
         return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-    """Rotate `x` `[tokens, heads, head_dim]` by the per-token angles (the rotate-half convention)."""
-    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
+def apply_rotary(
+    x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Rotate `x` `[tokens, heads, head_dim]` by the per-token angles (the rotate-half convention).
+
+    `out` may be `x` itself: both products are taken before anything is written.
+    """
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin, out=out)

@@ -107,23 +107,29 @@ class ModelRunner:
 
     def _decode_inputs(self, seqs: list[Sequence]):
         """Decode tensors with rows ordered by context length; `rows` maps them back to `seqs`' order."""
-        order = sorted(range(len(seqs)), key=lambda i: seqs[i].num_tokens)
+        count = len(seqs)
+        order = sorted(range(count), key=lambda i: seqs[i].num_tokens)
         ordered = [seqs[i] for i in order]
-        positions = [seq.num_tokens - 1 for seq in ordered]
-        context_lens = torch.tensor(
-            [seq.num_tokens for seq in ordered], dtype=torch.int32, device=self.device
-        )
+        last = [seq.num_tokens - 1 for seq in ordered]
+        # One tensor for the per-row integers: each torch.tensor call costs more than its data.
+        table = self._tensor(
+            [seq.last_token_id for seq in ordered]
+            + last
+            + [seq.block_table[p // BLOCK_SIZE] for seq, p in zip(ordered, last, strict=True)]
+        ).view(3, count)
+        token_ids, positions, slot_blocks = table
+        context_lens = positions + 1
         if self.use_triton:  # the kernel walks each row's own blocks: there is no padding to avoid
-            spans = [(0, len(ordered))]
+            context_lens = context_lens.to(torch.int32)
+            spans = [(0, count)]
         else:
             spans = plan_decode_groups([len(seq.block_table) for seq in ordered])
-        slots = [seq.block_table[p // BLOCK_SIZE] for seq, p in zip(ordered, positions, strict=True)]
         batch = AttentionBatch(
             is_prefill=False,
-            slot_blocks=self._tensor(slots),
-            slot_offsets=self._tensor([p % BLOCK_SIZE for p in positions]),
+            slot_blocks=slot_blocks,
+            slot_offsets=positions % BLOCK_SIZE,
             scale=self.scale,
-            seq_lens=[1] * len(seqs),
+            seq_lens=[1] * count,
             prefill_masks=None,
             decode_groups=[self._decode_group(ordered, context_lens, start, end) for start, end in spans],
             context_lens=context_lens,
@@ -131,10 +137,8 @@ class ModelRunner:
             use_triton=self.use_triton,
         )
         # Logits come back in the caller's order: undo the sort on the (small) hidden states.
-        rows = (
-            None if order == sorted(order) else self._tensor(sorted(range(len(order)), key=order.__getitem__))
-        )
-        return self._tensor([seq.last_token_id for seq in ordered]), self._tensor(positions), batch, rows
+        rows = None if order == sorted(order) else self._tensor(sorted(range(count), key=order.__getitem__))
+        return token_ids, positions, batch, rows
 
     def _decode_group(
         self, ordered: list[Sequence], context_lens: torch.Tensor, start: int, end: int
