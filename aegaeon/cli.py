@@ -25,11 +25,13 @@ def _profile(args: argparse.Namespace) -> None:
     import json
     from pathlib import Path
 
+    from aegaeon.config import parse_model_entry
     from aegaeon.engine.engine import LLMEngine
     from aegaeon.instance.profiler import profile_model
     from aegaeon.scheduler.predictor import ProfileStore
 
-    models = dict(parse_model_arg(spec) for spec in args.models)
+    entries = [parse_model_entry(spec)[0] for spec in args.models]
+    models = {entry.name: entry.path for entry in entries}
     engine = LLMEngine(models=models, device=args.device, dtype=args.dtype)
     path = Path(args.profiles).expanduser()
     store = ProfileStore.load(path)
@@ -40,14 +42,6 @@ def _profile(args: argparse.Namespace) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     store.save(path)
     print(f"saved {len(models)} profile(s) to {path}")
-
-
-def parse_model_arg(spec: str) -> tuple[str, str]:
-    """`NAME=PATH`, or a path / hub id served under its last path part."""
-    from aegaeon.engine.engine import model_name
-
-    name, sep, path = spec.partition("=")
-    return (name, path) if sep else (model_name(spec), spec)
 
 
 def _serve(args: argparse.Namespace) -> None:

@@ -236,6 +236,11 @@ _SLO_KEYS = ("ttft_s", "tbt_s")
 _SERVE_KEYS = ("models", "host", "port", "api_key")
 
 
+def default_model_name(path: str) -> str:
+    """The name a model is served under when none is given: the last part of its path or hub id."""
+    return str(path).rstrip("/").rsplit("/", 1)[-1]
+
+
 def parse_model_entry(value: str | dict) -> tuple[ModelEntry, SLO | None]:
     """`NAME=PATH`, a path or hub id (named by its last part), or a YAML mapping with an optional SLO."""
     if isinstance(value, dict):
@@ -243,7 +248,7 @@ def parse_model_entry(value: str | dict) -> tuple[ModelEntry, SLO | None]:
         if unknown or "path" not in value:
             raise ValueError(f"a model entry needs 'path' (and may have name, ttft_s, tbt_s); got {value}")
         path = str(value["path"])
-        name = str(value.get("name") or path.rstrip("/").rsplit("/", 1)[-1])
+        name = str(value.get("name") or default_model_name(path))
         slo = (
             SLO(**{k: float(value[k]) for k in _SLO_KEYS if k in value})
             if set(_SLO_KEYS) & set(value)
@@ -252,7 +257,7 @@ def parse_model_entry(value: str | dict) -> tuple[ModelEntry, SLO | None]:
         return ModelEntry(name, path), slo
     name, sep, path = str(value).partition("=")
     if not sep:
-        path, name = name, name.rstrip("/").rsplit("/", 1)[-1]
+        path, name = name, default_model_name(name)
     if not name or not path:
         raise ValueError(f"a model is NAME=PATH or a path, got {value!r}")
     return ModelEntry(name, path), None

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from aegaeon.config import EngineConfig, MemoryConfig
+from aegaeon.config import EngineConfig, MemoryConfig, default_model_name
 from aegaeon.engine.architecture import Architecture
 from aegaeon.engine.batcher import ContinuousBatcher
 from aegaeon.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
@@ -138,11 +138,6 @@ class ServedModel:
     kv_shape: KVShape
 
 
-def model_name(path: str | Path) -> str:
-    """The name a model is served under when none is given: the last part of its path or hub id."""
-    return Path(str(path).rstrip("/")).name
-
-
 class LLMEngine:
     """Continuous batching over a paged KV cache, for the active one of several models on one device."""
 
@@ -161,7 +156,7 @@ class LLMEngine:
     ):
         if (model is None) == (models is None):
             raise ValueError("pass either model=PATH or models={name: PATH, ...}")
-        models = {model_name(model): model} if model is not None else dict(models)
+        models = {default_model_name(str(model)): model} if model is not None else dict(models)
         if not models:
             raise ValueError("models is empty: name at least one model")
         self.config = config or EngineConfig()
