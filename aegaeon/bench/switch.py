@@ -24,12 +24,10 @@ import torch
 from aegaeon.config import MIB, EngineConfig, MemoryConfig
 from aegaeon.demo import ensure_benchmark_model
 from aegaeon.engine.architecture import Architecture
-from aegaeon.engine.engine import LLMEngine
+from aegaeon.engine.engine import LLMEngine, weight_bytes
 from aegaeon.engine.sampling_params import SamplingParams
-from aegaeon.engine.weights import canonical_shapes
 from aegaeon.memory.arena import align
 from aegaeon.memory.kv_pool import HostKVPool
-from aegaeon.memory.model_cache import plan_layout
 
 DEFAULT_MODEL_ROOT = Path(".bench")
 KV_BYTES = 64 * MIB
@@ -48,14 +46,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def weight_bytes(path: Path, dtype: torch.dtype = torch.float32) -> int:
-    """Bytes of a model's weights as the host cache and the arena lay them out."""
-    return plan_layout(canonical_shapes(Architecture.from_pretrained(path)), dtype)[1]
-
-
 def measure_switches(paths: dict[str, Path], device: torch.device, repeats: int) -> dict:
     """Median switch time and phases inside a running engine that holds one model at a time."""
-    model_bytes = max(weight_bytes(path) for path in paths.values())
+    model_bytes = max(
+        weight_bytes(Architecture.from_pretrained(path), torch.float32) for path in paths.values()
+    )
     with tempfile.TemporaryDirectory(dir=MemoryConfig().shm_dir) as shm:
         pool = HostKVPool.create(shm, "bench-kv", HOST_KV_POOL_BYTES, KV_SLAB_BYTES)
         pool.pin()
@@ -165,8 +160,7 @@ def print_report(result: dict) -> None:
     print(f"  swap-in + step  {result['swap_in_and_step_s'] * 1e3:9.1f} ms")
     print(f"  swap-out        {result['swap_out_s'] * 1e3:9.1f} ms")
     print(
-        f"  cold start      {result['cold_s'] * 1e3:9.1f} ms   "
-        f"({result['cold_over_switch']:.0f}x the switch)"
+        f"  cold start      {result['cold_s'] * 1e3:9.1f} ms   ({result['cold_over_switch']:.0f}x the switch)"
     )
     print(
         f"  memcpy          {result['memcpy_s'] * 1e3:9.1f} ms   "

@@ -138,6 +138,11 @@ class ServedModel:
     kv_shape: KVShape
 
 
+def weight_bytes(arch: Architecture, dtype: torch.dtype) -> int:
+    """Bytes of a model's weights as the host model cache and the arena lay them out."""
+    return plan_layout(canonical_shapes(arch), dtype)[1]
+
+
 class LLMEngine:
     """Continuous batching over a paged KV cache, for the active one of several models on one device."""
 
@@ -210,13 +215,12 @@ class LLMEngine:
     def _describe(self, name: str, path: str | Path, kv_bytes: int) -> tuple[Path, Architecture, int]:
         model_dir = resolve_model_dir(path)
         arch = Architecture.from_pretrained(model_dir)
-        _, weight_bytes = plan_layout(canonical_shapes(arch), self.dtype)
         if kv_bytes // kv_block_bytes(arch, self.dtype) < 1:
             raise ValueError(
                 f"kv_cache_bytes={self.config.kv_cache_bytes} holds no KV block of model {name} "
                 f"({kv_block_bytes(arch, self.dtype)} bytes each)"
             )
-        return model_dir, arch, weight_bytes
+        return model_dir, arch, weight_bytes(arch, self.dtype)
 
     def _register(
         self, name: str, model_dir: Path, arch: Architecture, kv_bytes: int, progress: bool
