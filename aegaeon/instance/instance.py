@@ -156,6 +156,7 @@ class Instance(threading.Thread):
             plan = self.decode.plan_round(overhead_s=overhead, switch_s={**resident, **self.turn_cost_s})
         if not plan.batches:
             return False
+        self._adopt_handoffs()  # KV of requests placed here since the last look, now in the plan
         for index in range(len(plan.batches)):
             self._decode_turn(plan, index)
             if self.role == COLOCATED:

@@ -23,16 +23,16 @@ import torch
 
 from aegaeon.config import NodeConfig
 from aegaeon.engine.architecture import Architecture
-from aegaeon.engine.engine import LLMEngine
+from aegaeon.engine.engine import LLMEngine, weight_bytes
 from aegaeon.engine.kv_cache import kv_block_bytes
 from aegaeon.engine.outputs import RequestOutput
 from aegaeon.engine.sampling_params import SamplingParams
-from aegaeon.engine.weights import canonical_shapes, parse_dtype, resolve_model_dir
+from aegaeon.engine.weights import parse_dtype, resolve_model_dir
 from aegaeon.instance.instance import COLOCATED, DECODE, PREFILL, Abort, Instance
 from aegaeon.instance.profiler import device_name, profile_model
 from aegaeon.instance.request_level import RequestLevelInstance
 from aegaeon.memory.kv_pool import HostKVPool
-from aegaeon.memory.model_cache import HostModelCache, plan_layout
+from aegaeon.memory.model_cache import HostModelCache
 from aegaeon.scheduler.decode import DecodeDispatcher, DecodeInstance
 from aegaeon.scheduler.models import ModelSpec
 from aegaeon.scheduler.predictor import Predictor, ProfileStore
@@ -144,7 +144,7 @@ class Node:
 
     def _weight_bytes(self, models: Mapping[str, str | Path], dtype: torch.dtype) -> list[int]:
         return [
-            plan_layout(canonical_shapes(Architecture.from_pretrained(resolve_model_dir(path))), dtype)[1]
+            weight_bytes(Architecture.from_pretrained(resolve_model_dir(path)), dtype)
             for path in models.values()
         ]
 
@@ -234,23 +234,25 @@ class Node:
         return True
 
     def after_prefill(self, request: SchedRequest, instance: Instance) -> None:
-        """Place a prefilled request in a decode batch; move its KV if the batch is elsewhere."""
+        """Place a prefilled request in a decode batch; move its KV if the batch is elsewhere.
+
+        The handoff reaches the target's inbox under the same lock as the placement, so a round the
+        target plans with this request finds its KV waiting in the inbox, never still in transit.
+        """
         with self._work:
             aborted = request.request_id not in self.live
             placement = None if aborted else self.decode.dispatch(request)
+            if placement is not None:
+                target = self._by_name[self.decode.instances[placement.instance].name]
+                if target is not instance:
+                    target.inbox.put(instance.engine.export_request(request.request_id))
+                    self._work.notify_all()
         if aborted:
             instance.engine.abort_request(request.request_id)
-            return
-        if placement is None:
+        elif placement is None:
             instance.engine.abort_request(request.request_id)
             message = f"request {request.request_id} does not fit the KV memory of any decode instance"
             self._fail(request.request_id, RuntimeError(message))
-            return
-        target = self._by_name[self.decode.instances[placement.instance].name]
-        if target is not instance:
-            target.inbox.put(instance.engine.export_request(request.request_id))
-            with self._work:
-                self._work.notify_all()
 
     def _fail(self, request_id: str, error: BaseException) -> None:
         with self.lock:
