@@ -73,6 +73,9 @@ def serve_config_from_args(args: argparse.Namespace):
         "decode_instances": args.decode_instances,
         "kv_cache_bytes": args.kv_cache_bytes,
         "profile_path": args.profiles,
+        "role": args.role,
+        "redis_url": args.redis_url,
+        "node_port": args.node_port,
     }
     settings.update({key: value for key, value in flags.items() if value is not None})
     if args.prefill_instances is not None or args.decode_instances is not None:
@@ -111,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     switch.set_defaults(run=_bench_switch)
 
-    from aegaeon.config import DEFAULT_PROFILE_PATH
+    from aegaeon.config import DEFAULT_PROFILE_PATH, ROLES
 
     profile = commands.add_parser(
         "profile", help="measure prefill/decode latency and switch time of models on this device"
@@ -149,7 +152,25 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--decode-instances", type=int, metavar="M", help="separate decode instances")
     serve.add_argument("--kv-cache-bytes", type=int, help="bytes of KV blocks per instance")
     serve.add_argument("--profiles", help=f"latency profile file (default: {DEFAULT_PROFILE_PATH})")
+    serve.add_argument(
+        "--role",
+        choices=ROLES,
+        help="all: api server and node in one process (the default); node: serve models to the api "
+        "servers of a Redis-shared cluster; api: route requests to that cluster's nodes by load",
+    )
+    serve.add_argument(
+        "--redis-url",
+        help="metadata store shared by api servers and nodes (redis://[:PASSWORD@]HOST:PORT/DB, rediss:// "
+        "for TLS); without it the store lives in this process",
+    )
+    serve.add_argument(
+        "--node-port", type=int, help="port a node takes api servers' requests on (default: a free one)"
+    )
     serve.set_defaults(run=_serve)
+
+    from aegaeon.sim.commands import add_commands as add_simulator_commands
+
+    add_simulator_commands(commands)
     return parser
 
 

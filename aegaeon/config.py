@@ -181,6 +181,9 @@ class NodeConfig:
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
+# What one `aegaeon serve` process runs: an api server and a node together, or one of them (several
+# machines sharing a Redis metadata store).
+ROLES = ("all", "api", "node")
 
 
 @dataclass(frozen=True)
@@ -200,11 +203,26 @@ class ServeConfig:
     port: int = DEFAULT_PORT
     # Clients must send `Authorization: Bearer <api_key>` when set.
     api_key: str | None = None
+    role: str = "all"
+    # The metadata store shared by api servers and nodes; None keeps it in this process (role "all").
+    redis_url: str | None = None
+    # Where a node takes requests from api servers (on `host`); 0 picks a free port.
+    node_port: int = 0
     node: NodeConfig = NodeConfig()
 
     def __post_init__(self) -> None:
-        if not self.models:
+        if self.role not in ROLES:
+            raise ValueError(f"role must be one of {', '.join(ROLES)}, got {self.role!r}")
+        if self.role != "all" and self.redis_url is None:
+            raise ValueError(
+                f"role {self.role!r} shares the cluster through Redis: give redis_url (--redis-url)"
+            )
+        if self.role == "api" and self.models:
+            raise ValueError("an api server serves the models its nodes register: name models on the nodes")
+        if self.role != "api" and not self.models:
             raise ValueError("name at least one model to serve (NAME=PATH, or a path)")
+        if not 0 <= self.node_port < 65536:
+            raise ValueError(f"node_port must be in [0, 65535], got {self.node_port}")
         names = [model.name for model in self.models]
         if len(set(names)) != len(names):
             raise ValueError(f"model names must be unique, got {names}")
@@ -233,7 +251,7 @@ _NODE_KEYS = (
     "profile_path",
 )
 _SLO_KEYS = ("ttft_s", "tbt_s")
-_SERVE_KEYS = ("models", "host", "port", "api_key")
+_SERVE_KEYS = ("models", "host", "port", "api_key", "role", "redis_url", "node_port")
 
 
 def default_model_name(path: str) -> str:
@@ -283,5 +301,7 @@ def build_serve_config(settings: dict) -> ServeConfig:
         scheduler=SchedulerConfig(default_slo=default_slo, model_slos=model_slos),
     )
     return ServeConfig(
-        models=tuple(entry for entry, _ in entries), node=node, **pick(("host", "port", "api_key"))
+        models=tuple(entry for entry, _ in entries),
+        node=node,
+        **pick(("host", "port", "api_key", "role", "redis_url", "node_port")),
     )

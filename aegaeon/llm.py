@@ -59,8 +59,9 @@ class LLM:
         return self.engine.tokenizer
 
     def tokenizer_of(self, model: str):
-        engine = self.engine or self.node.instances[0].engine
-        return engine.models[model].tokenizer
+        if self.engine is not None:
+            return self.engine.models[model].tokenizer
+        return self.node.tokenizers[model]
 
     def generate(
         self,
@@ -120,9 +121,8 @@ class LLM:
             all_done.set()
 
         # Check every prompt before queueing any, so a bad one leaves nothing running.
-        engine = self.node.instances[0].engine
         for prompt, sampling, name in zip(prompts, params, models, strict=True):
-            engine.prepare_prompt(prompt, sampling, name)
+            self.node.prepare_prompt(prompt, sampling, name)
         for request_id, prompt, sampling, name in zip(request_ids, prompts, params, models, strict=True):
             self.node.submit(prompt, sampling, name, on_output, on_error, request_id=request_id)
         all_done.wait()

@@ -34,6 +34,7 @@ from aegaeon.engine.kv_cache import (
     kv_block_shape,
 )
 from aegaeon.engine.outputs import CompletionOutput, RequestOutput
+from aegaeon.engine.prompt import PreparedPrompt, prepare_prompt, prompt_token_ids
 from aegaeon.engine.runner import ModelRunner
 from aegaeon.engine.sampler import TokenLogprobs
 from aegaeon.engine.sampling_params import SamplingParams
@@ -99,16 +100,6 @@ class RequestHandoff:
     params: SamplingParams
     max_tokens: int
     seqs: list[SequenceHandoff]
-
-
-@dataclass(frozen=True)
-class PreparedPrompt:
-    """A prompt checked against its model: its tokens and how many it may generate."""
-
-    model: str
-    text: str | None
-    token_ids: list[int]
-    max_tokens: int
 
 
 @dataclass
@@ -447,15 +438,9 @@ class LLMEngine:
     ) -> PreparedPrompt:
         """Tokenize and check a prompt for `model` (ValueError / KeyError saying what is wrong)."""
         served = self._model(model)
-        text, token_ids = self._prompt_tokens(served, prompt)
-        room = served.max_model_len - len(token_ids)
-        if room < 1:
-            raise ValueError(
-                f"the prompt has {len(token_ids)} tokens; this model accepts at most "
-                f"{served.max_model_len - 1} prompt tokens (max_model_len is {served.max_model_len})"
-            )
-        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
-        return PreparedPrompt(served.name, text, token_ids, max_tokens)
+        return prepare_prompt(
+            served.name, served.tokenizer, served.arch.vocab_size, served.max_model_len, prompt, params
+        )
 
     def _new_sequence(
         self,
@@ -592,7 +577,7 @@ class LLMEngine:
         seqs = []
         try:
             for prompt in prompts:
-                _, token_ids = self._prompt_tokens(served, prompt)
+                _, token_ids = prompt_token_ids(served.tokenizer, served.arch.vocab_size, prompt)
                 seq = self._new_sequence(served, "logits", 0, token_ids, SamplingParams(), max_tokens=1)
                 seq.block_table = served.batcher.allocator.allocate(blocks_for_tokens(len(token_ids)))
                 seqs.append(seq)
@@ -640,23 +625,6 @@ class LLMEngine:
                 seq.kv_arrival.wait()
                 seq.kv_arrival = None
         return landed
-
-    def _prompt_tokens(self, served: ServedModel, prompt: str | list[int]) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, str):
-            token_ids = served.tokenizer.encode(prompt)
-            text: str | None = prompt
-        elif isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            token_ids, text = list(prompt), None
-            bad = [t for t in token_ids if not 0 <= t < served.arch.vocab_size]
-            if bad:
-                raise ValueError(
-                    f"prompt token id {bad[0]} is outside the vocabulary [0, {served.arch.vocab_size})"
-                )
-        else:
-            raise ValueError("a prompt must be a string or a list of token ids")
-        if not token_ids:
-            raise ValueError("the prompt is empty")
-        return text, token_ids
 
     def _generator(self, seed: int | None, index: int) -> torch.Generator | None:
         if seed is None:

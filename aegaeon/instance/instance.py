@@ -9,8 +9,10 @@ Roles (DESIGN.md, "Token-level scheduling"):
 - colocated: both on one device; the queued prefills run between decode turns and their predicted
   time counts in the round (`overhead_s`).
 
-The scheduler objects (`PrefillQueue`, `DecodeInstance`) are shared with the node's dispatchers and
-are only touched under the node's lock; the engine is only touched by this instance's thread.
+The loop runs in the node's process, as a thread; the engine runs in the instance's own process
+(`RemoteEngine`: each engine operation is one call to it). The scheduler objects (`PrefillQueue`,
+`DecodeInstance`) are shared with the node's dispatchers and are only touched under the node's lock;
+the engine is only called by this instance's thread.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from aegaeon.engine.engine import LLMEngine, RequestHandoff
+from aegaeon.engine.engine import RequestHandoff
 from aegaeon.engine.outputs import RequestOutput
+from aegaeon.instance.remote import RemoteEngine
 from aegaeon.scheduler.decode import DecodeInstance, DecodeTurn, RoundPlan
 from aegaeon.scheduler.prefill import PrefillQueue
 from aegaeon.scheduler.timeline import EventKind, Timeline
@@ -31,6 +34,8 @@ if TYPE_CHECKING:
     from aegaeon.instance.node import Node
 
 PREFILL, DECODE, COLOCATED = "prefill", "decode", "colocated"
+# A request's states as the node reports them (`Node.request_moved`), named as request records name them.
+PREFILLING, DECODING = "prefilling", "decoding"
 
 
 @dataclass(frozen=True)
@@ -38,6 +43,7 @@ class Abort:
     """Drop a request from this instance's engine, wherever it stands there."""
 
     request_id: str
+
 
 # Weight of the newest measurement in the running estimate of a model's turn cost.
 TURN_COST_SMOOTHING = 0.2
@@ -50,7 +56,7 @@ class Instance(threading.Thread):
         self,
         name: str,
         role: str,
-        engine: LLMEngine,
+        engine: RemoteEngine,
         node: Node,
         prefill_queue: PrefillQueue | None,
         decode: DecodeInstance | None,
@@ -73,6 +79,8 @@ class Instance(threading.Thread):
         # Measured seconds, per model, of bringing a batch onto the device and off it again
         # (switch, KV swap-in and swap-out): the round's switch cost c, measured rather than guessed.
         self.turn_cost_s: dict[str, float] = {}
+        # Models whose weights were in the arena at the last look (the node's heartbeat reports them).
+        self.resident: list[str] = []
 
     # -- the loop ------------------------------------------------------------------------------------
 
@@ -110,6 +118,7 @@ class Instance(threading.Thread):
                 with self.node.lock:
                     self.prefill_queue.complete()
                 continue
+            self.node.request_moved(request.request_id, PREFILLING, self.instance_name)
             self._switch(request.model)
             if next_model is not None and next_model != request.model and self.engine.prefetch(next_model):
                 self.timeline.record(EventKind.PREFETCH, next_model, self.node.now(), self.node.now())
@@ -141,18 +150,19 @@ class Instance(threading.Thread):
             elif message.request_id in self.node.live:
                 self.engine.import_request(message)
             else:  # aborted while its KV was in flight: the blocks are ours to free
-                self.engine.kv_pool.free([b for seq in message.seqs for b in seq.host_blocks])
+                self.node.kv_pool.free([b for seq in message.seqs for b in seq.host_blocks])
             adopted = True
 
     def _decode_round(self) -> bool:
         """Plan and run one round over this instance's batches; False if it had none."""
+        # Until a model's turn cost is measured, a resident model is taken as free to switch to and
+        # any other at the profile's switch time.
+        self.resident = self.engine.resident_models()
+        resident = {m: 0.0 for m in self.resident}
         with self.node.lock:
             overhead = (
                 self.prefill_queue.waiting_work_s(self.node.now()) if self.prefill_queue is not None else 0.0
             )
-            # Until a model's turn cost is measured, a resident model is taken as free to switch to
-            # and any other at the profile's switch time.
-            resident = {m: 0.0 for m in self.engine.models if self.engine.is_resident(m)}
             plan = self.decode.plan_round(overhead_s=overhead, switch_s={**resident, **self.turn_cost_s})
         if not plan.batches:
             return False
@@ -208,8 +218,7 @@ class Instance(threading.Thread):
         if plan.swap_out:
             swap_start = self.node.now()
             unfinished = [r.request_id for r in members if not r.done]
-            for request_id in unfinished:
-                self.engine.swap_out(request_id)
+            self.engine.swap_out(unfinished)
             if unfinished:
                 self.timeline.record(EventKind.SWAP_OUT, batch.model, swap_start, self.node.now(), unfinished)
             cost += self.node.now() - swap_start
@@ -225,28 +234,18 @@ class Instance(threading.Thread):
     def _place_on_device(self, model: str, batch_ids: set[str]) -> None:
         """Make the engine's running set of `model` exactly the batch: swap others out, the batch in."""
         start = self.node.now()
-        swapped_in = []
-        for request_id in self.engine.requests_of(model):
-            on_device = self.engine.on_device(request_id)
-            if request_id not in batch_ids and on_device:
-                self.engine.swap_out(request_id)
-            elif request_id in batch_ids and not on_device:
-                self.engine.swap_in(request_id)
-                swapped_in.append(request_id)
+        swapped_in = self.engine.place(model, batch_ids)
         if swapped_in:
             self.timeline.record(EventKind.SWAP_IN, model, start, self.node.now(), swapped_in)
 
     # -- shared --------------------------------------------------------------------------------------
 
     def _switch(self, model: str) -> None:
-        if self.engine.active is not None and self.engine.active.name == model:
-            return
         start = self.node.now()
-        self.engine.switch_to(model)
-        loaded = self.engine.last_switch.loaded
-        self.timeline.record(
-            EventKind.SWITCH, model, start, self.node.now(), detail="loaded" if loaded else "resident"
-        )
+        switched = self.engine.switch(model)
+        if switched is not None:
+            detail = "loaded" if switched.loaded else "resident"
+            self.timeline.record(EventKind.SWITCH, model, start, self.node.now(), detail=detail)
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         now = self.node.now()

@@ -11,6 +11,7 @@ the submitter's callback as they come.
 from __future__ import annotations
 
 import itertools
+import os
 import threading
 import time
 import uuid
@@ -23,14 +24,16 @@ import torch
 
 from aegaeon.config import NodeConfig
 from aegaeon.engine.architecture import Architecture
-from aegaeon.engine.engine import LLMEngine, weight_bytes
-from aegaeon.engine.kv_cache import kv_block_bytes
+from aegaeon.engine.engine import weight_bytes
 from aegaeon.engine.outputs import RequestOutput
+from aegaeon.engine.prompt import PreparedPrompt, prepare_prompt
 from aegaeon.engine.sampling_params import SamplingParams
+from aegaeon.engine.tokenizer import Tokenizer
 from aegaeon.engine.weights import parse_dtype, resolve_model_dir
-from aegaeon.instance.instance import COLOCATED, DECODE, PREFILL, Abort, Instance
-from aegaeon.instance.profiler import device_name, profile_model
+from aegaeon.instance.instance import COLOCATED, DECODE, DECODING, PREFILL, Abort, Instance
+from aegaeon.instance.remote import RemoteEngine, worker_address
 from aegaeon.instance.request_level import RequestLevelInstance
+from aegaeon.instance.worker import ModelFacts, WorkerInfo, WorkerSpec
 from aegaeon.memory.kv_pool import HostKVPool
 from aegaeon.memory.model_cache import HostModelCache
 from aegaeon.scheduler.decode import DecodeDispatcher, DecodeInstance
@@ -41,6 +44,9 @@ from aegaeon.scheduler.request import SchedRequest
 
 OutputCallback = Callable[[RequestOutput], None]
 ErrorCallback = Callable[[BaseException], None]
+# (request id, state, instance name): a request started prefilling on, or joined a decode batch of, an
+# instance (PREFILLING, DECODING).
+StateCallback = Callable[[str, str, str], None]
 
 
 @dataclass
@@ -71,8 +77,10 @@ class Node:
         self.completed: list[SchedRequest] = []
         self._ids = itertools.count()
         self._t0 = time.monotonic()
+        # Told where each request goes (the node server keeps the request records with it).
+        self.on_state: StateCallback | None = None
 
-        memory, device = self.config.memory, torch.device(self.config.device)
+        memory = self.config.memory
         dtype = parse_dtype(self.config.dtype)
         tag = f"{uuid.uuid4().hex[:8]}"
         weights = self._weight_bytes(models, dtype)
@@ -82,48 +90,46 @@ class Node:
         self.kv_pool = HostKVPool.create(
             memory.shm_dir, f"aegaeon-kv-{tag}", memory.host_kv_pool_bytes, memory.kv_slab_bytes
         )
-        self.kv_pool.pin()
-        self._finalizer = weakref.finalize(self, _close_pools, self.model_cache, self.kv_pool)
+        self.engines: list[RemoteEngine] = []
+        self._finalizer = weakref.finalize(self, _release, self.engines, self.model_cache, self.kv_pool)
 
         roles = (
             [COLOCATED] * self.config.colocated_instances
             if self.config.colocated
             else [PREFILL] * self.config.prefill_instances + [DECODE] * self.config.decode_instances
         )
-        engines = [
-            LLMEngine(
-                models=models,
-                device=device,
-                dtype=dtype,
-                config=self.config.engine,
-                memory=memory,
-                model_cache=self.model_cache,
-                kv_pool=self.kv_pool,
-                progress=progress and index == 0,
+        names = [f"{role}-{index}" for index, role in enumerate(roles)]
+        try:
+            infos = self._start_engines(
+                tag, names, {name: str(path) for name, path in models.items()}, progress
             )
-            for index in range(len(roles))
-        ]
-        self.models = engines[0].models
+        except BaseException:
+            self._finalizer()
+            raise
+        self.models: dict[str, ModelFacts] = infos[0].models
+        # The node checks and tokenizes prompts itself, so a bad request never reaches an instance.
+        self.tokenizers = {
+            name: Tokenizer.from_pretrained(facts.model_dir) for name, facts in self.models.items()
+        }
         self.specs = {
             name: ModelSpec(
                 name=name,
-                shape_key=served.arch.shape_key,
-                weight_bytes=served.weight_bytes,
-                kv_block_bytes=kv_block_bytes(served.arch, dtype),
-                max_model_len=served.max_model_len,
+                shape_key=facts.shape_key,
+                weight_bytes=facts.weight_bytes,
+                kv_block_bytes=facts.kv_block_bytes,
+                max_model_len=facts.max_model_len,
             )
-            for name, served in self.models.items()
+            for name, facts in self.models.items()
         }
-        self.predictor = self._predictor(engines[0], progress)
+        self.predictor = self._predictor(self.engines[0], infos[0], progress)
         scheduler = self.config.scheduler
         self.instances: list[Instance] = []
-        for index, (role, engine) in enumerate(zip(roles, engines, strict=True)):
-            name = f"{role}-{index}"
+        for name, role, engine, info in zip(names, roles, self.engines, infos, strict=True):
             queue = PrefillQueue(name, self.predictor, scheduler) if role != DECODE else None
             decode = (
                 DecodeInstance(
                     name,
-                    engine.kv_bytes,
+                    info.kv_bytes,
                     self.specs,
                     self.predictor,
                     scheduler,
@@ -142,24 +148,48 @@ class Node:
         for instance in self.instances:
             instance.start()
 
+    def _start_engines(
+        self, tag: str, names: list[str], models: dict[str, str], progress: bool
+    ) -> list[WorkerInfo]:
+        """Spawn one instance process per name and wait until every engine is built."""
+        config = self.config
+        cpu_threads = max(1, (os.cpu_count() or 1) // len(names)) if config.device == "cpu" else None
+        for index, name in enumerate(names):
+            spec = WorkerSpec(
+                name=name,
+                models=models,
+                device=config.device,
+                dtype=config.dtype,
+                engine=config.engine,
+                memory=config.memory,
+                model_cache_name=self.model_cache.name,
+                kv_pool_name=self.kv_pool.name,
+                address=worker_address(tag, name),
+                cpu_threads=cpu_threads,
+                # One progress bar while the host cache fills: the other engines find it filled.
+                progress=progress and index == 0,
+            )
+            self.engines.append(RemoteEngine.start(spec))
+        return [engine.wait_ready() for engine in self.engines]
+
     def _weight_bytes(self, models: Mapping[str, str | Path], dtype: torch.dtype) -> list[int]:
         return [
             weight_bytes(Architecture.from_pretrained(resolve_model_dir(path)), dtype)
             for path in models.values()
         ]
 
-    def _predictor(self, engine: LLMEngine, progress: bool) -> Predictor:
+    def _predictor(self, engine: RemoteEngine, info: WorkerInfo, progress: bool) -> Predictor:
         """Profiles for every model shape on this device, measuring those the store lacks."""
         path = Path(self.config.profile_path).expanduser()
         store = ProfileStore.load(path)
-        dtype, device = str(engine.dtype).removeprefix("torch."), device_name(engine.device)
+        dtype, device = info.dtype, info.device_name
         missing = {
             spec.shape_key: name
             for name, spec in self.specs.items()
             if store.get(spec.shape_key, dtype, device) is None
         }
         for name in missing.values():
-            store.add(profile_model(engine, name, progress))
+            store.add(engine.profile(name, progress))
         if missing:
             path.parent.mkdir(parents=True, exist_ok=True)
             store.save(path)
@@ -183,7 +213,7 @@ class Node:
         """Accept a request (ValueError/KeyError on bad input, before anything is queued); its id."""
         if self.error is not None:
             raise RuntimeError(f"the node has failed: {self.error}")
-        prepared = self.instances[0].engine.prepare_prompt(prompt, params, model)
+        prepared = self.prepare_prompt(prompt, params, model)
         request_id = request_id or f"req-{next(self._ids)}"
         sched = SchedRequest(
             request_id, prepared.model, self.now(), len(prepared.token_ids), prepared.max_tokens
@@ -196,6 +226,21 @@ class Node:
             self.prefill.dispatch(self.now())
             self._work.notify_all()
         return request_id
+
+    def prepare_prompt(
+        self, prompt: str | list[int], params: SamplingParams, model: str | None
+    ) -> PreparedPrompt:
+        """Tokenize and check a prompt for `model` (ValueError / KeyError saying what is wrong)."""
+        if model is None:
+            if len(self.models) > 1:
+                raise ValueError(f"several models are served ({', '.join(self.models)}): name one")
+            model = next(iter(self.models))
+        facts = self.models.get(model)
+        if facts is None:
+            raise KeyError(f"model {model!r} is not served here; served: {', '.join(self.models)}")
+        return prepare_prompt(
+            model, self.tokenizers[model], facts.vocab_size, facts.max_model_len, prompt, params
+        )
 
     def deliver(self, output: RequestOutput, now: float) -> None:
         """An engine step advanced a request: account for its token and pass the output on."""
@@ -213,6 +258,11 @@ class Node:
                 del self.live[output.request_id]
                 self.completed.append(live.sched)
         live.on_output(output)
+
+    def request_moved(self, request_id: str, state: str, instance: str) -> None:
+        """A request started prefilling on, or joined a decode batch of, `instance`."""
+        if self.on_state is not None:
+            self.on_state(request_id, state, instance)
 
     def abort(self, request_id: str) -> bool:
         """Stop a request wherever it is (queued, prefilling, decoding); False if it is not in flight.
@@ -247,6 +297,8 @@ class Node:
                 if target is not instance:
                     target.inbox.put(instance.engine.export_request(request.request_id))
                     self._work.notify_all()
+        if placement is not None:
+            self.request_moved(request.request_id, DECODING, target.instance_name)
         if aborted:
             instance.engine.abort_request(request.request_id)
         elif placement is None:
@@ -296,6 +348,9 @@ class Node:
         self.close()
 
 
-def _close_pools(model_cache: HostModelCache, kv_pool: HostKVPool) -> None:
+def _release(engines: list[RemoteEngine], model_cache: HostModelCache, kv_pool: HostKVPool) -> None:
+    """Stop the instance processes, then release the shared memory they used."""
+    for engine in engines:
+        engine.close()
     model_cache.close()
     kv_pool.close()

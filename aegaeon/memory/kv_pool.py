@@ -162,6 +162,11 @@ class HostKVPool:
             os.close(self._lock_fd)
             raise
 
+    @property
+    def name(self) -> str:
+        """The region's name: what another process of the node passes to `attach`."""
+        return self.region.path.name
+
     def _map(self, region: SharedRegion) -> None:
         raw = region.tensor.numpy()
         if region.nbytes < _HEADER_WORDS * 8:

@@ -1,4 +1,4 @@
-"""The OpenAI-compatible HTTP API: a FastAPI app over a `NodeBackend`, and a uvicorn runner.
+"""The OpenAI-compatible HTTP API: a FastAPI app over a `ClusterBackend`, and a uvicorn runner.
 
 Every request is checked (model, parameters, prompt length) and submitted before its response
 starts, so a bad request always gets a clean OpenAI-format error and never a broken stream.
@@ -29,7 +29,7 @@ from aegaeon.engine.outputs import RequestOutput
 from aegaeon.engine.sampler import TokenLogprobs
 from aegaeon.engine.sampling_params import SamplingParams
 from aegaeon.engine.tokenizer import Tokenizer
-from aegaeon.serve.backend import ModelInfo, NodeBackend, RequestStream
+from aegaeon.serve.backend import ClusterBackend, ModelInfo, RequestStream
 from aegaeon.serve.errors import (
     CONTEXT_LENGTH_EXCEEDED,
     INVALID_API_KEY,
@@ -81,7 +81,7 @@ COMPLETION_ID_PREFIX = "cmpl"
 CHAT_ID_PREFIX = "chatcmpl"
 
 
-def build_app(backend: NodeBackend, api_key: str | None = None) -> FastAPI:
+def build_app(backend: ClusterBackend, api_key: str | None = None) -> FastAPI:
     """The API app; with `api_key`, every /v1 route and /tokenize, /detokenize need `Bearer KEY`."""
     app = FastAPI(
         title="aegaeon",
@@ -330,7 +330,7 @@ async def _disconnected(request: Request) -> None:
 class _Serving:
     """The route handlers; they talk to the backend only."""
 
-    def __init__(self, backend: NodeBackend):
+    def __init__(self, backend: ClusterBackend):
         self.backend = backend
 
     # models, health, tokenizer tools

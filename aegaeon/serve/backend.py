@@ -1,22 +1,46 @@
-"""The api server's view of a node: its models and tokenizers, and generation as asyncio streams.
+"""The api server's view of the cluster: which models the live nodes serve, and generation as streams.
 
-The node calls back on its instance threads; a request's outputs cross into the event loop through
-`loop.call_soon_threadsafe` onto an asyncio queue of its own. Closing a stream before its request
-finished (a client went away, a handler was cancelled) aborts the request on the node.
+`ClusterBackend` reads the metadata store for the live nodes and their models (cached for
+`CATALOG_TTL_S`), routes each request to a node by load (`MetadataStore.pick_node`), writes the
+request's record, and talks to the node over ZeroMQ (a DEALER per node, messages in wire.py). A
+request's outputs arrive on the event loop and wait on an asyncio queue of its own; closing a stream
+before its request finished (a client went away, a handler was cancelled) aborts it on its node. A
+node that stops beating fails the requests it held, so no stream waits forever.
+
+Tokenizers are loaded from the model directories the nodes registered: an api server on another
+machine needs read access to them (the tokenizer files only).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import pickle
 import time
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+import zmq
+import zmq.asyncio
+
+from aegaeon.serve.metadata import DEFAULT_ALIVE_WITHIN_S, MetadataStore, RequestRecord
+from aegaeon.serve.wire import Abort, Accepted, Failed, Output, Rejected, Submit
 
 if TYPE_CHECKING:
     from aegaeon.engine.outputs import RequestOutput
     from aegaeon.engine.sampling_params import SamplingParams
     from aegaeon.engine.tokenizer import Tokenizer
-    from aegaeon.instance.node import Node
+
+logger = logging.getLogger(__name__)
+
+# The model list is read from the store at most this often.
+CATALOG_TTL_S = 1.0
+# A node that has not accepted or rejected a request by then is taken as unreachable.
+ACCEPT_TIMEOUT_S = 30.0
+# How often the requests in flight are checked against their nodes' liveness.
+NODE_WATCH_INTERVAL_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -25,12 +49,12 @@ class ModelInfo:
 
     name: str
     max_model_len: int
-    created: int  # Unix seconds: when this backend started serving it
+    created: int  # Unix seconds: when the first node serving it registered
 
 
 @dataclass(frozen=True)
 class Health:
-    """Whether the node can take requests; `error` says why not."""
+    """Whether requests can be served; `error` says why not."""
 
     ok: bool
     error: str | None
@@ -44,10 +68,15 @@ class RequestStream:
     text and tokens so far, so the ones before it add nothing.
     """
 
-    def __init__(self, node: Node, request_id: str, queue: asyncio.Queue[RequestOutput | BaseException]):
-        self._node = node
+    def __init__(
+        self,
+        request_id: str,
+        queue: asyncio.Queue[RequestOutput | BaseException],
+        abort: Callable[[str], None],
+    ):
         self.request_id = request_id
         self._queue = queue
+        self._abort = abort
         self.finished = False
 
     def __aiter__(self) -> RequestStream:
@@ -67,10 +96,10 @@ class RequestStream:
         return item
 
     def close(self) -> None:
-        """Abort the request on the node unless it already finished (idempotent)."""
+        """Abort the request on its node unless it already finished (idempotent)."""
         if not self.finished:
             self.finished = True
-            self._node.abort(self.request_id)
+            self._abort(self.request_id)
 
     async def aclose(self) -> None:
         self.close()
@@ -82,58 +111,215 @@ class RequestStream:
         self.close()
 
 
-class NodeBackend:
-    """What the api server needs from a node; the node stays the caller's to close."""
+@dataclass
+class _InFlight:
+    node_id: str
+    queue: asyncio.Queue
+    accepted: asyncio.Future
 
-    def __init__(self, node: Node):
-        self.node = node
-        created = int(time.time())
-        engine = node.instances[0].engine
-        self._models = {
-            name: ModelInfo(name, served.max_model_len, created) for name, served in engine.models.items()
-        }
-        # Tokenizers are built once per model by the engine; the api server shares them read-only.
-        self._tokenizers = {name: served.tokenizer for name, served in engine.models.items()}
+
+class _NodeLink:
+    """One api server's connection to one node, and the task that reads the node's answers."""
+
+    def __init__(self, node_id: str, address: str, context: zmq.asyncio.Context, on_message):
+        self.node_id = node_id
+        self.address = address
+        self.socket = context.socket(zmq.DEALER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.connect(address)
+        self._on_message = on_message
+        self.reader = asyncio.ensure_future(self._read())
+
+    async def _read(self) -> None:
+        while True:
+            payload = await self.socket.recv()
+            try:
+                message = pickle.loads(payload)
+            except Exception:  # noqa: BLE001 - one unreadable message must not stop the link
+                logger.warning("dropped a message from node %s that could not be read", self.node_id)
+                continue
+            self._on_message(message)
+
+    async def send(self, message: Submit | Abort) -> None:
+        await self.socket.send(pickle.dumps(message))
+
+    def close(self) -> None:
+        self.reader.cancel()
+        self.socket.close(linger=0)
+
+
+class ClusterBackend:
+    """What the api server needs from the cluster, read from the metadata store and the nodes."""
+
+    def __init__(self, store: MetadataStore, api_server_id: str | None = None):
+        self.store = store
+        self.api_server_id = api_server_id or f"api-{uuid.uuid4().hex[:8]}"
+        self._catalog: dict[str, tuple[ModelInfo, str]] = {}  # name -> (info, model directory)
+        self._catalog_at = float("-inf")
+        self._tokenizers: dict[str, Tokenizer] = {}  # by model directory
+        self._context: zmq.asyncio.Context | None = None
+        self._links: dict[str, _NodeLink] = {}
+        self._in_flight: dict[str, _InFlight] = {}
+        self._watcher: asyncio.Task | None = None
+        self._background: set[asyncio.Future] = set()
+
+    # -- models ----------------------------------------------------------------------------------------
+
+    def _live_node_ids(self) -> set[str]:
+        return {status.info.node_id for status in self.store.instances(alive_within_s=DEFAULT_ALIVE_WITHIN_S)}
+
+    def _refresh(self) -> None:
+        if time.monotonic() - self._catalog_at < CATALOG_TTL_S:
+            return
+        live = self._live_node_ids()
+        catalog: dict[str, tuple[ModelInfo, str]] = {}
+        for node in sorted(self.store.nodes(), key=lambda n: n.registered_at):
+            if node.node_id not in live:
+                continue
+            for name in node.models:
+                length = node.max_model_lens.get(name, 0)
+                if name in catalog:  # nodes may be configured differently: promise what every one allows
+                    info, model_dir = catalog[name]
+                    length = min(length, info.max_model_len)
+                    catalog[name] = (ModelInfo(name, length, info.created), model_dir)
+                else:
+                    created = int(node.registered_at)
+                    catalog[name] = (ModelInfo(name, length, created), node.model_dirs.get(name, ""))
+        self._catalog, self._catalog_at = catalog, time.monotonic()
 
     def models(self) -> list[ModelInfo]:
-        return list(self._models.values())
+        self._refresh()
+        return [info for info, _ in self._catalog.values()]
 
     def model(self, name: str) -> ModelInfo | None:
-        return self._models.get(name)
+        self._refresh()
+        entry = self._catalog.get(name)
+        return entry[0] if entry else None
 
     def tokenizer(self, name: str) -> Tokenizer:
-        """The model's tokenizer; KeyError if the model is not served."""
-        return self._tokenizers[name]
+        """The model's tokenizer; KeyError if no live node serves the model."""
+        from aegaeon.engine.tokenizer import Tokenizer
+
+        self._refresh()
+        _, model_dir = self._catalog[name]
+        if model_dir not in self._tokenizers:
+            self._tokenizers[model_dir] = Tokenizer.from_pretrained(model_dir)
+        return self._tokenizers[model_dir]
 
     def health(self) -> Health:
-        error = self.node.error
-        if error is not None:
-            return Health(False, f"the node has failed: {error}", len(self.node.live))
-        if self.node.stopping:
-            return Health(False, "the node is stopping", len(self.node.live))
-        return Health(True, None, len(self.node.live))
+        self._refresh()
+        if not self._catalog:
+            window = DEFAULT_ALIVE_WITHIN_S
+            return Health(False, f"no node is serving (none sent a heartbeat in {window:.0f} s)", 0)
+        return Health(True, None, len(self._in_flight))
+
+    # -- generation --------------------------------------------------------------------------------------
 
     async def generate(
         self, model: str, prompt_token_ids: list[int], params: SamplingParams, request_id: str
     ) -> RequestStream:
-        """Submit a request and return its output stream.
+        """Route a request to a node, submit it, and return its output stream once the node accepted it.
 
-        Bad input raises here (ValueError, KeyError for an unknown model, RuntimeError when the node
-        has failed), before any output exists, so a caller can still answer with a clean error.
+        Bad input raises here (ValueError; KeyError for an unknown model; RuntimeError when no node can
+        take it), before any output exists, so a caller can still answer with a clean error.
         """
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        node_id = await asyncio.to_thread(self.store.pick_node, model)
+        if node_id is None:
+            raise RuntimeError(f"no live node serves model {model!r} right now; retry shortly")
+        link = await self._link(node_id)
+        record = RequestRecord(
+            request_id,
+            model,
+            api_server=self.api_server_id,
+            node_id=node_id,
+            prompt_tokens=len(prompt_token_ids),
+        )
+        await asyncio.to_thread(self.store.put_request, record)
+        flight = _InFlight(node_id, asyncio.Queue(), loop.create_future())
+        self._in_flight[request_id] = flight
+        self._watch()
+        try:
+            await link.send(Submit(request_id, model, list(prompt_token_ids), params))
+            answer = await asyncio.wait_for(flight.accepted, ACCEPT_TIMEOUT_S)
+        except TimeoutError:
+            self._in_flight.pop(request_id, None)
+            raise RuntimeError(f"node {node_id} did not answer within {ACCEPT_TIMEOUT_S:.0f} s") from None
+        except BaseException:
+            self._in_flight.pop(request_id, None)
+            raise
+        if isinstance(answer, Rejected):
+            self._in_flight.pop(request_id, None)
+            raise answer.error
+        return RequestStream(request_id, flight.queue, self._abort)
 
-        def put(item: RequestOutput | BaseException) -> None:
+    async def _link(self, node_id: str) -> _NodeLink:
+        link = self._links.get(node_id)
+        if link is None:
+            node = await asyncio.to_thread(self.store.get_node, node_id)
+            if node is None:
+                raise RuntimeError(f"node {node_id} left the cluster; retry")
+            if self._context is None:
+                self._context = zmq.asyncio.Context()
+            link = self._links[node_id] = _NodeLink(node_id, node.address, self._context, self._deliver)
+        return link
+
+    def _deliver(self, message: Accepted | Rejected | Output | Failed) -> None:
+        """A node's answer, on the event loop: settle the submit, or feed the request's stream."""
+        flight = self._in_flight.get(message.request_id)
+        if flight is None:
+            return  # aborted meanwhile
+        if isinstance(message, Accepted | Rejected):
+            if not flight.accepted.done():
+                flight.accepted.set_result(message)
+        elif isinstance(message, Output):
+            flight.queue.put_nowait(message.output)
+            if message.output.finished:
+                del self._in_flight[message.request_id]
+        elif isinstance(message, Failed):
+            flight.queue.put_nowait(RuntimeError(message.message))
+            del self._in_flight[message.request_id]
+
+    def _abort(self, request_id: str) -> None:
+        flight = self._in_flight.pop(request_id, None)
+        link = self._links.get(flight.node_id) if flight is not None else None
+        if link is not None:
+            self._spawn(link.send(Abort(request_id)))
+
+    def _spawn(self, coroutine) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # -- node failures -----------------------------------------------------------------------------------
+
+    def _watch(self) -> None:
+        if self._watcher is None or self._watcher.done():
+            self._watcher = asyncio.ensure_future(self._watch_nodes())
+
+    async def _watch_nodes(self) -> None:
+        """Fail the requests of nodes that stopped beating; ends when nothing is in flight."""
+        while self._in_flight:
+            await asyncio.sleep(NODE_WATCH_INTERVAL_S)
             try:
-                loop.call_soon_threadsafe(queue.put_nowait, item)
-            except RuntimeError:
-                # The event loop is closed (the server stopped mid-request): nobody is listening,
-                # and raising here would kill the instance thread that called us.
-                pass
+                live = await asyncio.to_thread(self._live_node_ids)
+            except Exception as error:  # noqa: BLE001 - the store may be restarting: look again later
+                logger.warning("could not read node liveness: %s", error)
+                continue
+            for request_id, flight in list(self._in_flight.items()):
+                if flight.node_id not in live:
+                    del self._in_flight[request_id]
+                    error = RuntimeError(f"node {flight.node_id} stopped answering (no heartbeat)")
+                    if not flight.accepted.done():
+                        flight.accepted.set_exception(error)
+                    else:
+                        flight.queue.put_nowait(error)
 
-        self.node.submit(list(prompt_token_ids), params, model, put, put, request_id=request_id)
-        return RequestStream(self.node, request_id, queue)
-
-    def abort(self, request_id: str) -> bool:
-        return self.node.abort(request_id)
+    def close(self) -> None:
+        """Drop the node connections (call after the HTTP server stopped: its streams are closed by then)."""
+        for link in self._links.values():
+            link.close()
+        self._links.clear()
+        if self._context is not None:
+            self._context.term()
+            self._context = None

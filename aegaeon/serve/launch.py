@@ -1,13 +1,22 @@
-"""`aegaeon serve`: start a node for the configured models and serve it over the OpenAI API."""
+"""`aegaeon serve`: run an api server, a node, or both, over one metadata store.
+
+- role "all" (the default): a node for the configured models and the OpenAI API in one process; the
+  api server still reaches the node over ZeroMQ, as it would on another machine.
+- role "node": a node that registers in Redis and takes requests from any api server.
+- role "api": an OpenAI API that routes to the nodes Redis lists, by load.
+"""
 
 from __future__ import annotations
 
 import json
 import shlex
+import signal
 import socket
+import threading
 
 from aegaeon.config import MIB, ServeConfig
 from aegaeon.instance.node import Node
+from aegaeon.serve.metadata import MetadataStore, open_store
 
 # The curl line printed at start asks for this few tokens, so it answers at once even on a CPU.
 EXAMPLE_MAX_TOKENS = 16
@@ -34,38 +43,107 @@ def example_curl(url: str, model: str, api_key: str | None) -> str:
     )
 
 
-def summary(node: Node, config: ServeConfig, url: str) -> str:
-    """What runs where, in a few lines, for the terminal."""
-    lines = ["aegaeon is serving"]
-    for name, served in node.models.items():
-        params = served.arch.num_parameters() / 1e6
-        lines.append(f"  model {name:<24} {params:8.1f}M params  context {served.max_model_len}")
+def node_summary(node: Node, node_id: str, address: str) -> list[str]:
+    """What a node runs, in a few lines, for the terminal."""
+    lines = [f"  node {node_id} takes requests at {address}"]
+    for name, facts in node.models.items():
+        params = facts.num_parameters / 1e6
+        lines.append(f"  model {name:<24} {params:8.1f}M params  context {facts.max_model_len}")
     for instance in node.instances:
-        engine = instance.engine
-        arena, kv = engine.arena.capacity / MIB, engine.kv_bytes / MIB
-        where = f"{instance.instance_name:<14} {engine.device.type:<5}"
+        info = instance.engine.info
+        arena, kv = info.arena_bytes / MIB, info.kv_bytes / MIB
+        where = f"{instance.instance_name:<14} {info.device:<6} pid {info.pid:<8}"
         lines.append(f"  instance {where} arena {arena:.0f} MiB (KV {kv:.0f} MiB)")
     lines.append(
         f"  host model cache {node.model_cache.region.nbytes / MIB:.0f} MiB, "
         f"host KV pool {node.kv_pool.capacity_bytes / MIB:.0f} MiB"
     )
-    lines.append(f"  OpenAI API at {url}/v1   (models: {url}/v1/models)")
-    lines.append(f"  try:  {example_curl(url, next(iter(node.models)), config.api_key)}")
-    return "\n".join(lines)
+    return lines
+
+
+def api_summary(url: str, model: str | None, api_key: str | None) -> list[str]:
+    lines = [f"  OpenAI API at {url}/v1   (models: {url}/v1/models)"]
+    if model is not None:
+        lines.append(f"  try:  {example_curl(url, model, api_key)}")
+    return lines
 
 
 def run_server(config: ServeConfig) -> None:
-    """Serve until interrupted; the node's shared memory is released on the way out."""
-    from aegaeon.serve.api_server import build_app, serve_http
-    from aegaeon.serve.backend import NodeBackend
+    """Serve until interrupted; shared memory and store registrations are released on the way out."""
+    store = open_store(config.redis_url)
+    try:
+        if config.role == "api":
+            _run_api(config, store)
+        elif config.role == "node":
+            _run_node(config, store)
+        else:
+            _run_all(config, store)
+    finally:
+        store.close()
 
-    port = config.port or free_port(config.host)
-    url = f"http://{config.host}:{port}"
+
+def _start_node(config: ServeConfig, store: MetadataStore):
+    from aegaeon.serve.node_server import NodeServer
+
     node = Node({m.name: m.path for m in config.models}, config.node)
     try:
-        app = build_app(NodeBackend(node), api_key=config.api_key)
-        print(summary(node, config, url), flush=True)
+        return node, NodeServer(node, store, host=config.host, port=config.node_port)
+    except BaseException:
+        node.close()
+        raise
+
+
+def _http(config: ServeConfig, store: MetadataStore):
+    from aegaeon.serve.api_server import build_app
+    from aegaeon.serve.backend import ClusterBackend
+
+    port = config.port or free_port(config.host)
+    backend = ClusterBackend(store)
+    return backend, build_app(backend, api_key=config.api_key), f"http://{config.host}:{port}", port
+
+
+def _run_all(config: ServeConfig, store: MetadataStore) -> None:
+    from aegaeon.serve.api_server import serve_http
+
+    node, server = _start_node(config, store)
+
+    def stop() -> None:
+        server.close()
+        node.close()
+
+    try:
+        backend, app, url, port = _http(config, store)
+        lines = ["aegaeon is serving", *node_summary(node, server.node_id, server.address)]
+        print("\n".join([*lines, *api_summary(url, next(iter(node.models)), config.api_key)]), flush=True)
         # uvicorn re-raises SIGTERM/SIGINT once it has shut down: release the node before that.
-        serve_http(app, config.host, port, on_shutdown=node.close)
+        serve_http(app, config.host, port, on_shutdown=lambda: (backend.close(), stop()))
     finally:
+        stop()
+
+
+def _run_api(config: ServeConfig, store: MetadataStore) -> None:
+    from aegaeon.serve.api_server import serve_http
+
+    backend, app, url, port = _http(config, store)
+    models = [info.name for info in backend.models()]
+    lines = [f"aegaeon api server {backend.api_server_id} (metadata in {config.redis_url})"]
+    lines.append(f"  models of the live nodes now: {', '.join(models) or 'none yet'}")
+    print("\n".join([*lines, *api_summary(url, models[0] if models else None, config.api_key)]), flush=True)
+    serve_http(app, config.host, port, on_shutdown=backend.close)
+
+
+def _run_node(config: ServeConfig, store: MetadataStore) -> None:
+    node, server = _start_node(config, store)
+    stopped = threading.Event()
+    try:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: stopped.set())
+        lines = [
+            f"aegaeon node (metadata in {config.redis_url})",
+            *node_summary(node, server.node_id, server.address),
+        ]
+        print("\n".join(lines), flush=True)
+        stopped.wait()
+    finally:
+        server.close()
         node.close()

@@ -119,6 +119,9 @@ class NodeInfo:
     node_id: str
     address: str
     models: list[str] = field(default_factory=list)
+    # Per model: its local directory (where api servers find its tokenizer) and its context length.
+    model_dirs: dict[str, str] = field(default_factory=dict)
+    max_model_lens: dict[str, int] = field(default_factory=dict)
     devices: int = 1  # instances it runs
     host_cache_bytes: int = 0  # capacity of its host model cache
     registered_at: float = field(default_factory=time.time)

@@ -3,6 +3,10 @@
 A user sees: three models behind one endpoint; completions and chat, streamed or not, give exactly
 transformers' greedy tokens; usage counts are right; bad requests get an OpenAI-format error that
 says what to fix, and the server keeps serving; a client that goes away frees its request.
+
+The suite runs twice: on one machine (metadata in process, one api server), and as a cluster sharing a
+real `redis-server` (two api servers and one node; the `client` fixture talks to one api server and
+the `http` fixture to the other, so every kind of request is served by both).
 """
 
 from __future__ import annotations
@@ -19,8 +23,11 @@ from aegaeon.config import MIB, EngineConfig, NodeConfig
 from aegaeon.engine.tokenizer import Tokenizer
 from aegaeon.instance.node import Node
 from aegaeon.serve.api_server import build_app
-from aegaeon.serve.backend import NodeBackend
+from aegaeon.serve.backend import ClusterBackend
+from aegaeon.serve.metadata import MemoryStore, RedisStore, RequestState
+from aegaeon.serve.node_server import NodeServer
 from tests.serve.http_server import ServerThread
+from tests.serve.redis_server import RedisServer
 
 MODELS = ("llama", "qwen2", "mistral")
 TOKENS = 8
@@ -49,20 +56,58 @@ def node(model_dirs, profile_path):
         yield node
 
 
-@pytest.fixture(scope="module")
-def server(node):
-    with ServerThread(build_app(NodeBackend(node))) as server:
-        yield server
+class Cluster:
+    """The node served over a metadata store, and the api servers in front of it."""
+
+    def __init__(self, node: Node, stores: list, api_servers: list[ServerThread], node_server: NodeServer):
+        self.node = node
+        self.stores = stores
+        self.api_servers = api_servers
+        self.node_server = node_server
+
+    @property
+    def store(self):
+        return self.stores[0]
+
+
+@pytest.fixture(scope="module", params=["memory", "redis"])
+def cluster(request, node):
+    if request.param == "memory":
+        stores = [MemoryStore()]
+        redis_server = None
+    else:
+        redis_server = RedisServer().__enter__()
+        stores = [RedisStore(redis_server.url) for _ in range(3)]  # the node's, and each api server's
+    node_server = NodeServer(node, stores[0])
+    api_servers = [ServerThread(build_app(ClusterBackend(store))) for store in stores[-2:]]
+    try:
+        for server in api_servers:
+            server.__enter__()
+        yield Cluster(node, stores, api_servers, node_server)
+    finally:
+        for server in api_servers:
+            server.__exit__(None, None, None)
+        node_server.close()
+        for store in stores:
+            store.close()
+        if redis_server is not None:
+            redis_server.__exit__(None, None, None)
 
 
 @pytest.fixture(scope="module")
-def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=60)
+def server(cluster) -> ServerThread:
+    return cluster.api_servers[0]
 
 
 @pytest.fixture(scope="module")
-def http(server):
-    with httpx.Client(base_url=server.url, timeout=60) as http:
+def client(cluster) -> openai.OpenAI:
+    url = cluster.api_servers[0].url
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def http(cluster):
+    with httpx.Client(base_url=cluster.api_servers[-1].url, timeout=60) as http:
         yield http
 
 
@@ -533,25 +578,35 @@ def test_a_streaming_request_that_is_bad_fails_before_the_stream_starts(http):
     assert "max_model_len" in response.json()["error"]["message"]
 
 
-def test_a_failed_node_is_unhealthy_and_refuses_requests(http, node):
+def test_a_failed_node_refuses_requests_with_a_503(http, node):
     node.error = RuntimeError("instance colocated-0 died")  # what Node.instance_failed records
     try:
-        health = http.get("/health")
-        assert health.status_code == 503
-        assert "colocated-0 died" in health.json()["error"]["message"]
         refused = http.post("/v1/completions", json={"model": "llama", "prompt": "x"})
-        assert refused.status_code == 503 and "has failed" in refused.json()["error"]["message"]
+        assert refused.status_code == 503
+        assert "colocated-0 died" in refused.json()["error"]["message"]
     finally:
         node.error = None
-    assert http.get("/health").status_code == 200
+    assert http.post("/v1/completions", json={"model": "llama", "prompt": "x", "max_tokens": 1}).is_success
+
+
+def test_without_a_live_node_the_api_is_unhealthy_and_says_why():
+    with (
+        ServerThread(build_app(ClusterBackend(MemoryStore()))) as server,
+        httpx.Client(base_url=server.url) as http,
+    ):
+        health = http.get("/health")
+        assert health.status_code == 503
+        assert "no node is serving" in health.json()["error"]["message"]
+        missing = http.post("/v1/completions", json={"model": "llama", "prompt": "x"})
+        assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
 
 
 # -- auth --------------------------------------------------------------------------------------------
 
 
-def test_an_api_key_guards_every_route_but_health(node):
+def test_an_api_key_guards_every_route_but_health(cluster):
     with (
-        ServerThread(build_app(NodeBackend(node), api_key=API_KEY)) as server,
+        ServerThread(build_app(ClusterBackend(cluster.store), api_key=API_KEY)) as server,
         httpx.Client(base_url=server.url, timeout=60) as http,
     ):
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}):
@@ -608,8 +663,8 @@ def test_a_client_that_times_out_aborts_its_request(server, node):
     assert len(node.completed) == finished_before  # aborted requests are not among the completed
 
 
-def test_an_internal_error_is_a_500_without_the_traceback(node):
-    app = build_app(NodeBackend(node))
+def test_an_internal_error_is_a_500_without_the_traceback(cluster):
+    app = build_app(ClusterBackend(cluster.store))
 
     async def broken() -> None:
         raise ZeroDivisionError("secret internals")
@@ -621,3 +676,31 @@ def test_an_internal_error_is_a_500_without_the_traceback(node):
         assert response.json()["error"]["type"] == "server_error"
         assert "secret" not in response.text and "Traceback" not in response.text
         assert http.get("/v1/models").status_code == 200
+
+
+# -- the cluster: routing, records -------------------------------------------------------------------
+
+
+def test_either_api_server_serves_a_request_with_the_same_output(cluster, model_dirs, tokenizers, hf_greedy):
+    prompt = [5, 6, 7, 8]
+    expected = expected_text(model_dirs, tokenizers, hf_greedy, "mistral", prompt)
+    for server in cluster.api_servers:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=60)
+        answer = client.completions.create(model="mistral", prompt=prompt, max_tokens=TOKENS, **GREEDY)
+        assert answer.choices[0].text == expected
+
+
+def test_each_request_is_recorded_in_the_store_with_its_node_instance_and_tokens(cluster, client):
+    answer = client.completions.create(model="qwen2", prompt="Record me", max_tokens=TOKENS, **GREEDY)
+    deadline = time.monotonic() + DRAIN_TIMEOUT_S
+    record = cluster.store.get_request(answer.id)
+    while (record is None or record.state != RequestState.FINISHED) and time.monotonic() < deadline:
+        time.sleep(POLL_S)
+        record = cluster.store.get_request(answer.id)
+    assert record is not None and record.state == RequestState.FINISHED
+    assert record.model == "qwen2" and record.node_id == cluster.node_server.node_id
+    assert record.instance_id == f"{cluster.node_server.node_id}/colocated-0"
+    assert record.prompt_tokens == answer.usage.prompt_tokens
+    assert record.output_tokens == answer.usage.completion_tokens == len(record.output_token_ids)
+    assert record.arrival_s <= record.first_token_s <= record.finished_s
+    assert record.finish_reason == "length"

@@ -1,0 +1,265 @@
+"""The instance process: one device's engine, driven by its node over ZeroMQ.
+
+The node starts one worker per instance (`python -m aegaeon.instance.worker`, its spec pickled on
+stdin). The worker
+attaches to the node's shared host model cache and host KV pool, builds its engine (registering every
+model once: the node's cache is filled by whichever worker gets there first), binds a REP socket and
+answers `Call`s: each names a method of `EngineService` and its arguments, and the `Reply` carries the
+result or the exception. Requests, handoffs and outputs are plain picklable records; KV never crosses
+the socket, only host-pool block handles do.
+
+A worker exits when asked (`shutdown`) or when its node is gone (its parent changed).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import sys
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+from aegaeon.config import EngineConfig, MemoryConfig
+
+# How often an idle worker checks that its node is still alive.
+PARENT_CHECK_MS = 1000
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a worker needs to build its engine; picklable, sent to the new process."""
+
+    name: str
+    models: dict[str, str]
+    device: str
+    dtype: str
+    engine: EngineConfig
+    memory: MemoryConfig
+    model_cache_name: str
+    kv_pool_name: str
+    address: str  # the ZeroMQ endpoint the worker binds
+    cpu_threads: int | None = None  # torch intra-op threads on a CPU device (None: torch's default)
+    progress: bool = False
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the node's scheduler and api server need to know of a model an engine registered."""
+
+    name: str
+    model_dir: str
+    shape_key: str
+    num_parameters: int
+    vocab_size: int
+    weight_bytes: int
+    kv_block_bytes: int
+    max_model_len: int
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """An instance's engine as its node sees it."""
+
+    pid: int
+    device: str  # "cpu", "cuda:0"
+    device_name: str  # how profiles name the device: "cpu" or the GPU's model
+    dtype: str
+    arena_bytes: int
+    kv_bytes: int
+    models: dict[str, ModelFacts] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SwitchResult:
+    """A switch that happened: whether weights were copied (False: the model was resident)."""
+
+    loaded: bool
+
+
+@dataclass(frozen=True)
+class Call:
+    method: str
+    args: tuple[Any, ...] = ()
+
+
+@dataclass(frozen=True)
+class Reply:
+    value: Any = None
+    error: BaseException | None = None
+
+
+class EngineService:
+    """The engine operations an instance loop needs, each one call across the process boundary."""
+
+    def __init__(self, engine, kv_pool):
+        self.engine = engine
+        self.kv_pool = kv_pool
+        self.stopping = False
+
+    def info(self) -> WorkerInfo:
+        from aegaeon.engine.kv_cache import kv_block_bytes
+        from aegaeon.instance.profiler import device_name
+
+        engine = self.engine
+        models = {
+            name: ModelFacts(
+                name=name,
+                model_dir=str(served.model_dir),
+                shape_key=served.arch.shape_key,
+                num_parameters=served.arch.num_parameters(),
+                vocab_size=served.arch.vocab_size,
+                weight_bytes=served.weight_bytes,
+                kv_block_bytes=kv_block_bytes(served.arch, engine.dtype),
+                max_model_len=served.max_model_len,
+            )
+            for name, served in engine.models.items()
+        }
+        return WorkerInfo(
+            pid=os.getpid(),
+            device=str(engine.device),
+            device_name=device_name(engine.device),
+            dtype=str(engine.dtype).removeprefix("torch."),
+            arena_bytes=engine.arena.capacity,
+            kv_bytes=engine.kv_bytes,
+            models=models,
+        )
+
+    def switch(self, model: str) -> SwitchResult | None:
+        """Make `model` active; None if it already was."""
+        if self.engine.active is not None and self.engine.active.name == model:
+            return None
+        self.engine.switch_to(model)
+        return SwitchResult(loaded=self.engine.last_switch.loaded)
+
+    def prefetch(self, model: str) -> bool:
+        return self.engine.prefetch(model)
+
+    def resident_models(self) -> list[str]:
+        """Models whose weights are in the arena now (a switch to them copies nothing)."""
+        return [name for name in self.engine.models if self.engine.is_resident(name)]
+
+    def add_request(self, request_id: str, token_ids: list[int], params, model: str) -> None:
+        self.engine.add_request(request_id, token_ids, params, model)
+
+    def step(self):
+        return self.engine.step()
+
+    def has_unfinished_requests(self, model: str | None = None) -> bool:
+        return self.engine.has_unfinished_requests(model)
+
+    def place(self, model: str, batch_ids: set[str]) -> list[str]:
+        """Make the running set of `model` exactly the batch: swap others out, the batch in.
+
+        Returns the ids swapped in.
+        """
+        swapped_in = []
+        for request_id in self.engine.requests_of(model):
+            on_device = self.engine.on_device(request_id)
+            if request_id not in batch_ids and on_device:
+                self.engine.swap_out(request_id)
+            elif request_id in batch_ids and not on_device:
+                self.engine.swap_in(request_id)
+                swapped_in.append(request_id)
+        return swapped_in
+
+    def swap_out(self, request_ids: list[str]) -> None:
+        for request_id in request_ids:
+            self.engine.swap_out(request_id)
+
+    def export_request(self, request_id: str):
+        return self.engine.export_request(request_id)
+
+    def import_request(self, handoff) -> None:
+        self.engine.import_request(handoff)
+
+    def abort_request(self, request_id: str) -> None:
+        self.engine.abort_request(request_id)
+
+    def profile(self, model: str, progress: bool):
+        from aegaeon.instance.profiler import profile_model
+
+        return profile_model(self.engine, model, progress)
+
+    def shutdown(self) -> None:
+        self.stopping = True
+
+
+def _portable(error: BaseException) -> BaseException:
+    """The error itself if it pickles, else a RuntimeError that says what it was."""
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:  # noqa: BLE001 - any pickling failure is answered the same way
+        return RuntimeError(f"{type(error).__name__}: {error}")
+
+
+def _build(spec: WorkerSpec):
+    import torch
+
+    from aegaeon.engine.engine import LLMEngine
+    from aegaeon.memory.kv_pool import HostKVPool
+    from aegaeon.memory.model_cache import HostModelCache
+
+    if spec.cpu_threads is not None and torch.device(spec.device).type == "cpu":
+        torch.set_num_threads(spec.cpu_threads)
+    model_cache = HostModelCache.attach(spec.memory.shm_dir, spec.model_cache_name)
+    kv_pool = HostKVPool.attach(spec.memory.shm_dir, spec.kv_pool_name)
+    kv_pool.pin()
+    engine = LLMEngine(
+        models=spec.models,
+        device=spec.device,
+        dtype=spec.dtype,
+        config=spec.engine,
+        memory=spec.memory,
+        model_cache=model_cache,
+        kv_pool=kv_pool,
+        progress=spec.progress,
+    )
+    return EngineService(engine, kv_pool)
+
+
+def serve(spec: WorkerSpec) -> None:
+    """The worker process's main: build the engine, then answer calls until shut down."""
+    import zmq
+
+    parent = os.getppid()
+    context = zmq.Context()
+    socket = context.socket(zmq.REP)
+    socket.bind(spec.address)
+    # A failed start is reported as the answer to the node's first call, so it sees the real error.
+    service, start_error = None, None
+    try:
+        service = _build(spec)
+    except BaseException as error:  # noqa: BLE001 - sent to the node, which raises it
+        traceback.print_exc(file=sys.stderr)
+        start_error = _portable(error)
+    try:
+        while True:
+            if not socket.poll(PARENT_CHECK_MS):
+                if os.getppid() != parent:
+                    return  # the node is gone: nobody will call again
+                continue
+            call: Call = socket.recv_pyobj()
+            if start_error is not None:
+                socket.send_pyobj(Reply(error=start_error))
+                return
+            try:
+                if call.method.startswith("_") or not hasattr(EngineService, call.method):
+                    raise AttributeError(f"an instance has no operation {call.method!r}")
+                reply = Reply(value=getattr(service, call.method)(*call.args))
+            except Exception as error:  # noqa: BLE001 - the caller re-raises it
+                reply = Reply(error=_portable(error))
+            socket.send_pyobj(reply)
+            if service.stopping:
+                return
+    finally:
+        socket.close(linger=0)
+        context.term()
+
+
+if __name__ == "__main__":
+    # Run the importable copy of this module, so the records it sends pickle under their real names.
+    from aegaeon.instance.worker import serve as serve_node_calls
+
+    serve_node_calls(pickle.load(sys.stdin.buffer))

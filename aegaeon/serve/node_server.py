@@ -1,0 +1,315 @@
+"""A node on the network: takes requests from api servers over ZeroMQ and keeps the metadata store told.
+
+The server binds a ROUTER socket; every api server holds a DEALER connected to it (aegaeon/serve/wire.py
+has the messages). One thread owns the socket: it submits incoming requests to the node, answers each
+with `Accepted`/`Rejected`, and sends the outputs the node's instance threads hand it through an outbox
+(a pipe wakes it, so a token leaves as soon as it is made). The same thread writes each request's record
+(state, instance, first-token time, tokens so far) to the store, after the outputs are sent.
+
+Messages are pickled: the node port must be reachable only from the cluster's own api servers
+(it listens on loopback unless told otherwise).
+
+A second thread registers the node, its models and its instances, and beats every `HEARTBEAT_INTERVAL_S`
+with each instance's load; api servers route by that load (`MetadataStore.pick_node`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import queue
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+
+import zmq
+
+from aegaeon.engine.outputs import RequestOutput
+from aegaeon.instance.node import Node
+from aegaeon.scheduler.decode import kv_bytes_needed
+from aegaeon.serve.metadata import (
+    LOAD_KV_USAGE,
+    LOAD_RUNNING,
+    LOAD_WAITING,
+    InstanceInfo,
+    MetadataStore,
+    MetadataStoreError,
+    NodeInfo,
+    RequestState,
+)
+from aegaeon.serve.wire import Abort, Accepted, Failed, Output, Rejected, Submit
+
+logger = logging.getLogger(__name__)
+
+HEARTBEAT_INTERVAL_S = 1.0
+# How often the socket thread looks up from an idle socket to see whether it should stop.
+IDLE_POLL_MS = 500
+ANY_ADDRESS = ("0.0.0.0", "", "*")
+
+
+@dataclass(frozen=True)
+class _Moved:
+    request_id: str
+    state: str
+    instance: str
+
+
+@dataclass(frozen=True)
+class _Failure:
+    request_id: str
+    message: str
+
+
+def advertised_host(host: str) -> str:
+    """The address other machines reach a server listening on `host` at."""
+    return socket.gethostbyname(socket.gethostname()) if host in ANY_ADDRESS else host
+
+
+class NodeServer:
+    """Serves one `Node` to api servers; the node stays the caller's to close (after this server)."""
+
+    def __init__(
+        self,
+        node: Node,
+        store: MetadataStore,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        node_id: str | None = None,
+    ):
+        self.node = node
+        self.store = store
+        self.node_id = node_id or f"node-{uuid.uuid4().hex[:8]}"
+        self._context = zmq.Context.instance()
+        self._socket = self._context.socket(zmq.ROUTER)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        bind_host = "*" if host in ANY_ADDRESS else host
+        if port == 0:
+            port = self._socket.bind_to_random_port(f"tcp://{bind_host}")
+        else:
+            self._socket.bind(f"tcp://{bind_host}:{port}")
+        self.address = f"tcp://{advertised_host(host)}:{port}"
+        self._outbox: queue.SimpleQueue[RequestOutput | _Moved | _Failure] = queue.SimpleQueue()
+        self._wake_read, self._wake_write = os.pipe()
+        os.set_blocking(self._wake_read, False)
+        self._senders: dict[str, bytes] = {}  # request id -> identity of the api server that sent it
+        self._recorded: dict[str, int] = {}  # request id -> output tokens already in its record
+        self._stopping = threading.Event()
+        node.on_state = lambda request_id, state, instance: self._post(_Moved(request_id, state, instance))
+        self._register()
+        self._threads = [
+            threading.Thread(target=self._serve, name="aegaeon-node-server", daemon=True),
+            threading.Thread(target=self._heartbeats, name="aegaeon-node-heartbeat", daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def instance_id(self, instance_name: str) -> str:
+        return f"{self.node_id}/{instance_name}"
+
+    # -- registration and heartbeats -------------------------------------------------------------------
+
+    def _register(self) -> None:
+        node = self.node
+        self.store.register_node(
+            NodeInfo(
+                node_id=self.node_id,
+                address=self.address,
+                models=list(node.models),
+                model_dirs={name: facts.model_dir for name, facts in node.models.items()},
+                max_model_lens={name: facts.max_model_len for name, facts in node.models.items()},
+                devices=len(node.instances),
+                host_cache_bytes=node.model_cache.region.nbytes,
+            )
+        )
+        for model in node.models:
+            self.store.place_model(model, self.node_id)
+        for instance in node.instances:
+            self.store.register_instance(
+                InstanceInfo(
+                    instance_id=self.instance_id(instance.instance_name),
+                    node_id=self.node_id,
+                    role=instance.role,
+                    device=node.config.device,
+                    address=instance.engine.spec.address,
+                )
+            )
+
+    def _heartbeats(self) -> None:
+        while not self._stopping.wait(HEARTBEAT_INTERVAL_S):
+            for instance in self.node.instances:
+                try:
+                    self.store.heartbeat(
+                        self.instance_id(instance.instance_name), self._load(instance), instance.resident
+                    )
+                except MetadataStoreError as error:
+                    logger.warning("heartbeat of %s failed: %s", instance.instance_name, error)
+
+    def _load(self, instance) -> dict[str, float]:
+        with self.node.lock:
+            waiting = len(instance.prefill_queue) if instance.prefill_queue is not None else 0
+            running, kv_usage = 0, 0.0
+            if instance.decode is not None:
+                batches = instance.decode.batches
+                running = sum(len(batch) for batch in batches)
+                used = sum(
+                    kv_bytes_needed(self.node.specs[b.model], b.requests, 0) for b in batches if b.requests
+                )
+                kv_usage = used / instance.decode.kv_capacity_bytes
+        return {LOAD_WAITING: waiting, LOAD_RUNNING: running, LOAD_KV_USAGE: kv_usage}
+
+    # -- the socket thread -------------------------------------------------------------------------------
+
+    def _post(self, item: RequestOutput | _Moved | _Failure) -> None:
+        """Hand an item to the socket thread (called from the node's instance threads)."""
+        self._outbox.put(item)
+        os.write(self._wake_write, b"\0")
+
+    def _serve(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._socket, zmq.POLLIN)
+        poller.register(self._wake_read, zmq.POLLIN)
+        while not self._stopping.is_set():
+            ready = dict(poller.poll(IDLE_POLL_MS))
+            if self._wake_read in ready:
+                try:
+                    os.read(self._wake_read, 1 << 16)
+                except BlockingIOError:
+                    pass
+            while self._socket.poll(0):
+                identity, payload = self._socket.recv_multipart()
+                self._handle(identity, payload)
+            self._flush()
+
+    def _handle(self, identity: bytes, payload: bytes) -> None:
+        try:
+            message = pickle.loads(payload)
+        except Exception:  # noqa: BLE001 - a peer that speaks another protocol is ignored, not fatal
+            logger.warning("dropped a message the node could not read")
+            return
+        if isinstance(message, Submit):
+            self._submit(identity, message)
+        elif isinstance(message, Abort):
+            self._abort(message.request_id)
+
+    def _submit(self, identity: bytes, message: Submit) -> None:
+        request_id = message.request_id
+        self._senders[request_id] = identity
+        try:
+            self.node.submit(
+                message.prompt_token_ids,
+                message.params,
+                message.model,
+                self._post,
+                lambda error, request_id=request_id: self._post(_Failure(request_id, str(error))),
+                request_id=request_id,
+            )
+        except (ValueError, KeyError, RuntimeError) as error:
+            del self._senders[request_id]
+            self._send(identity, Rejected(request_id, error))
+            return
+        self._send(identity, Accepted(request_id))
+
+    def _abort(self, request_id: str) -> None:
+        if self.node.abort(request_id):
+            self._record(request_id, state=RequestState.ABORTED, finished_s=time.time())
+        self._forget(request_id)
+
+    def _flush(self) -> None:
+        """Send everything the outbox holds (only the newest output of each request), then record it."""
+        newest: dict[str, RequestOutput] = {}
+        others: list[_Moved | _Failure] = []
+        while True:
+            try:
+                item = self._outbox.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, RequestOutput):
+                # Outputs are cumulative: a newer one carries everything an older one did.
+                newest[item.request_id] = item
+            else:
+                others.append(item)
+        for output in newest.values():
+            identity = self._senders.get(output.request_id)
+            if identity is not None:
+                self._send(identity, Output(output))
+        for item in others:
+            if isinstance(item, _Failure) and item.request_id in self._senders:
+                self._send(self._senders[item.request_id], Failed(item.request_id, item.message))
+        for item in others:
+            if isinstance(item, _Moved):
+                state = RequestState.PREFILLING if item.state == "prefilling" else RequestState.DECODING
+                self._record(item.request_id, state=state, instance_id=self.instance_id(item.instance))
+        for output in newest.values():
+            self._record_output(output)
+        for item in others:
+            if isinstance(item, _Failure):
+                self._record(
+                    item.request_id, state=RequestState.FAILED, error=item.message, finished_s=time.time()
+                )
+                self._forget(item.request_id)
+
+    def _send(self, identity: bytes, message) -> None:
+        try:
+            self._socket.send_multipart([identity, pickle.dumps(message)], flags=zmq.NOBLOCK)
+        except zmq.Again:
+            # The api server is gone or not reading: its requests' outputs have nowhere to go.
+            logger.warning("an api server is not reading; dropped a message for it")
+
+    def _record_output(self, output: RequestOutput) -> None:
+        request_id = output.request_id
+        done = self._recorded.get(request_id, 0)
+        token_ids = output.outputs[0].token_ids if output.outputs else []
+        now = time.time()
+        if len(token_ids) > done:
+            self._store_call(
+                self.store.append_output, request_id, token_ids[done:], now if done == 0 else None
+            )
+            self._recorded[request_id] = len(token_ids)
+        if output.finished:
+            reason = output.outputs[0].finish_reason if output.outputs else None
+            self._record(request_id, state=RequestState.FINISHED, finished_s=now, finish_reason=reason)
+            self._forget(request_id)
+
+    def _record(self, request_id: str, **fields) -> None:
+        self._store_call(self.store.update_request, request_id, **fields)
+
+    def _store_call(self, method, *args, **kwargs) -> None:
+        try:
+            method(*args, **kwargs)
+        except MetadataStoreError as error:
+            # A record is bookkeeping: the request itself goes on without it.
+            logger.warning("could not update a request record: %s", error)
+
+    def _forget(self, request_id: str) -> None:
+        self._senders.pop(request_id, None)
+        self._recorded.pop(request_id, None)
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop serving and leave the store (the node's instances and placements with it)."""
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        os.write(self._wake_write, b"\0")
+        for thread in self._threads:
+            thread.join()
+        self.node.on_state = None
+        try:
+            for instance in self.node.instances:
+                self.store.remove_instance(self.instance_id(instance.instance_name))
+            self.store.remove_node(self.node_id)
+        except MetadataStoreError as error:
+            logger.warning("could not deregister node %s: %s", self.node_id, error)
+        self._socket.close(linger=0)
+        os.close(self._wake_read)
+        os.close(self._wake_write)
+
+    def __enter__(self) -> NodeServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
