@@ -224,7 +224,10 @@ class ClusterBackend:
         take it), before any output exists, so a caller can still answer with a clean error.
         """
         loop = asyncio.get_running_loop()
-        node_id = await asyncio.to_thread(self.store.pick_node, model)
+        in_flight: dict[str, float] = {}
+        for flight in self._in_flight.values():
+            in_flight[flight.node_id] = in_flight.get(flight.node_id, 0.0) + 1.0
+        node_id = await asyncio.to_thread(self.store.pick_node, model, DEFAULT_ALIVE_WITHIN_S, in_flight)
         if node_id is None:
             raise RuntimeError(f"no live node serves model {model!r} right now; retry shortly")
         link = await self._link(node_id)

@@ -305,15 +305,23 @@ class MetadataStore(ABC):
     def placements(self, model: str) -> list[str]:
         """Ids of the nodes holding `model`, sorted."""
 
-    def pick_node(self, model: str, alive_within_s: float = DEFAULT_ALIVE_WITHIN_S) -> str | None:
+    def pick_node(
+        self,
+        model: str,
+        alive_within_s: float = DEFAULT_ALIVE_WITHIN_S,
+        extra_load: Mapping[str, float] | None = None,
+    ) -> str | None:
         """The least-loaded live node holding `model`, else the least-loaded live node able to load it.
 
-        A node is live while one of its instances is; its load is its instances' mean `busy`.
+        A node is live while one of its instances is; its load is its instances' mean `busy`, plus
+        `extra_load[node]`: what the caller knows the last heartbeats do not show yet (an api server's
+        own requests in flight), so a burst between two heartbeats is spread rather than piled on one.
         """
         per_node: dict[str, list[float]] = {}
         for status in self.instances(alive_within_s):
             per_node.setdefault(status.info.node_id, []).append(status.busy)
-        load = {node: sum(busy) / len(busy) for node, busy in per_node.items()}
+        extra = extra_load or {}
+        load = {node: sum(busy) / len(busy) + extra.get(node, 0.0) for node, busy in per_node.items()}
         holding = [node for node in self.placements(model) if node in load]
         able = [n.node_id for n in self.nodes() if model in n.models and n.node_id in load]
         candidates = holding or able

@@ -195,6 +195,8 @@ def test_pick_node_by_placement_then_ability_then_load(store: MetadataStore) -> 
     assert store.pick_node("mistral") == "node-b"  # nobody holds it; b can load it
     assert store.pick_node("gemma") is None  # only a dead node could
     assert store.pick_node("unknown") is None
+    # An api server's own requests in flight, not yet in any heartbeat, count as load too.
+    assert store.pick_node("llama", extra_load={"node-b": 5.0}) == "node-a"
 
     time.sleep(EXPIRE_WAIT_S)
     store.heartbeat("node-a/0")

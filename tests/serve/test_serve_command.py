@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import yaml
 
 from aegaeon.cli import build_parser, serve_config_from_args
 from aegaeon.config import build_serve_config
-
-STARTUP_TIMEOUT_S = 120
+from tests.serve.serve_process import ServeProcess
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -65,39 +64,27 @@ def test_bad_settings_say_what_to_fix(settings, message):
 
 def test_serve_prints_a_curl_line_that_returns_a_completion(demo_model_dirs, profile_path):
     models = [f"{arch}={demo_model_dirs[arch]}" for arch in ("llama", "qwen2")]
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "aegaeon.cli",
-            "serve",
-            *models,
-            "--port",
-            "0",
-            "--profiles",
-            str(profile_path),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        curl, lines = None, []
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while curl is None and time.monotonic() < deadline:
-            line = server.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            if "try:" in line:
-                curl = line.split("try:", 1)[1].strip()
-        assert curl, "".join(lines)
-        for line in server.stdout:  # wait until uvicorn listens
-            if "Uvicorn running" in line:
-                break
+    with ServeProcess(*models, "--port", "0", "--profiles", str(profile_path)) as server:
+        curl = server.wait_for(r"try:\s+(.*)$").group(1).strip()
+        server.wait_for("Uvicorn running")
         out = subprocess.run(shlex.split(curl) + ["-s"], capture_output=True, text=True, timeout=60)
         assert '"object":"chat.completion"' in out.stdout, out.stdout
         assert '"completion_tokens":16' in out.stdout
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+        # uvicorn re-raises SIGTERM once it has shut down gracefully, so that is the exit status.
+        assert server.stop() in (0, -signal.SIGTERM)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--role", "node", "a=/m"], "redis_url"),
+        (["--role", "api", "--redis-url", "redis://127.0.0.1:1/0", "a=/m"], "name models on the nodes"),
+        (["--role", "cluster", "a=/m"], "invalid choice"),
+    ],
+)
+def test_roles_that_cannot_work_are_refused_with_what_to_fix(argv, message):
+    result = subprocess.run(
+        [sys.executable, "-m", "aegaeon.cli", "serve", *argv], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode != 0
+    assert message in result.stderr
