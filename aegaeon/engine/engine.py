@@ -506,7 +506,11 @@ class LLMEngine:
         )
 
     def import_request(self, handoff: RequestHandoff) -> None:
-        """Take over a request exported by another engine of the node; it waits swapped out."""
+        """Take over a request exported by another engine of the node; it waits swapped out.
+
+        A sequence handed over without KV blocks waits to be recomputed (prompt plus its output so
+        far, as after a preemption): how requests of a crashed instance resume.
+        """
         served = self._model(handoff.model)
         if handoff.request_id in self._requests:
             raise ValueError(f"request id {handoff.request_id!r} is already in use")
@@ -534,10 +538,12 @@ class LLMEngine:
                 seq.text = moved.text  # a finished text may hold a released tail the replay does not
                 seq.finish_reason = FinishReason(moved.finish_reason)
                 seq.status = SequenceStatus.FINISHED
-            else:
+            elif moved.host_blocks:
                 seq.host_blocks = list(moved.host_blocks)
                 seq.status = SequenceStatus.SWAPPED
                 served.batcher.swapped.append(seq)
+            else:  # its KV was lost (an instance process died): recomputed from prompt and output so far
+                served.batcher.add(seq)
             seqs.append(seq)
         self._requests[handoff.request_id] = _Request(
             served.name, handoff.prompt, list(handoff.prompt_token_ids), seqs

@@ -25,9 +25,10 @@ from typing import TYPE_CHECKING
 
 from aegaeon.engine.engine import RequestHandoff
 from aegaeon.engine.outputs import RequestOutput
-from aegaeon.instance.remote import RemoteEngine
+from aegaeon.instance.remote import InstanceDied, RemoteEngine
 from aegaeon.scheduler.decode import DecodeInstance, DecodeTurn, RoundPlan
 from aegaeon.scheduler.prefill import PrefillQueue
+from aegaeon.scheduler.request import SchedRequest
 from aegaeon.scheduler.timeline import EventKind, Timeline
 
 if TYPE_CHECKING:
@@ -51,6 +52,9 @@ TURN_COST_SMOOTHING = 0.2
 
 class Instance(threading.Thread):
     """A device's scheduling loop over its own engine."""
+
+    # Whether the node restarts this instance's process when it dies and resumes its requests.
+    recoverable = True
 
     def __init__(
         self,
@@ -81,24 +85,38 @@ class Instance(threading.Thread):
         self.turn_cost_s: dict[str, float] = {}
         # Models whose weights were in the arena at the last look (the node's heartbeat reports them).
         self.resident: list[str] = []
+        # The request whose prefill runs now (popped from the prefill queue, not yet handed on).
+        self.prefilling: SchedRequest | None = None
+        # When the instance process was restarted after dying (the node gives up after a few).
+        self.restarts: list[float] = []
 
     # -- the loop ------------------------------------------------------------------------------------
 
     def run(self) -> None:
-        try:
-            while not self.node.stopping:
-                worked = self._adopt_handoffs()
-                if self.role == PREFILL:
-                    worked |= self._run_prefills()
-                else:
-                    if self.role == COLOCATED:
-                        worked |= self._run_prefills()
-                    worked |= self._decode_round()
-                if not worked:
-                    self.node.wait_for_work()
-        except BaseException as error:  # noqa: BLE001 - reported to every request of the node
-            self.error = error
-            self.node.instance_failed(self, error)
+        while not self.node.stopping:
+            try:
+                try:
+                    if not self._work():
+                        self.node.wait_for_work()
+                except InstanceDied as death:
+                    # The process is restarted and the requests it held resume; the loop goes on.
+                    if not self.node.restart_instance(self, death):
+                        return
+            except BaseException as error:  # noqa: BLE001 - reported to every request of the node
+                self.error = error
+                self.node.instance_failed(self, error)
+                return
+
+    def _work(self) -> bool:
+        """One pass over what this instance may do; False if there was nothing."""
+        worked = self._adopt_handoffs()
+        if self.role == PREFILL:
+            worked |= self._run_prefills()
+        else:
+            if self.role == COLOCATED:
+                worked |= self._run_prefills()
+            worked |= self._decode_round()
+        return worked
 
     # -- prefill -------------------------------------------------------------------------------------
 
@@ -118,6 +136,9 @@ class Instance(threading.Thread):
                 with self.node.lock:
                     self.prefill_queue.complete()
                 continue
+            with self.node.lock:
+                live.holder = self.instance_name
+            self.prefilling = request
             self.node.request_moved(request.request_id, PREFILLING, self.instance_name)
             self._switch(request.model)
             if next_model is not None and next_model != request.model and self.engine.prefetch(next_model):
@@ -130,10 +151,11 @@ class Instance(threading.Thread):
             self.timeline.record(
                 EventKind.PREFILL, request.model, start, self.node.now(), [request.request_id], tokens=1
             )
-            with self.node.lock:
-                self.prefill_queue.complete()
             if not request.done:
                 self.node.after_prefill(request, self)
+            with self.node.lock:
+                self.prefill_queue.complete()
+            self.prefilling = None
 
     # -- decode --------------------------------------------------------------------------------------
 
@@ -147,8 +169,9 @@ class Instance(threading.Thread):
                 return adopted
             if isinstance(message, Abort):
                 self.engine.abort_request(message.request_id)
-            elif message.request_id in self.node.live:
+            elif (live := self.node.live.get(message.request_id)) is not None:
                 self.engine.import_request(message)
+                live.in_transit = False
             else:  # aborted while its KV was in flight: the blocks are ours to free
                 self.node.kv_pool.free([b for seq in message.seqs for b in seq.host_blocks])
             adopted = True
@@ -180,6 +203,9 @@ class Instance(threading.Thread):
             members = [r for r in batch.requests if not r.done]
         if not members:
             return
+        # A request joins a batch (even one of this round) under the lock that queues its handoff, so
+        # every member's KV is in the inbox by now, if it is not in the engine yet.
+        self._adopt_handoffs()
         entered = self.node.now()
         self._switch(batch.model)
         following = plan.batches[(index + 1) % len(plan.batches)].model

@@ -11,6 +11,7 @@ the submitter's callback as they come.
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import threading
 import time
@@ -24,7 +25,7 @@ import torch
 
 from aegaeon.config import NodeConfig
 from aegaeon.engine.architecture import Architecture
-from aegaeon.engine.engine import weight_bytes
+from aegaeon.engine.engine import RequestHandoff, SequenceHandoff, weight_bytes
 from aegaeon.engine.outputs import RequestOutput
 from aegaeon.engine.prompt import PreparedPrompt, prepare_prompt
 from aegaeon.engine.sampling_params import SamplingParams
@@ -41,6 +42,14 @@ from aegaeon.scheduler.models import ModelSpec
 from aegaeon.scheduler.predictor import Predictor, ProfileStore
 from aegaeon.scheduler.prefill import PrefillDispatcher, PrefillQueue
 from aegaeon.scheduler.request import SchedRequest
+from aegaeon.scheduler.timeline import EventKind
+
+logger = logging.getLogger(__name__)
+
+# An instance process that dies more than MAX_RESTARTS times within RESTART_WINDOW_S is not restarted
+# again: something it runs keeps killing it, and the node fails its requests instead of looping.
+MAX_RESTARTS = 3
+RESTART_WINDOW_S = 60.0
 
 OutputCallback = Callable[[RequestOutput], None]
 ErrorCallback = Callable[[BaseException], None]
@@ -58,6 +67,12 @@ class LiveRequest:
     params: SamplingParams
     on_output: OutputCallback
     on_error: ErrorCallback | None
+    # The instance whose engine holds (or is about to receive) the request, and its newest output:
+    # what resumes it if that instance's process dies.
+    holder: str | None = None
+    last_output: RequestOutput | None = None
+    # Its handoff (KV in the host pool) waits in the holder's inbox: it survives the holder's process.
+    in_transit: bool = False
 
 
 class Node:
@@ -254,6 +269,7 @@ class Node:
                 live.sched.record_token(now)
             if output.finished and not live.sched.done:
                 live.sched.finish(now)
+            live.last_output = output
             if output.finished:
                 del self.live[output.request_id]
                 self.completed.append(live.sched)
@@ -296,6 +312,8 @@ class Node:
                 target = self._by_name[self.decode.instances[placement.instance].name]
                 if target is not instance:
                     target.inbox.put(instance.engine.export_request(request.request_id))
+                    live = self.live[request.request_id]
+                    live.holder, live.in_transit = target.instance_name, True
                     self._work.notify_all()
         if placement is not None:
             self.request_moved(request.request_id, DECODING, target.instance_name)
@@ -315,6 +333,65 @@ class Node:
             self.completed.append(live.sched)
         if live.on_error is not None:
             live.on_error(error)
+
+    def restart_instance(self, instance: Instance, death: BaseException) -> bool:
+        """An instance process died: start a new one and resume the requests it held.
+
+        A request that had output tokens is handed, without KV, to the decode instance whose batch
+        holds it (placed anew if none does): the engine recomputes its KV from the prompt and the
+        tokens so far, and greedy decoding goes on exactly as it would have. One still waiting for
+        its first token is queued for prefill again. False (and every request failed) if the
+        instance cannot be restarted, or died too often.
+        """
+        now = time.monotonic()
+        instance.restarts = [t for t in instance.restarts if now - t < RESTART_WINDOW_S] + [now]
+        if not instance.recoverable or len(instance.restarts) > MAX_RESTARTS or self.stopping:
+            self.instance_failed(instance, death)
+            return False
+        logger.warning("%s; restarting it", death)
+        index = self.engines.index(instance.engine)
+        instance.engine.close()
+        try:
+            engine = RemoteEngine.start(instance.engine.spec)
+            engine.wait_ready()
+        except BaseException as error:  # noqa: BLE001 - reported to every request of the node
+            self.instance_failed(instance, error)
+            return False
+        self.engines[index] = instance.engine = engine
+        instance.timeline.record(EventKind.RESTART, None, self.now(), self.now(), detail=str(death))
+        with self._work:
+            if instance.prefilling is not None and instance.prefill_queue is not None:
+                instance.prefill_queue.complete()
+            instance.prefilling = None
+            lost = [
+                live
+                for live in self.live.values()
+                if live.holder == instance.instance_name and not live.in_transit
+            ]
+            for live in lost:
+                self._resume(live)
+            self._work.notify_all()
+        return True
+
+    def _resume(self, live: LiveRequest) -> None:
+        """Send a request whose KV was lost where it continues (under the node's lock)."""
+        request = live.sched
+        if live.last_output is None:  # no token yet: prefill it again, first in line
+            live.holder = None
+            for queue in self.prefill.instances:
+                queue.remove(request)
+            self.prefill.submit(request)
+            self.prefill.dispatch(self.now())
+            return
+        holder = next((d for d in self.decode.instances if request in d.requests()), None)
+        if holder is None:
+            placement = self.decode.dispatch(request)
+            if placement is None:
+                raise RuntimeError(f"request {request.request_id} fits no decode instance after a restart")
+            holder = self.decode.instances[placement.instance]
+        target = self._by_name[holder.name]
+        live.holder, live.in_transit = target.instance_name, True
+        target.inbox.put(resume_handoff(live))
 
     def instance_failed(self, instance: Instance, error: BaseException) -> None:
         """An instance loop died: fail every request in flight rather than let them hang."""
@@ -346,6 +423,32 @@ class Node:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def resume_handoff(live: LiveRequest) -> RequestHandoff:
+    """A request handed over without KV: its output so far, to be recomputed and continued."""
+    output = live.last_output
+    return RequestHandoff(
+        request_id=output.request_id,
+        model=live.sched.model,
+        prompt=output.prompt,
+        prompt_token_ids=list(live.prompt_token_ids),
+        params=live.params,
+        max_tokens=live.sched.max_tokens,
+        seqs=[
+            SequenceHandoff(
+                index=seq.index,
+                output_token_ids=list(seq.token_ids),
+                logprobs=list(seq.logprobs or []),
+                host_blocks=[],
+                # Lost with the process: a seeded sampled request continues with a fresh stream.
+                generator_state=None,
+                finish_reason=seq.finish_reason,
+                text=seq.text,
+            )
+            for seq in output.outputs
+        ],
+    )
 
 
 def _release(engines: list[RemoteEngine], model_cache: HostModelCache, kv_pool: HostKVPool) -> None:

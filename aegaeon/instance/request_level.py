@@ -16,15 +16,12 @@ from aegaeon.scheduler.timeline import EventKind
 class RequestLevelInstance(Instance):
     """Runs one model's requests to completion before switching to another."""
 
-    def run(self) -> None:
-        try:
-            while not self.node.stopping:
-                self._adopt_handoffs()  # aborts
-                if not self._serve_oldest_model():
-                    self.node.wait_for_work()
-        except BaseException as error:  # noqa: BLE001 - reported to every request of the node
-            self.error = error
-            self.node.instance_failed(self, error)
+    # A baseline for benchmarks: if its process dies, its requests fail rather than resume.
+    recoverable = False
+
+    def _work(self) -> bool:
+        self._adopt_handoffs()  # aborts
+        return self._serve_oldest_model()
 
     def _take_queued(self, model: str | None) -> list:
         """Pop the queued requests, in order, of `model` (None: of the oldest request's model)."""

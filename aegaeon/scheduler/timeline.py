@@ -19,6 +19,7 @@ class EventKind(str, Enum):
     SWAP_OUT = "swap_out"
     SWAP_IN = "swap_in"
     IDLE = "idle"
+    RESTART = "restart"  # the instance's process died and was started again
 
 
 # The kinds in which a model computes tokens for its requests.

@@ -1,5 +1,4 @@
-"""The metadata store: instances and their heartbeats, nodes and model placement, every request's record,
-and per-node request queues.
+"""The metadata store: instances and their heartbeats, nodes and model placement, and every request's record.
 
 One interface, `MetadataStore`, two implementations: `MemoryStore` (in process, the default) and
 `RedisStore` (shared by several api servers and nodes, so a request outlives the process that accepted
@@ -19,7 +18,6 @@ import time
 import types
 import typing
 from abc import ABC, abstractmethod
-from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
@@ -45,8 +43,6 @@ BACKOFF_BASE_S = 0.05
 BACKOFF_CAP_S = 1.0
 # A connection idle this long is PINGed before use, so a dead one is replaced before a command is lost on it.
 HEALTH_CHECK_INTERVAL_S = 30
-# A blocking claim waits in slices shorter than the socket timeout, which would otherwise cut a long BRPOP.
-CLAIM_SLICE_S = 2.0
 
 # Keys of the load summary a heartbeat carries.
 LOAD_WAITING = "waiting"  # requests queued on the instance
@@ -213,7 +209,7 @@ def _check_update(request_fields: Mapping[str, Any]) -> None:
 
 
 class MetadataStore(ABC):
-    """Instances, nodes, placements, request records and per-node queues; every method is thread-safe."""
+    """Instances, nodes, placements and request records; every method is thread-safe."""
 
     def __init__(self, finished_ttl_s: float, instance_ttl_s: float) -> None:
         self.finished_ttl_s = finished_ttl_s
@@ -357,18 +353,6 @@ class MetadataStore(ABC):
     @abstractmethod
     def delete_request(self, request_id: str) -> None: ...
 
-    # queues
-    @abstractmethod
-    def enqueue(self, node_id: str, request_id: str) -> None:
-        """Hand a request to a node: it waits in the node's FIFO until one claimer takes it."""
-
-    @abstractmethod
-    def claim(self, node_id: str, timeout_s: float = 0.0) -> str | None:
-        """Take the oldest request of the node's queue, waiting up to `timeout_s`; each is given once."""
-
-    @abstractmethod
-    def queue_length(self, node_id: str) -> int: ...
-
     # lifecycle
     def reregister(self) -> None:
         """Write again every node, placement and instance this client registered (after a store loss)."""
@@ -437,13 +421,11 @@ class MemoryStore(MetadataStore):
     ) -> None:
         super().__init__(finished_ttl_s, instance_ttl_s)
         self._lock = threading.Lock()
-        self._queued = threading.Condition(self._lock)
         self._instances: dict[str, InstanceStatus] = {}
         self._nodes: dict[str, NodeInfo] = {}
         self._placements: dict[str, set[str]] = {}
         self._requests: dict[str, RequestRecord] = {}
         self._expires_at: dict[str, float] = {}  # request id -> time.monotonic() deadline
-        self._queues: dict[str, deque[str]] = {}
 
     # instances
     def _put_instance(self, info: InstanceInfo) -> None:
@@ -578,28 +560,6 @@ class MemoryStore(MetadataStore):
             self._expires_at[record.request_id] = time.monotonic() + self.finished_ttl_s
         else:
             self._expires_at.pop(record.request_id, None)
-
-    # queues
-    def enqueue(self, node_id: str, request_id: str) -> None:
-        with self._queued:
-            self._queues.setdefault(node_id, deque()).append(request_id)
-            self._queued.notify_all()  # claimers of other nodes wake and wait again
-
-    def claim(self, node_id: str, timeout_s: float = 0.0) -> str | None:
-        deadline = time.monotonic() + timeout_s
-        with self._queued:
-            while True:
-                queue = self._queues.get(node_id)
-                if queue:
-                    return queue.popleft()
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return None
-                self._queued.wait(remaining)
-
-    def queue_length(self, node_id: str) -> int:
-        with self._lock:
-            return len(self._queues.get(node_id, ()))
 
 
 # ---- Redis -----------------------------------------------------------------------------------------------
@@ -960,28 +920,6 @@ class RedisStore(MetadataStore):
             pipe.delete(self._key("request", request_id))
             pipe.zrem(self._key("requests"), request_id)
             pipe.execute()
-
-    # queues: LPUSH at the head, BRPOP from the tail; a pop is atomic, so one claimer gets each id
-    @_store_errors
-    def enqueue(self, node_id: str, request_id: str) -> None:
-        self._redis.lpush(self._key("queue", node_id), request_id)
-
-    @_store_errors
-    def claim(self, node_id: str, timeout_s: float = 0.0) -> str | None:
-        key = self._key("queue", node_id)
-        if timeout_s <= 0:
-            return self._redis.rpop(key)
-        deadline = time.monotonic() + timeout_s
-        while (remaining := deadline - time.monotonic()) > 0:
-            # BRPOP's timeout 0 means forever: never pass less than a millisecond.
-            popped = self._redis.brpop([key], timeout=max(min(remaining, CLAIM_SLICE_S), 0.001))
-            if popped is not None:
-                return popped[1]
-        return None
-
-    @_store_errors
-    def queue_length(self, node_id: str) -> int:
-        return self._redis.llen(self._key("queue", node_id))
 
 
 def _ms(seconds: float) -> str:

@@ -8,7 +8,6 @@ import sys
 import threading
 import time
 import uuid
-from collections import Counter
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -302,61 +301,6 @@ def test_finished_records_expire(make_store: StoreFactory) -> None:
     assert not store.update_request("finished", state="failed")
 
 
-# ---- queues ----------------------------------------------------------------------------------------------
-
-
-def test_queue_is_fifo_per_node_and_claim_times_out(store: MetadataStore) -> None:
-    assert store.claim("node-a") is None
-    start = time.monotonic()
-    assert store.claim("node-a", timeout_s=0.2) is None
-    assert 0.15 <= time.monotonic() - start < 2.0
-    for request_id in ("r1", "r2", "r3"):
-        store.enqueue("node-a", request_id)
-    store.enqueue("node-b", "rb")
-    assert store.queue_length("node-a") == 3
-    assert [store.claim("node-a") for _ in range(4)] == ["r1", "r2", "r3", None]
-    assert store.claim("node-b", timeout_s=1.0) == "rb"
-
-
-def test_blocked_claim_wakes_on_enqueue(make_store: StoreFactory) -> None:
-    node = make_store()
-    api = node if isinstance(node, MemoryStore) else make_store()
-    claimed: list[str | None] = []
-    claimer = threading.Thread(target=lambda: claimed.append(node.claim("node-a", timeout_s=5.0)))
-    claimer.start()
-    time.sleep(0.1)
-    start = time.monotonic()
-    api.enqueue("node-a", "r1")
-    claimer.join()
-    assert claimed == ["r1"] and time.monotonic() - start < 1.0
-
-
-def test_each_request_is_claimed_exactly_once(make_store: StoreFactory) -> None:
-    count = 200
-    producer = make_store()
-    # Two claimers, each its own client where the store has clients (two node workers).
-    claimers = [producer if isinstance(producer, MemoryStore) else make_store() for _ in range(2)]
-    got: list[list[str]] = [[], []]
-
-    def claim_all(index: int) -> None:
-        while (request_id := claimers[index].claim("node-a", timeout_s=0.5)) is not None:
-            got[index].append(request_id)
-            time.sleep(0.001)  # the work a node does with it: the other claimer gets its turns
-
-    threads = [threading.Thread(target=claim_all, args=(i,)) for i in range(2)]
-    for thread in threads:
-        thread.start()
-    for i in range(count):
-        producer.enqueue("node-a", f"r{i}")
-    for thread in threads:
-        thread.join()
-    claimed = Counter(got[0] + got[1])
-    assert set(claimed) == {f"r{i}" for i in range(count)}
-    assert max(claimed.values()) == 1
-    assert all(got), "both claimers should have taken some"  # they really raced
-    assert producer.queue_length("node-a") == 0
-
-
 def test_open_store() -> None:
     assert isinstance(open_store(None), MemoryStore)
     memory = open_store("memory://", key_prefix="ignored", finished_ttl_s=5)
@@ -368,16 +312,15 @@ def test_open_store() -> None:
 # ---- Redis only ------------------------------------------------------------------------------------------
 
 
-def test_two_api_servers_share_records_and_queues(redis_server: RedisServer) -> None:
+def test_two_api_servers_share_records(redis_server: RedisServer) -> None:
     api_a = open_store(redis_server.url)
     api_b = open_store(redis_server.url)
     node = open_store(redis_server.url)
     api_a.put_request(RequestRecord("r1", "llama", api_server="api-a"))
-    api_a.enqueue("node-a", "r1")
-    api_a.close()  # the api server that accepted r1 is gone; the request is not
+    api_a.close()  # the api server that accepted r1 is gone; its record is not
 
     assert api_b.get_request("r1").api_server == "api-a"
-    assert node.claim("node-a", timeout_s=1.0) == "r1"
+    assert node.get_request("r1").state is RequestState.QUEUED
     node.update_request("r1", state="decoding", node_id="node-a")
     node.append_output("r1", [1, 2])
     assert api_b.get_request("r1").output_token_ids == [1, 2]
@@ -398,10 +341,9 @@ def test_key_prefixes_isolate_clusters(redis_server: RedisServer) -> None:
     one.register_instance(instance("i"))
     one.place_model("llama", "n")
     one.put_request(RequestRecord("r", "llama"))
-    one.enqueue("n", "r")
     assert two.nodes() == [] and two.instances() == [] and two.placements("llama") == []
     assert two.get_request("r") is None and two.requests() == []
-    assert two.claim("n") is None and one.claim("n") == "r"
+    assert one.get_request("r").model == "llama"
     raw = redis.Redis.from_url(redis_server.url, decode_responses=True)
     assert all(key.startswith("cluster-one:") for key in raw.keys("*"))
     raw.close()
@@ -429,8 +371,8 @@ def test_tls_redis() -> None:
     with RedisServer(tls=True) as server:
         assert server.url.startswith("rediss://")
         store = open_store(server.url)
-        store.enqueue("n", "r")
-        assert store.claim("n") == "r"
+        store.put_request(RequestRecord("r", "llama"))
+        assert store.get_request("r").model == "llama"
         assert store.where.startswith("rediss://")
         store.close()
 
@@ -469,9 +411,9 @@ def test_survives_redis_restart(redis_server: RedisServer) -> None:
     redis_server.stop()
     restarter = threading.Timer(0.5, redis_server.start)
     restarter.start()
-    api.enqueue("node-a", "r3")
+    api.put_request(RequestRecord("r3", "llama"))
     restarter.join()
-    assert node.claim("node-a", timeout_s=1.0) == "r3"
+    assert node.get_request("r3").model == "llama"
     node.close()
     api.close()
 

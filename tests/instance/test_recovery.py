@@ -1,0 +1,95 @@
+"""An instance process that dies mid-stream: the node restarts it and no request is lost or changed.
+
+A user sees: 20 requests streaming from an instance whose process is killed (SIGKILL, as the OOM
+killer would) all finish, with exactly the tokens an undisturbed run gives; every streamed output is
+a prefix of the final one (nothing a client already showed is taken back).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from aegaeon.engine.sampling_params import SamplingParams
+from aegaeon.instance.node import Node
+from aegaeon.scheduler.timeline import EventKind
+from tests.instance.test_node import node_config
+
+MODELS = ("llama", "qwen3")
+REQUESTS = 20
+OUTPUT_TOKENS = 32
+# Kill once this many tokens have streamed in all: every request is well under way, none is done.
+KILL_AFTER_TOKENS = 2 * REQUESTS
+FINISH_TIMEOUT_S = 180.0
+
+
+class Streams:
+    """Submit the requests; collect every output each one streams."""
+
+    def __init__(self, node: Node):
+        self.outputs: dict[str, list[list[int]]] = {}
+        self.tokens_seen = 0
+        self.finished = 0
+        self.errors: list[BaseException] = []
+        self.done = threading.Event()
+        self._lock = threading.Lock()
+        params = SamplingParams(temperature=0, max_tokens=OUTPUT_TOKENS, ignore_eos=True)
+        for index in range(REQUESTS):
+            request_id = f"r{index}"
+            self.outputs[request_id] = []
+            prompt = [3 + index, 7, 11 + 2 * index, 5]
+            node.submit(
+                prompt, params, MODELS[index % len(MODELS)], self._on_output, self._on_error, request_id
+            )
+
+    def _on_output(self, output) -> None:
+        with self._lock:
+            self.outputs[output.request_id].append(list(output.outputs[0].token_ids))
+            self.tokens_seen += 1
+            self.finished += output.finished
+            if self.finished == REQUESTS:
+                self.done.set()
+
+    def _on_error(self, error: BaseException) -> None:
+        self.errors.append(error)
+        self.done.set()
+
+    def final(self) -> dict[str, list[int]]:
+        return {request_id: outputs[-1] for request_id, outputs in self.outputs.items()}
+
+
+@pytest.mark.parametrize(
+    ("layout", "victim"),
+    [({"colocated": True}, "colocated-0"), ({"colocated": False}, "decode-1")],
+    ids=["colocated", "decode-instance"],
+)
+def test_killed_instance_process_is_restarted_and_every_stream_finishes_unchanged(
+    five_model_dirs, profile_path, layout, victim
+):
+    models = {name: five_model_dirs[name] for name in MODELS}
+    with Node(models, node_config(profile_path, **layout), progress=False) as node:
+        undisturbed = Streams(node)
+        assert undisturbed.done.wait(FINISH_TIMEOUT_S) and not undisturbed.errors
+
+        instance = next(i for i in node.instances if i.instance_name == victim)
+        old_pid = instance.engine.info.pid
+        disturbed = Streams(node)
+        deadline = time.monotonic() + FINISH_TIMEOUT_S
+        while disturbed.tokens_seen < KILL_AFTER_TOKENS and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert disturbed.finished < REQUESTS, "the kill came too late to test anything"
+        os.kill(old_pid, signal.SIGKILL)
+
+        assert disturbed.done.wait(FINISH_TIMEOUT_S), "requests hung after the instance died"
+        assert not disturbed.errors, disturbed.errors
+        assert disturbed.final() == undisturbed.final()
+        for request_id, outputs in disturbed.outputs.items():
+            final = outputs[-1]
+            assert all(final[: len(seen)] == seen for seen in outputs), request_id
+        assert instance.engine.info.pid != old_pid
+        assert instance.timeline.of_kind(EventKind.RESTART)
+        assert node.error is None
