@@ -76,6 +76,9 @@ def serve_config_from_args(args: argparse.Namespace):
         "role": args.role,
         "redis_url": args.redis_url,
         "node_port": args.node_port,
+        "drain_timeout_s": args.drain_timeout,
+        "max_waiting_per_model": args.max_waiting_per_model,
+        "shed_waiting_after_s": args.shed_after,
     }
     settings.update({key: value for key, value in flags.items() if value is not None})
     if args.prefill_instances is not None or args.decode_instances is not None:
@@ -165,6 +168,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--node-port", type=int, help="port a node takes api servers' requests on (default: a free one)"
+    )
+    serve.add_argument(
+        "--drain-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="on SIGTERM, how long requests in flight may finish before the server stops (default: 30)",
+    )
+    serve.add_argument(
+        "--max-waiting-per-model",
+        type=int,
+        metavar="N",
+        help="requests of one model waiting to start beyond which new ones get 429 (default: 256)",
+    )
+    serve.add_argument(
+        "--shed-after",
+        type=float,
+        metavar="SECONDS",
+        help="fail a request still waiting to start this long after arriving (default: never)",
     )
     serve.set_defaults(run=_serve)
 

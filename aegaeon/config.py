@@ -140,6 +140,8 @@ DEFAULT_PROFILE_PATH = "~/.cache/aegaeon/profiles.json"
 SCHEDULING_POLICIES = ("token", "request")
 # How long an idle instance sleeps before looking for work again when nobody wakes it.
 DEFAULT_IDLE_WAIT_S = 0.05
+# Requests of one model waiting for their first token beyond which a node refuses more (HTTP 429).
+DEFAULT_MAX_WAITING_PER_MODEL = 256
 
 
 @dataclass(frozen=True)
@@ -158,6 +160,12 @@ class NodeConfig:
     # measure the shapes missing from it when they start.
     profile_path: str = DEFAULT_PROFILE_PATH
     idle_wait_s: float = DEFAULT_IDLE_WAIT_S
+    # Admission: a model with this many requests waiting for their first token refuses new ones
+    # (the client gets 429 and Retry-After), so a burst cannot queue without bound.
+    max_waiting_per_model: int = DEFAULT_MAX_WAITING_PER_MODEL
+    # Shedding: a request still waiting for its prefill this many seconds after arriving is failed
+    # with an error that says so (None: never; every accepted request is served however late).
+    shed_waiting_after_s: float | None = None
     engine: EngineConfig = EngineConfig()
     memory: MemoryConfig = MemoryConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
@@ -175,6 +183,10 @@ class NodeConfig:
             raise ValueError(f"policy must be one of {SCHEDULING_POLICIES}, got {self.policy!r}")
         if self.policy == "request" and not self.colocated:
             raise ValueError("the request-level policy runs on colocated instances only")
+        if self.max_waiting_per_model < 1:
+            raise ValueError(f"max_waiting_per_model must be >= 1, got {self.max_waiting_per_model}")
+        if self.shed_waiting_after_s is not None and self.shed_waiting_after_s <= 0:
+            raise ValueError(f"shed_waiting_after_s must be positive, got {self.shed_waiting_after_s}")
 
 
 # --- serving (`aegaeon serve`: flags over an optional YAML file) ---------------------------------
@@ -184,6 +196,7 @@ DEFAULT_PORT = 8000
 # What one `aegaeon serve` process runs: an api server and a node together, or one of them (several
 # machines sharing a Redis metadata store).
 ROLES = ("all", "api", "node")
+DEFAULT_DRAIN_TIMEOUT_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -208,6 +221,8 @@ class ServeConfig:
     redis_url: str | None = None
     # Where a node takes requests from api servers (on `host`); 0 picks a free port.
     node_port: int = 0
+    # On SIGTERM, how long requests in flight may run on before the server stops anyway.
+    drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S
     node: NodeConfig = NodeConfig()
 
     def __post_init__(self) -> None:
@@ -223,6 +238,8 @@ class ServeConfig:
             raise ValueError("name at least one model to serve (NAME=PATH, or a path)")
         if not 0 <= self.node_port < 65536:
             raise ValueError(f"node_port must be in [0, 65535], got {self.node_port}")
+        if self.drain_timeout_s < 0:
+            raise ValueError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
         names = [model.name for model in self.models]
         if len(set(names)) != len(names):
             raise ValueError(f"model names must be unique, got {names}")
@@ -249,9 +266,11 @@ _NODE_KEYS = (
     "prefill_instances",
     "decode_instances",
     "profile_path",
+    "max_waiting_per_model",
+    "shed_waiting_after_s",
 )
 _SLO_KEYS = ("ttft_s", "tbt_s")
-_SERVE_KEYS = ("models", "host", "port", "api_key", "role", "redis_url", "node_port")
+_SERVE_KEYS = ("models", "host", "port", "api_key", "role", "redis_url", "node_port", "drain_timeout_s")
 
 
 def default_model_name(path: str) -> str:
@@ -303,5 +322,33 @@ def build_serve_config(settings: dict) -> ServeConfig:
     return ServeConfig(
         models=tuple(entry for entry, _ in entries),
         node=node,
-        **pick(("host", "port", "api_key", "role", "redis_url", "node_port")),
+        **pick(("host", "port", "api_key", "role", "redis_url", "node_port", "drain_timeout_s")),
     )
+
+
+# Request limits of the OpenAI api server (docs/api.md, "Limits").
+DEFAULT_MAX_BODY_BYTES = 4 * MIB
+DEFAULT_MAX_N = 16
+
+
+@dataclass(frozen=True)
+class ApiLimits:
+    """How large a request the api server accepts; a request over a limit is refused, never cut."""
+
+    # Bytes of one request body (413 above it), from Content-Length and counted while reading.
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    # Choices (`n`) one generation request may ask for.
+    max_n: int = DEFAULT_MAX_N
+    # Prompt tokens of one generation request; None: what the model's context holds (max_model_len - 1).
+    max_prompt_tokens: int | None = None
+    # Tokens one choice may generate (`max_tokens`, `max_completion_tokens`); None: the room left in the
+    # context. An explicit value above it is refused; a request that gives none is capped at it.
+    max_output_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("max_body_bytes", "max_n", "max_prompt_tokens", "max_output_tokens"):
+            value = getattr(self, name)
+            if value is None and name in ("max_prompt_tokens", "max_output_tokens"):
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")

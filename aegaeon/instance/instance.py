@@ -132,7 +132,7 @@ class Instance(threading.Thread):
             ran = True
             request = task.request
             live = self.node.live.get(request.request_id)
-            if live is None:  # aborted while it waited
+            if live is None or self.node.shed_if_late(request):  # aborted or shed while it waited
                 with self.node.lock:
                     self.prefill_queue.complete()
                 continue

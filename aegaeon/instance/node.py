@@ -31,6 +31,7 @@ from aegaeon.engine.prompt import PreparedPrompt, prepare_prompt
 from aegaeon.engine.sampling_params import SamplingParams
 from aegaeon.engine.tokenizer import Tokenizer
 from aegaeon.engine.weights import parse_dtype, resolve_model_dir
+from aegaeon.instance.admission import Overloaded, Shed, retry_after_s
 from aegaeon.instance.instance import COLOCATED, DECODE, DECODING, PREFILL, Abort, Instance
 from aegaeon.instance.remote import RemoteEngine, worker_address
 from aegaeon.instance.request_level import RequestLevelInstance
@@ -236,11 +237,37 @@ class Node:
         with self._work:
             if request_id in self.live:
                 raise ValueError(f"request id {request_id!r} is already in use")
+            self._admit(prepared.model)
             self.live[request_id] = LiveRequest(sched, prepared.token_ids, params, on_output, on_error)
             self.prefill.submit(sched)
             self.prefill.dispatch(self.now())
             self._work.notify_all()
         return request_id
+
+    def _admit(self, model: str) -> None:
+        """Refuse a request of `model` if too many of its requests wait already (under the lock)."""
+        limit = self.config.max_waiting_per_model
+        waiting = sum(
+            1 for live in self.live.values() if live.sched.model == model and not live.sched.token_times
+        )
+        if waiting >= limit:
+            drain_s = min(queue.waiting_work_s(self.now()) for queue in self.prefill.instances)
+            raise Overloaded(
+                f"model {model!r} has {waiting} waiting to start (the limit is {limit}); retry later",
+                retry_after_s(drain_s),
+            )
+
+    def shed_if_late(self, request: SchedRequest) -> bool:
+        """Fail a request that waited longer than `shed_waiting_after_s` for its prefill; True if so."""
+        limit = self.config.shed_waiting_after_s
+        waited = self.now() - request.arrival_s
+        if limit is None or waited <= limit:
+            return False
+        message = (
+            f"request waited {waited:.1f} s for its prefill (the node sheds after {limit:g} s): overloaded"
+        )
+        self._fail(request.request_id, Shed(message))
+        return True
 
     def prepare_prompt(
         self, prompt: str | list[int], params: SamplingParams, model: str | None

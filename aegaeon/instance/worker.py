@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aegaeon.config import EngineConfig, MemoryConfig
+from aegaeon.portable import portable
 
 # How often an idle worker checks that its node is still alive.
 PARENT_CHECK_MS = 1000
@@ -185,15 +186,6 @@ class EngineService:
         self.stopping = True
 
 
-def _portable(error: BaseException) -> BaseException:
-    """The error itself if it pickles, else a RuntimeError that says what it was."""
-    try:
-        pickle.loads(pickle.dumps(error))
-        return error
-    except Exception:  # noqa: BLE001 - any pickling failure is answered the same way
-        return RuntimeError(f"{type(error).__name__}: {error}")
-
-
 def _build(spec: WorkerSpec):
     import torch
 
@@ -233,7 +225,7 @@ def serve(spec: WorkerSpec) -> None:
         service = _build(spec)
     except BaseException as error:  # noqa: BLE001 - sent to the node, which raises it
         traceback.print_exc(file=sys.stderr)
-        start_error = _portable(error)
+        start_error = portable(error)
     try:
         while True:
             if not socket.poll(PARENT_CHECK_MS):
@@ -249,7 +241,7 @@ def serve(spec: WorkerSpec) -> None:
                     raise AttributeError(f"an instance has no operation {call.method!r}")
                 reply = Reply(value=getattr(service, call.method)(*call.args))
             except Exception as error:  # noqa: BLE001 - the caller re-raises it
-                reply = Reply(error=_portable(error))
+                reply = Reply(error=portable(error))
             socket.send_pyobj(reply)
             if service.stopping:
                 return

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import pickle
 import time
 import uuid
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING
 import zmq
 import zmq.asyncio
 
+from aegaeon.instance.admission import Draining
 from aegaeon.serve.metadata import DEFAULT_ALIVE_WITHIN_S, MetadataStore, RequestRecord
 from aegaeon.serve.wire import Abort, Accepted, Failed, Output, Rejected, Submit
 
@@ -39,6 +41,8 @@ logger = logging.getLogger(__name__)
 CATALOG_TTL_S = 1.0
 # A node that has not accepted or rejected a request by then is taken as unreachable.
 ACCEPT_TIMEOUT_S = 30.0
+# A request refused by this many shutting-down nodes in a row is answered 503 instead of tried again.
+MAX_DRAINING_RETRIES = 3
 # How often the requests in flight are checked against their nodes' liveness.
 NODE_WATCH_INTERVAL_S = 2.0
 
@@ -223,12 +227,30 @@ class ClusterBackend:
         Bad input raises here (ValueError; KeyError for an unknown model; RuntimeError when no node can
         take it), before any output exists, so a caller can still answer with a clean error.
         """
+        refused_by: set[str] = set()
+        while True:
+            try:
+                return await self._generate_on_some_node(
+                    model, prompt_token_ids, params, request_id, refused_by
+                )
+            except Draining:  # that node (now in refused_by) is shutting down: another one may take it
+                if len(refused_by) > MAX_DRAINING_RETRIES:
+                    raise
+
+    async def _generate_on_some_node(
+        self,
+        model: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        request_id: str,
+        avoid: set[str],
+    ) -> RequestStream:
         loop = asyncio.get_running_loop()
-        in_flight: dict[str, float] = {}
+        in_flight: dict[str, float] = dict.fromkeys(avoid, math.inf)
         for flight in self._in_flight.values():
             in_flight[flight.node_id] = in_flight.get(flight.node_id, 0.0) + 1.0
         node_id = await asyncio.to_thread(self.store.pick_node, model, DEFAULT_ALIVE_WITHIN_S, in_flight)
-        if node_id is None:
+        if node_id is None or node_id in avoid:
             raise RuntimeError(f"no live node serves model {model!r} right now; retry shortly")
         link = await self._link(node_id)
         record = RequestRecord(
@@ -253,6 +275,8 @@ class ClusterBackend:
             raise
         if isinstance(answer, Rejected):
             self._in_flight.pop(request_id, None)
+            if isinstance(answer.error, Draining):
+                avoid.add(node_id)
             raise answer.error
         return RequestStream(request_id, flight.queue, self._abort)
 
@@ -280,7 +304,7 @@ class ClusterBackend:
             if message.output.finished:
                 del self._in_flight[message.request_id]
         elif isinstance(message, Failed):
-            flight.queue.put_nowait(RuntimeError(message.message))
+            flight.queue.put_nowait(message.error)
             del self._in_flight[message.request_id]
 
     def _abort(self, request_id: str) -> None:

@@ -144,6 +144,12 @@ def _run_node(config: ServeConfig, store: MetadataStore) -> None:
         ]
         print("\n".join(lines), flush=True)
         stopped.wait()
+        print(f"draining: finishing {len(node.live)} request(s) in flight, taking no new ones", flush=True)
+        if not server.drain(config.drain_timeout_s):
+            print(
+                f"{len(node.live)} request(s) still running after {config.drain_timeout_s:g} s; stopping",
+                flush=True,
+            )
     finally:
         server.close()
         node.close()

@@ -28,7 +28,9 @@ from dataclasses import dataclass
 import zmq
 
 from aegaeon.engine.outputs import RequestOutput
+from aegaeon.instance.admission import Draining
 from aegaeon.instance.node import Node
+from aegaeon.portable import portable
 from aegaeon.scheduler.decode import kv_bytes_needed
 from aegaeon.serve.metadata import (
     LOAD_KV_USAGE,
@@ -48,6 +50,7 @@ HEARTBEAT_INTERVAL_S = 1.0
 # How often the socket thread looks up from an idle socket to see whether it should stop.
 IDLE_POLL_MS = 500
 ANY_ADDRESS = ("0.0.0.0", "", "*")
+DRAIN_POLL_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -60,7 +63,7 @@ class _Moved:
 @dataclass(frozen=True)
 class _Failure:
     request_id: str
-    message: str
+    error: BaseException
 
 
 def advertised_host(host: str) -> str:
@@ -97,6 +100,7 @@ class NodeServer:
         self._senders: dict[str, bytes] = {}  # request id -> identity of the api server that sent it
         self._recorded: dict[str, int] = {}  # request id -> output tokens already in its record
         self._stopping = threading.Event()
+        self._draining = threading.Event()
         node.on_state = lambda request_id, state, instance: self._post(_Moved(request_id, state, instance))
         self._register()
         self._threads = [
@@ -196,6 +200,10 @@ class NodeServer:
 
     def _submit(self, identity: bytes, message: Submit) -> None:
         request_id = message.request_id
+        if self._draining.is_set():
+            error = Draining(f"node {self.node_id} is shutting down; send the request to another node")
+            self._send(identity, Rejected(request_id, error))
+            return
         self._senders[request_id] = identity
         try:
             self.node.submit(
@@ -203,12 +211,12 @@ class NodeServer:
                 message.params,
                 message.model,
                 self._post,
-                lambda error, request_id=request_id: self._post(_Failure(request_id, str(error))),
+                lambda error, request_id=request_id: self._post(_Failure(request_id, portable(error))),
                 request_id=request_id,
             )
         except (ValueError, KeyError, RuntimeError) as error:
             del self._senders[request_id]
-            self._send(identity, Rejected(request_id, error))
+            self._send(identity, Rejected(request_id, portable(error)))
             return
         self._send(identity, Accepted(request_id))
 
@@ -237,7 +245,7 @@ class NodeServer:
                 self._send(identity, Output(output))
         for item in others:
             if isinstance(item, _Failure) and item.request_id in self._senders:
-                self._send(self._senders[item.request_id], Failed(item.request_id, item.message))
+                self._send(self._senders[item.request_id], Failed(item.request_id, item.error))
         for item in others:
             if isinstance(item, _Moved):
                 state = RequestState.PREFILLING if item.state == "prefilling" else RequestState.DECODING
@@ -247,7 +255,7 @@ class NodeServer:
         for item in others:
             if isinstance(item, _Failure):
                 self._record(
-                    item.request_id, state=RequestState.FAILED, error=item.message, finished_s=time.time()
+                    item.request_id, state=RequestState.FAILED, error=str(item.error), finished_s=time.time()
                 )
                 self._forget(item.request_id)
 
@@ -288,6 +296,22 @@ class NodeServer:
         self._recorded.pop(request_id, None)
 
     # -- lifecycle -----------------------------------------------------------------------------------
+
+    def drain(self, timeout_s: float) -> bool:
+        """Take no new requests and wait up to `timeout_s` for those in flight; True if all finished.
+
+        The node leaves the store's node list first, so api servers stop routing to it, but its
+        instances keep beating: the requests it still runs are not taken for lost.
+        """
+        self._draining.set()
+        try:
+            self.store.remove_node(self.node_id)
+        except MetadataStoreError as error:
+            logger.warning("could not deregister node %s: %s", self.node_id, error)
+        deadline = time.monotonic() + timeout_s
+        while self.node.live and time.monotonic() < deadline:
+            time.sleep(DRAIN_POLL_S)
+        return not self.node.live
 
     def close(self) -> None:
         """Stop serving and leave the store (the node's instances and placements with it)."""

@@ -50,10 +50,10 @@ class Output:
 
 @dataclass(frozen=True)
 class Failed:
-    """A running request failed on the node (the node's message says why)."""
+    """A running request failed on the node; `error` says why (a RuntimeError, `Shed` under overload)."""
 
     request_id: str
-    message: str
+    error: BaseException
 
 
 NodeMessage = Accepted | Rejected | Output | Failed
