@@ -1,0 +1,125 @@
+"""Faults an operator meets: a Redis restart, a SIGTERM with requests in flight.
+
+A user sees: after Redis restarts (and forgets everything, as one without persistence does), the
+nodes register again and requests are served; a request streaming while the server gets SIGTERM
+runs to its end, new connections are refused, and the server leaves no shared memory behind.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import signal
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from aegaeon.config import MIB, EngineConfig, NodeConfig
+from aegaeon.instance.node import Node
+from aegaeon.serve.api_server import build_app
+from aegaeon.serve.backend import ClusterBackend
+from aegaeon.serve.metadata import RedisStore
+from aegaeon.serve.node_server import HEARTBEAT_INTERVAL_S, NodeServer
+from tests.serve.http_server import ServerThread
+from tests.serve.redis_server import RedisServer
+from tests.serve.serve_process import ServeProcess
+
+KV_BYTES = 4 * MIB
+TOKENS = 8
+LONG_TOKENS = 400
+# A few heartbeats: time for a node to notice Redis forgot it and write itself back.
+RECOVERY_TIMEOUT_S = 15 * HEARTBEAT_INTERVAL_S
+POLL_S = 0.1
+SHM_PATTERN = "/dev/shm/aegaeon-*"
+
+
+def test_a_redis_restart_is_survived(five_model_dirs, profile_path):
+    config = NodeConfig(profile_path=str(profile_path), engine=EngineConfig(kv_cache_bytes=KV_BYTES))
+    with (
+        RedisServer() as redis_server,
+        Node({"llama": five_model_dirs["llama"]}, config, progress=False) as node,
+    ):
+        node_store, api_store = RedisStore(redis_server.url), RedisStore(redis_server.url)
+        try:
+            with (
+                NodeServer(node, node_store),
+                ServerThread(build_app(ClusterBackend(api_store))) as server,
+            ):
+                client = openai.OpenAI(
+                    base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=60
+                )
+                before = client.completions.create(
+                    model="llama", prompt=[4, 5, 6], max_tokens=TOKENS, temperature=0
+                )
+
+                redis_server.restart()  # no persistence: every key is gone
+                deadline = time.monotonic() + RECOVERY_TIMEOUT_S
+                while True:
+                    try:
+                        after = client.completions.create(
+                            model="llama", prompt=[4, 5, 6], max_tokens=TOKENS, temperature=0
+                        )
+                        break
+                    except (openai.NotFoundError, openai.InternalServerError, openai.APIStatusError):
+                        assert time.monotonic() < deadline, "the node did not come back after Redis restarted"
+                        time.sleep(POLL_S)
+                assert after.choices[0].text == before.choices[0].text
+                assert node_store.get_request(after.id) is not None  # records are kept again
+        finally:
+            node_store.close()
+            api_store.close()
+
+
+@pytest.fixture
+def shm_before():
+    return set(glob.glob(SHM_PATTERN))
+
+
+def test_sigterm_lets_a_streaming_request_finish_then_releases_shared_memory(
+    five_model_dirs, profile_path, shm_before
+):
+    with ServeProcess(
+        f"llama={five_model_dirs['llama']}", "--port", "0", "--profiles", str(profile_path)
+    ) as server:
+        url = server.wait_for(r"OpenAI API at (http://\S+)/v1").group(1)
+        server.wait_for("Uvicorn running")
+        assert set(glob.glob(SHM_PATTERN)) - shm_before, "the server should hold shared memory while it runs"
+        events: list[str] = []
+        first_chunk = threading.Event()
+
+        def stream() -> None:
+            body = {
+                "model": "llama",
+                "prompt": "Go",
+                "max_tokens": LONG_TOKENS,
+                "ignore_eos": True,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            }
+            with (
+                httpx.Client(timeout=120) as http,
+                http.stream("POST", f"{url}/v1/completions", json=body) as response,
+            ):
+                for line in response.iter_lines():
+                    if line.startswith("data: "):
+                        events.append(line.removeprefix("data: "))
+                        first_chunk.set()
+
+        streamer = threading.Thread(target=stream)
+        streamer.start()
+        assert first_chunk.wait(60)
+        server.process.send_signal(signal.SIGTERM)
+        assert "[DONE]" not in events, "the stream ended before the signal: nothing was drained"
+        time.sleep(0.5)
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{url}/health", timeout=5)  # the listener is closed while the stream drains
+        streamer.join(120)
+        assert events[-1] == "[DONE]"
+        chunks = [json.loads(event) for event in events[:-1]]
+        assert not any("error" in chunk for chunk in chunks)
+        assert chunks[-1]["usage"]["completion_tokens"] == LONG_TOKENS  # it ran to its end
+        assert server.process.wait(60) in (0, -signal.SIGTERM)
+    assert set(glob.glob(SHM_PATTERN)) == shm_before
