@@ -9,10 +9,16 @@ PIP := $(BIN)/python -m pip --disable-pip-version-check
 
 .PHONY: install test lint bench serve
 
+# System packages the tests use: redis-server (cluster tests) and Debian's chromium (the dashboard's
+# headless-browser test); one apt-get update for whatever is missing.
 install: $(STAMP)
-	@command -v redis-server >/dev/null 2>&1 || { \
+	@missing=; \
+	command -v redis-server >/dev/null 2>&1 || missing="$$missing redis-server"; \
+	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
-		$$SUDO apt-get update && $$SUDO apt-get install -y redis-server; }
+		$$SUDO apt-get update && $$SUDO apt-get install -y $$missing; \
+	fi
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)

@@ -77,6 +77,7 @@ def serve_config_from_args(args: argparse.Namespace):
         "redis_url": args.redis_url,
         "node_port": args.node_port,
         "drain_timeout_s": args.drain_timeout,
+        "metrics_port": args.metrics_port,
         "max_waiting_per_model": args.max_waiting_per_model,
         "shed_waiting_after_s": args.shed_after,
     }
@@ -168,6 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--node-port", type=int, help="port a node takes api servers' requests on (default: a free one)"
+    )
+    serve.add_argument(
+        "--metrics-port",
+        type=int,
+        help="with --role node: serve /metrics and /dashboard on this port (0: a free one)",
     )
     serve.add_argument(
         "--drain-timeout",

@@ -223,6 +223,8 @@ class ServeConfig:
     node_port: int = 0
     # On SIGTERM, how long requests in flight may run on before the server stops anyway.
     drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S
+    # A `--role node` process serves /metrics and /dashboard on this port (None: it does not; 0: any).
+    metrics_port: int | None = None
     node: NodeConfig = NodeConfig()
 
     def __post_init__(self) -> None:
@@ -270,7 +272,17 @@ _NODE_KEYS = (
     "shed_waiting_after_s",
 )
 _SLO_KEYS = ("ttft_s", "tbt_s")
-_SERVE_KEYS = ("models", "host", "port", "api_key", "role", "redis_url", "node_port", "drain_timeout_s")
+_SERVE_KEYS = (
+    "models",
+    "host",
+    "port",
+    "api_key",
+    "role",
+    "redis_url",
+    "node_port",
+    "drain_timeout_s",
+    "metrics_port",
+)
 
 
 def default_model_name(path: str) -> str:
@@ -322,7 +334,9 @@ def build_serve_config(settings: dict) -> ServeConfig:
     return ServeConfig(
         models=tuple(entry for entry, _ in entries),
         node=node,
-        **pick(("host", "port", "api_key", "role", "redis_url", "node_port", "drain_timeout_s")),
+        **pick(
+            ("host", "port", "api_key", "role", "redis_url", "node_port", "drain_timeout_s", "metrics_port")
+        ),
     )
 
 

@@ -270,6 +270,7 @@ class Instance(threading.Thread):
         start = self.node.now()
         switched = self.engine.switch(model)
         if switched is not None:
+            self.resident = self.engine.resident_models()
             detail = "loaded" if switched.loaded else "resident"
             self.timeline.record(EventKind.SWITCH, model, start, self.node.now(), detail=detail)
 

@@ -16,7 +16,9 @@ import threading
 
 from aegaeon.config import MIB, ServeConfig
 from aegaeon.instance.node import Node
+from aegaeon.serve.dashboard import ObservabilityServer, observability_router
 from aegaeon.serve.metadata import MetadataStore, open_store
+from aegaeon.serve.metrics import NodeMetrics
 
 # The curl line printed at start asks for this few tokens, so it answers at once even on a CPU.
 EXAMPLE_MAX_TOKENS = 16
@@ -113,7 +115,9 @@ def _run_all(config: ServeConfig, store: MetadataStore) -> None:
 
     try:
         backend, app, url, port = _http(config, store)
+        app.include_router(observability_router(NodeMetrics(node)))
         lines = ["aegaeon is serving", *node_summary(node, server.node_id, server.address)]
+        lines.append(f"  dashboard at {url}/dashboard   Prometheus metrics at {url}/metrics")
         print("\n".join([*lines, *api_summary(url, next(iter(node.models)), config.api_key)]), flush=True)
         # uvicorn re-raises SIGTERM/SIGINT once it has shut down: release the node before that.
         serve_http(app, config.host, port, on_shutdown=lambda: (backend.close(), stop()))
@@ -135,6 +139,7 @@ def _run_api(config: ServeConfig, store: MetadataStore) -> None:
 def _run_node(config: ServeConfig, store: MetadataStore) -> None:
     node, server = _start_node(config, store)
     stopped = threading.Event()
+    observability = None
     try:
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: stopped.set())
@@ -142,6 +147,12 @@ def _run_node(config: ServeConfig, store: MetadataStore) -> None:
             f"aegaeon node (metadata in {config.redis_url})",
             *node_summary(node, server.node_id, server.address),
         ]
+        if config.metrics_port is not None:
+            metrics = NodeMetrics(node)
+            observability = ObservabilityServer(metrics, config.host, config.metrics_port).start()
+            lines.append(
+                f"  dashboard at {observability.url}/dashboard   metrics at {observability.url}/metrics"
+            )
         print("\n".join(lines), flush=True)
         stopped.wait()
         print(f"draining: finishing {len(node.live)} request(s) in flight, taking no new ones", flush=True)
@@ -151,5 +162,7 @@ def _run_node(config: ServeConfig, store: MetadataStore) -> None:
                 flush=True,
             )
     finally:
+        if observability is not None:
+            observability.close()
         server.close()
         node.close()

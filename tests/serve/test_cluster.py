@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 
+import httpx
 import openai
 import pytest
 
@@ -33,16 +34,18 @@ def redis_url():
         yield server.url
 
 
-def serve_node(five_model_dirs, models, redis_url, profile_path) -> ServeProcess:
+def serve_node(five_model_dirs, models, redis_url, profile_path, *extra: str) -> ServeProcess:
     specs = [f"{name}={five_model_dirs[name]}" for name in models]
-    return ServeProcess(*specs, "--role", "node", "--redis-url", redis_url, "--profiles", str(profile_path))
+    return ServeProcess(
+        *specs, "--role", "node", "--redis-url", redis_url, "--profiles", str(profile_path), *extra
+    )
 
 
 def test_two_nodes_one_api_server_serve_models_placed_on_different_nodes(
     five_model_dirs, redis_url, profile_path, hf_greedy
 ):
     with (
-        serve_node(five_model_dirs, NODE_A_MODELS, redis_url, profile_path) as node_a,
+        serve_node(five_model_dirs, NODE_A_MODELS, redis_url, profile_path, "--metrics-port", "0") as node_a,
         serve_node(five_model_dirs, NODE_B_MODELS, redis_url, profile_path) as node_b,
     ):
         id_a = node_a.wait_for(r"node (node-\w+) takes requests at").group(1)
@@ -75,6 +78,11 @@ def test_two_nodes_one_api_server_serve_models_placed_on_different_nodes(
                     client.completions.create(model="mistral", prompt=prompt, max_tokens=TOKENS)
                 answer = client.completions.create(model="llama", prompt=prompt, max_tokens=TOKENS, **GREEDY)
                 assert answer.usage.completion_tokens == TOKENS
+
+                # A node process serves its own metrics: the requests it ran are counted there.
+                metrics_url = node_a.wait_for(r"metrics at (http://\S+)/metrics").group(1)
+                text = httpx.get(f"{metrics_url}/metrics", timeout=30).text
+                assert 'aegaeon_requests_total{model="llama",outcome="finished"} 2.0' in text
             finally:
                 store.close()
 
