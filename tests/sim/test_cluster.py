@@ -1,0 +1,34 @@
+from __future__ import annotations
+
+import pytest
+
+from aegaeon.sim.cluster import MemoryConfig, NodeLayout, colocated_layout, layout_for_gpus
+
+
+def test_paper_layout_and_smaller_pools() -> None:
+    assert layout_for_gpus(16) == (NodeLayout(3, 5), NodeLayout(3, 5))
+    assert layout_for_gpus(1) == (NodeLayout(colocated=1),)
+    assert layout_for_gpus(2) == (NodeLayout(1, 1),)
+    assert layout_for_gpus(9) == (NodeLayout(3, 5), NodeLayout(colocated=1))
+    assert sum(n.gpus for n in layout_for_gpus(21)) == 21
+    assert colocated_layout(10) == (NodeLayout(colocated=8), NodeLayout(colocated=2))
+
+
+def test_memory_split_leaves_room_for_two_of_the_largest_models() -> None:
+    gpu = MemoryConfig(device_bytes=80 * 10**9, fraction=0.9)
+    split = gpu.aegaeon_split(26 * 10**9)
+    assert split.weight_bytes == 52 * 10**9
+    assert split.kv_bytes == 72 * 10**9 - 52 * 10**9
+    cpu = MemoryConfig(kv_bytes=1000)
+    assert cpu.aegaeon_split(300).weight_bytes == 600
+    with pytest.raises(ValueError, match="cannot hold"):
+        MemoryConfig(device_bytes=10, fraction=1.0).aegaeon_split(20)
+
+
+def test_bad_layouts_are_refused() -> None:
+    with pytest.raises(ValueError, match="either colocated"):
+        NodeLayout(prefill=1, decode=1, colocated=1)
+    with pytest.raises(ValueError, match="at least one prefill"):
+        NodeLayout(prefill=0, decode=3)
+    with pytest.raises(ValueError, match="gpus"):
+        layout_for_gpus(0)

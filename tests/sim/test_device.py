@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+import pytest
+
+from aegaeon.sim.device import ResidentWeights, SlotWeights
+
+SIZES = {"big": 60, "small": 30, "mid": 40}
+
+
+def _stack(capacity: int = 100) -> ResidentWeights:
+    return ResidentWeights(capacity, SIZES.__getitem__, lambda m: SIZES[m] / 10)
+
+
+def test_loads_go_one_after_another_over_the_link() -> None:
+    weights = _stack()
+    first = weights.load("big", now=0.0)
+    second = weights.load("small", now=1.0)
+    assert first.ready_s == 6.0
+    assert second.ready_s == 9.0  # waited for the first copy
+    assert weights.load("big", now=20.0) is first  # resident: no copy
+
+
+def test_the_stack_pops_from_the_top_like_the_engine_arena() -> None:
+    weights = _stack()
+    weights.load("small", 0.0)
+    weights.load("mid", 0.0)  # stack: small, mid (70 of 100)
+    weights.load("big", 0.0)  # pops mid only: small, big
+    assert weights.models() == ["small", "big"]
+    # Prefetching "mid" beside the active "big" (on top) finds no room: "small" is below it.
+    assert not weights.prefetch("mid", 0.0, active="big")
+    assert weights.prefetch("mid", 0.0, active="small")  # pops big, keeps small
+    assert weights.models() == ["small", "mid"]
+    with pytest.raises(ValueError, match="does not fit"):
+        _stack(capacity=50).load("big", 0.0)
+
+
+def test_slots_replace_the_least_recently_used_so_prefetch_always_fits() -> None:
+    weights = SlotWeights(120, SIZES.__getitem__, lambda m: 1.0, slot_bytes=60)
+    weights.load("small", 0.0)
+    weights.load("big", 0.0)
+    weights.touch("small")
+    assert weights.prefetch("mid", 0.0, active="small")  # evicts big, the least recently used
+    assert sorted(weights.models()) == ["mid", "small"]
