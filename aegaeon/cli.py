@@ -69,6 +69,9 @@ def serve_config_from_args(args: argparse.Namespace):
         "host": args.host,
         "port": args.port,
         "api_key": args.api_key,
+        "api_key_file": args.api_key_file,
+        "max_body_bytes": args.max_body_bytes,
+        "max_n": args.max_n,
         "prefill_instances": args.prefill_instances,
         "decode_instances": args.decode_instances,
         "kv_cache_bytes": args.kv_cache_bytes,
@@ -148,6 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="address to listen on (default: 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to listen on (default: 8000; 0 picks a free one)")
     serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every API call")
+    serve.add_argument(
+        "--api-key-file",
+        metavar="PATH",
+        help="accept any of the keys in this file (one per line, # comments)",
+    )
+    serve.add_argument("--max-body-bytes", type=int, help="largest request body accepted (default: 4 MiB)")
+    serve.add_argument("--max-n", type=int, help="most choices (n) one request may ask for (default: 16)")
     layout = serve.add_mutually_exclusive_group()
     layout.add_argument(
         "--colocated", action="store_true", help="each instance prefills and decodes (the default)"

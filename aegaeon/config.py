@@ -199,6 +199,34 @@ ROLES = ("all", "api", "node")
 DEFAULT_DRAIN_TIMEOUT_S = 30.0
 
 
+# Request limits of the OpenAI api server (docs/api.md, "Limits").
+DEFAULT_MAX_BODY_BYTES = 4 * MIB
+DEFAULT_MAX_N = 16
+
+
+@dataclass(frozen=True)
+class ApiLimits:
+    """How large a request the api server accepts; a request over a limit gets a 4xx that names it."""
+
+    # Bytes of one request body (413 above it), from Content-Length and counted while reading.
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    # Choices (`n`) one generation request may ask for.
+    max_n: int = DEFAULT_MAX_N
+    # Prompt tokens of one generation request; None: what the model's context holds (max_model_len - 1).
+    max_prompt_tokens: int | None = None
+    # Tokens one choice may generate (`max_tokens`, `max_completion_tokens`); None: the room left in the
+    # context. An explicit value above it is refused; a request that gives none is capped at it.
+    max_output_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("max_body_bytes", "max_n", "max_prompt_tokens", "max_output_tokens"):
+            value = getattr(self, name)
+            if value is None and name in ("max_prompt_tokens", "max_output_tokens"):
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+
+
 @dataclass(frozen=True)
 class ModelEntry:
     """A served model: the name clients use, and a local HF directory or a hub id."""
@@ -214,8 +242,9 @@ class ServeConfig:
     models: tuple[ModelEntry, ...]
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
-    # Clients must send `Authorization: Bearer <api_key>` when set.
-    api_key: str | None = None
+    # Clients must send `Authorization: Bearer <key>` with one of these keys when any is set.
+    api_keys: tuple[str, ...] = ()
+    limits: ApiLimits = ApiLimits()
     role: str = "all"
     # The metadata store shared by api servers and nodes; None keeps it in this process (role "all").
     redis_url: str | None = None
@@ -272,11 +301,13 @@ _NODE_KEYS = (
     "shed_waiting_after_s",
 )
 _SLO_KEYS = ("ttft_s", "tbt_s")
+_LIMIT_KEYS = ("max_body_bytes", "max_n", "max_prompt_tokens", "max_output_tokens")
 _SERVE_KEYS = (
     "models",
     "host",
     "port",
     "api_key",
+    "api_key_file",
     "role",
     "redis_url",
     "node_port",
@@ -314,7 +345,7 @@ def parse_model_entry(value: str | dict) -> tuple[ModelEntry, SLO | None]:
 
 def build_serve_config(settings: dict) -> ServeConfig:
     """A ServeConfig from flat settings (a YAML file's mapping with flags laid over it)."""
-    known = {*_SERVE_KEYS, *_ENGINE_KEYS, *_MEMORY_KEYS, *_NODE_KEYS, *_SLO_KEYS}
+    known = {*_SERVE_KEYS, *_ENGINE_KEYS, *_MEMORY_KEYS, *_NODE_KEYS, *_SLO_KEYS, *_LIMIT_KEYS}
     unknown = sorted(set(settings) - known)
     if unknown:
         raise ValueError(f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
@@ -331,38 +362,25 @@ def build_serve_config(settings: dict) -> ServeConfig:
         memory=MemoryConfig(**pick(_MEMORY_KEYS)),
         scheduler=SchedulerConfig(default_slo=default_slo, model_slos=model_slos),
     )
+    keys = [settings["api_key"]] if settings.get("api_key") else []
+    if settings.get("api_key_file"):
+        keys += read_api_keys(settings["api_key_file"])
     return ServeConfig(
         models=tuple(entry for entry, _ in entries),
         node=node,
-        **pick(
-            ("host", "port", "api_key", "role", "redis_url", "node_port", "drain_timeout_s", "metrics_port")
-        ),
+        api_keys=tuple(keys),
+        limits=ApiLimits(**pick(_LIMIT_KEYS)),
+        **pick(("host", "port", "role", "redis_url", "node_port", "drain_timeout_s", "metrics_port")),
     )
 
 
-# Request limits of the OpenAI api server (docs/api.md, "Limits").
-DEFAULT_MAX_BODY_BYTES = 4 * MIB
-DEFAULT_MAX_N = 16
-
-
-@dataclass(frozen=True)
-class ApiLimits:
-    """How large a request the api server accepts; a request over a limit is refused, never cut."""
-
-    # Bytes of one request body (413 above it), from Content-Length and counted while reading.
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
-    # Choices (`n`) one generation request may ask for.
-    max_n: int = DEFAULT_MAX_N
-    # Prompt tokens of one generation request; None: what the model's context holds (max_model_len - 1).
-    max_prompt_tokens: int | None = None
-    # Tokens one choice may generate (`max_tokens`, `max_completion_tokens`); None: the room left in the
-    # context. An explicit value above it is refused; a request that gives none is capped at it.
-    max_output_tokens: int | None = None
-
-    def __post_init__(self) -> None:
-        for name in ("max_body_bytes", "max_n", "max_prompt_tokens", "max_output_tokens"):
-            value = getattr(self, name)
-            if value is None and name in ("max_prompt_tokens", "max_output_tokens"):
-                continue
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+def read_api_keys(path: str) -> list[str]:
+    """The keys of a keys file: one per line; blank lines and lines starting with # are skipped."""
+    try:
+        with open(path) as keys_file:
+            keys = [line.strip() for line in keys_file if line.strip() and not line.lstrip().startswith("#")]
+    except OSError as error:
+        raise ValueError(f"cannot read the API keys file {path}: {error.strerror}") from None
+    if not keys:
+        raise ValueError(f"the API keys file {path} holds no key (one per line)")
+    return keys

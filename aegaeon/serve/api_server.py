@@ -13,8 +13,8 @@ import hmac
 import importlib.metadata
 import json
 import logging
-from collections.abc import AsyncIterator, Callable, Coroutine
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import uvicorn
@@ -24,19 +24,29 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.routing import APIRoute
 from jinja2 import TemplateError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from aegaeon.config import ApiLimits
 from aegaeon.engine.outputs import RequestOutput
 from aegaeon.engine.sampler import TokenLogprobs
 from aegaeon.engine.sampling_params import SamplingParams
 from aegaeon.engine.tokenizer import Tokenizer
+from aegaeon.instance.admission import Overloaded, Shed
 from aegaeon.serve.backend import ClusterBackend, ModelInfo, RequestStream
 from aegaeon.serve.errors import (
     CONTEXT_LENGTH_EXCEEDED,
     INVALID_API_KEY,
+    INVALID_CONTENT_TYPE,
+    INVALID_JSON,
     METHOD_NOT_ALLOWED,
     NOT_FOUND,
+    RATE_LIMIT,
+    RATE_LIMIT_EXCEEDED,
+    REQUEST_TOO_LARGE,
     SERVER_ERROR,
     SERVICE_UNAVAILABLE,
+    STATUS_REQUEST_TOO_LARGE,
+    STATUS_TOO_MANY_REQUESTS,
     APIError,
     bad_request,
     describe_validation_errors,
@@ -81,17 +91,24 @@ COMPLETION_ID_PREFIX = "cmpl"
 CHAT_ID_PREFIX = "chatcmpl"
 
 
-def build_app(backend: ClusterBackend, api_key: str | None = None) -> FastAPI:
-    """The API app; with `api_key`, every /v1 route and /tokenize, /detokenize need `Bearer KEY`."""
+def build_app(
+    backend: ClusterBackend, api_keys: Sequence[str] = (), limits: ApiLimits | None = None
+) -> FastAPI:
+    """The API app; with `api_keys`, every /v1 route and /tokenize, /detokenize need `Bearer KEY`.
+
+    `limits` (default `ApiLimits()`) bounds each request: body bytes, `n`, prompt and output tokens.
+    """
+    limits = ApiLimits() if limits is None else limits
     app = FastAPI(
         title="aegaeon",
         summary="OpenAI-compatible API over many models switched per token",
         version=_package_version(),
     )
     _install_error_handlers(app)
+    app.add_middleware(_BodyLimit, max_bytes=limits.max_body_bytes)
     app.router.route_class = _GuardedRoute
-    serving = _Serving(backend)
-    auth = [Depends(_bearer_auth(api_key))] if api_key else []
+    serving = _Serving(backend, limits)
+    auth = [Depends(_bearer_auth(api_keys))] if api_keys else []
 
     v1 = APIRouter(prefix="/v1", dependencies=auth, route_class=_GuardedRoute)
     v1.add_api_route("/completions", serving.completions, methods=["POST"], response_model=None)
@@ -149,16 +166,27 @@ def _install_error_handlers(app: FastAPI) -> None:
         headers = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else None
         return exc.response(headers)
 
-    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         # FastAPI answers 422; the OpenAI API (and its clients' error classes) use 400.
-        message, param, code = describe_validation_errors(exc.errors())
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        if tuple(first.get("loc", ())) == ("body",) and isinstance(first.get("input"), bytes):
+            # FastAPI parses JSON only when the Content-Type says so, and hands over the raw bytes otherwise.
+            return _not_json(request).response()
+        message, param, code = describe_validation_errors(errors)
         return bad_request(message, param, code).response()
 
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        too_large = exc if isinstance(exc, _BodyTooLarge) else exc.__cause__
+        if isinstance(too_large, _BodyTooLarge):  # itself, or wrapped by FastAPI's body reader
+            return too_large.error.response()
         if exc.status_code == 404:
             message, code = f"no route {request.method} {request.url.path}", NOT_FOUND
         elif exc.status_code == 405:
             message, code = f"{request.url.path} does not accept {request.method}", METHOD_NOT_ALLOWED
+        elif exc.status_code == 400 and exc.__cause__ is not None:
+            # FastAPI's "There was an error parsing the body", raised from what json.loads failed on.
+            return _unparsable_body(exc.__cause__).response()
         else:
             message, code = str(exc.detail), None
         return APIError(exc.status_code, message, code=code).response(getattr(exc, "headers", None))
@@ -172,6 +200,28 @@ def _install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(Exception, internal_error)
+
+
+def _not_json(request: Request) -> APIError:
+    content_type = request.headers.get("content-type")
+    got = f"Content-Type {content_type!r}" if content_type else "no Content-Type"
+    return bad_request(
+        f"the request body must be a JSON object sent with 'Content-Type: application/json' (got {got})",
+        None,
+        INVALID_CONTENT_TYPE,
+    )
+
+
+def _unparsable_body(cause: BaseException) -> APIError:
+    """A body json.loads could not read, for a reason other than its syntax (answered by FastAPI)."""
+    if isinstance(cause, RecursionError):
+        message = "the request body is nested too deeply to parse; send a flatter JSON object"
+    elif isinstance(cause, UnicodeDecodeError):
+        where = f"{cause.reason} at byte {cause.start}"
+        message = f"the request body is not valid UTF-8 ({where}); send JSON encoded as UTF-8"
+    else:
+        message = f"the request body is not valid JSON: {cause}"
+    return bad_request(message, None, INVALID_JSON)
 
 
 def _internal_error(request: Request, exc: BaseException) -> JSONResponse:
@@ -200,12 +250,14 @@ class _GuardedRoute(APIRoute):
         return guarded
 
 
-def _bearer_auth(api_key: str) -> Callable[[Request], Coroutine[Any, Any, None]]:
-    expected = f"Bearer {api_key}".encode()
+def _bearer_auth(api_keys: Sequence[str]) -> Callable[[Request], Coroutine[Any, Any, None]]:
+    expected = [f"Bearer {key}".encode() for key in api_keys]
 
     async def require_key(request: Request) -> None:
         given = request.headers.get("authorization", "").encode()
-        if not hmac.compare_digest(given, expected):
+        # Every key is compared, in constant time each: how long this takes says nothing of the keys.
+        matches = [hmac.compare_digest(given, key) for key in expected]
+        if not any(matches):
             raise APIError(
                 401,
                 "invalid or missing API key: send the header 'Authorization: Bearer <key>'",
@@ -213,6 +265,69 @@ def _bearer_auth(api_key: str) -> Callable[[Request], Coroutine[Any, Any, None]]
             )
 
     return require_key
+
+
+class _BodyTooLarge(StarletteHTTPException):
+    """Raised from `receive` once a body grows past the limit; FastAPI's body reader re-raises it."""
+
+    def __init__(self, error: APIError):
+        super().__init__(error.status_code, error.message)
+        self.error = error
+
+
+def _body_too_large(max_bytes: int, declared: int | None = None) -> APIError:
+    """The 413; `declared`: the body's Content-Length, if it had one."""
+    size = f"{declared} bytes, " if declared is not None else ""
+    return APIError(
+        STATUS_REQUEST_TOO_LARGE,
+        f"the request body is {size}over this server's limit of {max_bytes} bytes (max_body_bytes); "
+        "send a smaller request",
+        code=REQUEST_TOO_LARGE,
+    )
+
+
+class _BodyLimit:
+    """ASGI middleware refusing a request body over `max_bytes` with a 413.
+
+    A declared Content-Length over the limit is refused before anything is read; a body sent without
+    one (chunked) is counted as it arrives and refused once it passes the limit.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = _content_length(scope)
+        if declared is not None and declared > self.max_bytes:
+            response = _body_too_large(self.max_bytes, declared).response()
+            await response(scope, receive, send)
+            return
+        received = 0
+
+        async def counted() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise _BodyTooLarge(_body_too_large(self.max_bytes))
+            return message
+
+        await self.app(scope, counted, send)
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope.get("headers", ()):
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None  # the HTTP server refuses a malformed length before the app runs
+    return None
 
 
 # -- stream bookkeeping ------------------------------------------------------------------------------
@@ -330,8 +445,9 @@ async def _disconnected(request: Request) -> None:
 class _Serving:
     """The route handlers; they talk to the backend only."""
 
-    def __init__(self, backend: ClusterBackend):
+    def __init__(self, backend: ClusterBackend, limits: ApiLimits):
         self.backend = backend
+        self.limits = limits
 
     # models, health, tokenizer tools
 
@@ -351,7 +467,7 @@ class _Serving:
 
     async def tokenize(self, body: TokenizeRequest) -> TokenizeResponse:
         info = self._model(body.model)
-        tokenizer = self.backend.tokenizer(info.name)
+        tokenizer = self._tokenizer(info)
         if body.messages is not None:
             messages = [message.for_template() for message in body.messages]
             tokens = self._apply_chat_template(tokenizer, messages, body.add_generation_prompt)
@@ -360,17 +476,27 @@ class _Serving:
         return TokenizeResponse(tokens=tokens, count=len(tokens), max_model_len=info.max_model_len)
 
     async def detokenize(self, body: DetokenizeRequest) -> DetokenizeResponse:
-        tokenizer = self.backend.tokenizer(self._model(body.model).name)
+        info = self._model(body.model)
+        tokenizer = self._tokenizer(info)
+        vocab = tokenizer.vocab_size
+        for index, token in enumerate(body.tokens):
+            if token >= vocab:
+                raise bad_request(
+                    f"tokens[{index}]: token id {token} is outside the vocabulary of model {info.name!r} "
+                    f"[0, {vocab})",
+                    f"tokens[{index}]",
+                )
         return DetokenizeResponse(prompt=tokenizer.decode(body.tokens))
 
     # generation
 
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
         info = self._model(body.model)
-        tokenizer = self.backend.tokenizer(info.name)
+        params = self._params(body)
+        tokenizer = self._tokenizer(info)
         prompt_ids = self._prompt_ids(tokenizer, body.prompt)
         live = await self._submit(
-            info, tokenizer, prompt_ids, _params(body), COMPLETION_ID_PREFIX, body.include_usage, "prompt"
+            info, tokenizer, prompt_ids, params, COMPLETION_ID_PREFIX, body.include_usage, "prompt"
         )
         with_logprobs = body.logprobs is not None
         if body.stream:
@@ -394,10 +520,11 @@ class _Serving:
 
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
         info = self._model(body.model)
-        tokenizer = self.backend.tokenizer(info.name)
+        params = self._params(body)
+        tokenizer = self._tokenizer(info)
         prompt_ids = self._apply_chat_template(tokenizer, body.template_messages(), True)
         live = await self._submit(
-            info, tokenizer, prompt_ids, _params(body), CHAT_ID_PREFIX, body.include_usage, "messages"
+            info, tokenizer, prompt_ids, params, CHAT_ID_PREFIX, body.include_usage, "messages"
         )
         if body.stream:
             return _streaming(self._chat_chunks(live, body.logprobs))
@@ -471,6 +598,38 @@ class _Serving:
             raise model_not_found(name, [m.name for m in self.backend.models()])
         return info
 
+    def _tokenizer(self, info: ModelInfo) -> Tokenizer:
+        try:
+            return self.backend.tokenizer(info.name)
+        except KeyError:  # its last node left since the model was looked up
+            raise model_not_found(info.name, [m.name for m in self.backend.models()]) from None
+
+    def _params(self, body: CompletionRequest | ChatCompletionRequest) -> SamplingParams:
+        """The request's SamplingParams within this server's limits on `n` and output tokens."""
+        limits = self.limits
+        if body.n > limits.max_n:
+            raise bad_request(
+                f"n is {body.n}, over this server's limit of {limits.max_n} choices per request (max_n); "
+                f"ask for at most {limits.max_n}",
+                "n",
+            )
+        params = _params(body)
+        cap = limits.max_output_tokens
+        if cap is None:
+            return params
+        length_field = body.length_field()
+        requested = getattr(body, length_field) if length_field in body.model_fields_set else None
+        if requested is not None and requested > cap:
+            raise bad_request(
+                f"{length_field} is {requested}, over this server's limit of {cap} tokens per choice "
+                f"(max_output_tokens); ask for at most {cap}",
+                length_field,
+            )
+        # A length not given, or null ("until the context is full"): the server's limit applies.
+        if params.max_tokens is not None and params.max_tokens <= cap:
+            return params
+        return replace(params, max_tokens=cap)
+
     def _prompt_ids(self, tokenizer: Tokenizer, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
             return tokenizer.encode(prompt)
@@ -498,6 +657,14 @@ class _Serving:
         """Check the prompt against the model and submit it; every failure here is a clean error."""
         if not prompt_ids:
             raise bad_request(f"the {param} is empty", param)
+        most = self.limits.max_prompt_tokens
+        if most is not None and len(prompt_ids) > most and most < info.max_model_len - 1:
+            raise bad_request(
+                f"the {param} has {len(prompt_ids)} tokens, over this server's limit of {most} prompt "
+                f"tokens per request (max_prompt_tokens); shorten the {param}",
+                param,
+                CONTEXT_LENGTH_EXCEEDED,
+            )
         if len(prompt_ids) >= info.max_model_len:
             raise bad_request(
                 f"the {param} has {len(prompt_ids)} tokens, but model {info.name!r} accepts at most "
@@ -513,6 +680,14 @@ class _Serving:
             raise model_not_found(info.name, [m.name for m in self.backend.models()]) from error
         except ValueError as error:
             raise bad_request(str(error), param) from None
+        except Overloaded as error:
+            raise APIError(
+                STATUS_TOO_MANY_REQUESTS,
+                str(error),
+                RATE_LIMIT,
+                code=RATE_LIMIT_EXCEEDED,
+                headers={"Retry-After": str(error.retry_after_s)},
+            ) from None
         except RuntimeError as error:
             raise APIError(503, str(error), SERVICE_UNAVAILABLE, code=SERVICE_UNAVAILABLE) from None
         return _Request(
@@ -611,6 +786,8 @@ async def _collect(stream: RequestStream, request: Request) -> RequestOutput | N
 
 def _generation_error(error: BaseException) -> APIError:
     """An error the node reported for a running request, as the client should see it."""
+    if isinstance(error, Shed):  # the node is overloaded: the request may succeed later
+        return APIError(503, f"the request was shed: {error}", SERVICE_UNAVAILABLE, code=SERVICE_UNAVAILABLE)
     if isinstance(error, RuntimeError):
         # The node's own failures ("does not fit the KV memory ...") say what happened.
         return APIError(500, f"the request failed: {error}", SERVER_ERROR)

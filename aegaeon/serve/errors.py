@@ -12,6 +12,7 @@ INVALID_REQUEST = "invalid_request_error"
 AUTHENTICATION = "authentication_error"
 SERVER_ERROR = "server_error"
 SERVICE_UNAVAILABLE = "service_unavailable"
+RATE_LIMIT = "rate_limit_error"
 
 # Error `code` values (OpenAI's where it has one).
 MODEL_NOT_FOUND = "model_not_found"
@@ -22,7 +23,17 @@ INVALID_VALUE = "invalid_value"
 INVALID_JSON = "invalid_json"
 MISSING_FIELD = "missing_required_parameter"
 CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
+INVALID_CONTENT_TYPE = "invalid_content_type"
+REQUEST_TOO_LARGE = "request_too_large"
+RATE_LIMIT_EXCEEDED = "rate_limit_exceeded"
 
+# HTTP 413 Content Too Large (RFC 9110): the body is over the server's limit.
+STATUS_REQUEST_TOO_LARGE = 413
+# HTTP 429 Too Many Requests: the model's queue is full; Retry-After says when to come back.
+STATUS_TOO_MANY_REQUESTS = 429
+
+# Pydantic's error types for a body that is JSON but not an object (`[1, 2]`, `null`, `"text"`).
+_NOT_AN_OBJECT = ("model_attributes_type", "model_type", "dict_type")
 # Pydantic phrases its errors for developers ("Value error, ..."); the prefix adds nothing for a client.
 _VALUE_ERROR_PREFIX = "Value error, "
 
@@ -37,6 +48,7 @@ class APIError(Exception):
         type: str = INVALID_REQUEST,  # noqa: A002 - the OpenAI field is called `type`
         param: str | None = None,
         code: str | None = None,
+        headers: dict[str, str] | None = None,
     ):
         super().__init__(message)
         self.status_code = status_code
@@ -44,12 +56,15 @@ class APIError(Exception):
         self.type = type
         self.param = param
         self.code = code
+        self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
         return error_body(self.message, self.type, self.param, self.code)
 
     def response(self, headers: dict[str, str] | None = None) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status_code, headers=headers)
+        return JSONResponse(
+            self.body(), status_code=self.status_code, headers={**self.headers, **(headers or {})}
+        )
 
 
 def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:  # noqa: A002
@@ -100,6 +115,8 @@ def describe_validation_errors(errors: Sequence[dict[str, Any]]) -> tuple[str, s
             messages.append(f"'{path}' is required" if path else "a request body is required")
             continue
         text = str(error.get("msg", "invalid value")).removeprefix(_VALUE_ERROR_PREFIX)
+        if not path and error.get("type") in _NOT_AN_OBJECT:
+            text = "the request body must be a JSON object"
         got = error.get("input")
         suffix = f" (got {_short(got)})" if "input" in error and not isinstance(got, (dict, list)) else ""
         messages.append(f"{path}: {text}{suffix}" if path else f"{text}{suffix}")

@@ -70,6 +70,11 @@ def api_summary(url: str, model: str | None, api_key: str | None) -> list[str]:
     return lines
 
 
+def _first(keys: tuple[str, ...]) -> str | None:
+    """The key the printed curl line uses."""
+    return keys[0] if keys else None
+
+
 def run_server(config: ServeConfig) -> None:
     """Serve until interrupted; shared memory and store registrations are released on the way out."""
     store = open_store(config.redis_url)
@@ -101,7 +106,8 @@ def _http(config: ServeConfig, store: MetadataStore):
 
     port = config.port or free_port(config.host)
     backend = ClusterBackend(store)
-    return backend, build_app(backend, api_key=config.api_key), f"http://{config.host}:{port}", port
+    app = build_app(backend, api_keys=config.api_keys, limits=config.limits)
+    return backend, app, f"http://{config.host}:{port}", port
 
 
 def _run_all(config: ServeConfig, store: MetadataStore) -> None:
@@ -118,7 +124,10 @@ def _run_all(config: ServeConfig, store: MetadataStore) -> None:
         app.include_router(observability_router(NodeMetrics(node)))
         lines = ["aegaeon is serving", *node_summary(node, server.node_id, server.address)]
         lines.append(f"  dashboard at {url}/dashboard   Prometheus metrics at {url}/metrics")
-        print("\n".join([*lines, *api_summary(url, next(iter(node.models)), config.api_key)]), flush=True)
+        print(
+            "\n".join([*lines, *api_summary(url, next(iter(node.models)), _first(config.api_keys))]),
+            flush=True,
+        )
         # uvicorn re-raises SIGTERM/SIGINT once it has shut down: release the node before that.
         serve_http(app, config.host, port, on_shutdown=lambda: (backend.close(), stop()))
     finally:
@@ -132,7 +141,10 @@ def _run_api(config: ServeConfig, store: MetadataStore) -> None:
     models = [info.name for info in backend.models()]
     lines = [f"aegaeon api server {backend.api_server_id} (metadata in {config.redis_url})"]
     lines.append(f"  models of the live nodes now: {', '.join(models) or 'none yet'}")
-    print("\n".join([*lines, *api_summary(url, models[0] if models else None, config.api_key)]), flush=True)
+    print(
+        "\n".join([*lines, *api_summary(url, models[0] if models else None, _first(config.api_keys))]),
+        flush=True,
+    )
     serve_http(app, config.host, port, on_shutdown=backend.close)
 
 

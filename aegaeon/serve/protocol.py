@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from aegaeon.engine.sampling_params import MAX_LOGPROBS, SamplingParams
 
@@ -35,6 +35,27 @@ def now_s() -> int:
     return int(time.time())
 
 
+def require_unicode(text: str) -> str:
+    """`text` if it is valid Unicode; ValueError on a lone surrogate, which no tokenizer can encode.
+
+    JSON lets a string hold `\\ud800` on its own (half of a UTF-16 pair); Python keeps it as a
+    surrogate code point that cannot be written as UTF-8.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        char = text[error.start]
+        raise ValueError(
+            f"must be valid Unicode text, but character {error.start} is a lone surrogate "
+            f"(\\u{ord(char):04x}): an escape in \\ud800-\\udfff must be half of a surrogate pair"
+        ) from None
+    return text
+
+
+# A string the server tokenizes or matches against generated text.
+Text = Annotated[str, AfterValidator(require_unicode)]
+
+
 def _is_token_ids(value: object) -> bool:
     return isinstance(value, list) and all(
         isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value
@@ -43,10 +64,12 @@ def _is_token_ids(value: object) -> bool:
 
 def normalize_prompt(value: object) -> Prompt:
     """A string, a list of token ids, or a list holding one of those -> the prompt itself."""
-    if isinstance(value, str) or _is_token_ids(value):
+    if isinstance(value, str):
+        return require_unicode(value)
+    if _is_token_ids(value):
         return value  # type: ignore[return-value]
     if isinstance(value, list) and len(value) == 1 and (isinstance(value[0], str) or _is_token_ids(value[0])):
-        return value[0]
+        return normalize_prompt(value[0])
     several = isinstance(value, list) and len(value) > 1
     if several and all(isinstance(p, str) or _is_token_ids(p) for p in value):  # type: ignore[union-attr]
         raise ValueError(f"only one prompt per request is supported, got {len(value)}: send one request each")
@@ -57,9 +80,9 @@ def normalize_stop(value: object) -> list[str] | None:
     if value is None:
         return None
     if isinstance(value, str):
-        return [value]
+        return [require_unicode(value)]
     if isinstance(value, list) and all(isinstance(s, str) for s in value):
-        return list(value)
+        return [require_unicode(s) for s in value]
     raise ValueError("must be a string or a list of strings")
 
 
@@ -160,11 +183,17 @@ class CompletionRequest(_SamplingRequest):
     def sampling_params(self) -> SamplingParams:
         return self._sampling_params(self.max_tokens, self.logprobs)
 
+    def length_field(self) -> str:
+        """The field that gives the completion's length."""
+        return "max_tokens"
+
 
 def normalize_content(value: object) -> str | None:
     """Message content: a string, or a list of `{"type": "text", "text": ...}` parts joined."""
-    if value is None or isinstance(value, str):
+    if value is None:
         return value
+    if isinstance(value, str):
+        return require_unicode(value)
     if isinstance(value, list):
         texts = []
         for part in value:
@@ -172,7 +201,7 @@ def normalize_content(value: object) -> str | None:
                 isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
             ):
                 raise ValueError('only text content parts ({"type": "text", "text": "..."}) are supported')
-            texts.append(part["text"])
+            texts.append(require_unicode(part["text"]))
         return "".join(texts)
     raise ValueError("must be a string or a list of text content parts")
 
@@ -184,7 +213,7 @@ class ChatMessage(_Strict):
 
     role: Literal[CHAT_ROLES]  # type: ignore[valid-type]
     content: str | None = None
-    name: str | None = None
+    name: Text | None = None
 
     @field_validator("content", mode="before")
     @classmethod
@@ -221,6 +250,10 @@ class ChatCompletionRequest(_SamplingRequest):
         limit = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         return self._sampling_params(limit, (self.top_logprobs or 0) if self.logprobs else None)
 
+    def length_field(self) -> str:
+        """The field that gives the completion's length: the one the client sent."""
+        return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+
     def template_messages(self) -> list[dict[str, Any]]:
         return [message.for_template() for message in self.messages]
 
@@ -229,7 +262,7 @@ class TokenizeRequest(_Strict):
     """`POST /tokenize`: a prompt, or chat messages rendered through the chat template."""
 
     model: str
-    prompt: str | None = None
+    prompt: Text | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True

@@ -24,7 +24,9 @@ class ServerThread:
     """
 
     def __init__(self, app: FastAPI, log_level: str = "warning"):
-        self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # IPPROTO_TCP, not 0: asyncio turns Nagle's algorithm off only for sockets it knows are TCP,
+        # and with it on every response waits out the client's delayed ACK (about 40 ms).
+        self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._socket.bind((LOOPBACK, 0))
         self.port = self._socket.getsockname()[1]

@@ -33,6 +33,7 @@ MODELS = ("llama", "qwen2", "mistral")
 TOKENS = 8
 KV_BYTES = 4 * MIB
 API_KEY = "test-key-0123"
+OTHER_KEY = "test-key-4567"
 GREEDY = {"temperature": 0, "extra_body": {"ignore_eos": True}}
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a river."}]
 DRAIN_TIMEOUT_S = 20.0
@@ -606,7 +607,7 @@ def test_without_a_live_node_the_api_is_unhealthy_and_says_why():
 
 def test_an_api_key_guards_every_route_but_health(cluster):
     with (
-        ServerThread(build_app(ClusterBackend(cluster.store), api_key=API_KEY)) as server,
+        ServerThread(build_app(ClusterBackend(cluster.store), api_keys=[API_KEY, OTHER_KEY])) as server,
         httpx.Client(base_url=server.url, timeout=60) as http,
     ):
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}):
@@ -615,8 +616,11 @@ def test_an_api_key_guards_every_route_but_health(cluster):
                 assert response.status_code == 401, (path, headers)
                 assert response.json()["error"]["code"] == "invalid_api_key"
         assert http.get("/health").status_code == 200
-        good = openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0)
-        assert good.completions.create(model="llama", prompt="x", max_tokens=2).usage.completion_tokens >= 1
+        for key in (API_KEY, OTHER_KEY):  # every configured key works
+            good = openai.OpenAI(base_url=f"{server.url}/v1", api_key=key, max_retries=0)
+            assert (
+                good.completions.create(model="llama", prompt="x", max_tokens=2).usage.completion_tokens >= 1
+            )
         bad = openai.OpenAI(base_url=f"{server.url}/v1", api_key="nope", max_retries=0)
         with pytest.raises(openai.AuthenticationError):
             bad.models.list()

@@ -1,4 +1,4 @@
-"""Faults an operator meets: a Redis restart, a SIGTERM with requests in flight.
+"""Faults an operator meets: a Redis restart, a SIGTERM with requests in flight, a burst past the limit.
 
 A user sees: after Redis restarts (and forgets everything, as one without persistence does), the
 nodes register again and requests are served; a request streaming while the server gets SIGTERM
@@ -12,6 +12,7 @@ import json
 import signal
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
@@ -21,7 +22,7 @@ from aegaeon.config import MIB, EngineConfig, NodeConfig
 from aegaeon.instance.node import Node
 from aegaeon.serve.api_server import build_app
 from aegaeon.serve.backend import ClusterBackend
-from aegaeon.serve.metadata import RedisStore
+from aegaeon.serve.metadata import MemoryStore, RedisStore
 from aegaeon.serve.node_server import HEARTBEAT_INTERVAL_S, NodeServer
 from tests.serve.http_server import ServerThread
 from tests.serve.redis_server import RedisServer
@@ -34,6 +35,8 @@ LONG_TOKENS = 400
 RECOVERY_TIMEOUT_S = 15 * HEARTBEAT_INTERVAL_S
 POLL_S = 0.1
 SHM_PATTERN = "/dev/shm/aegaeon-*"
+# Concurrent requests against a waiting limit of one: most find another one waiting.
+BURST = 12
 
 
 def test_a_redis_restart_is_survived(five_model_dirs, profile_path):
@@ -123,3 +126,35 @@ def test_sigterm_lets_a_streaming_request_finish_then_releases_shared_memory(
         assert chunks[-1]["usage"]["completion_tokens"] == LONG_TOKENS  # it ran to its end
         assert server.process.wait(60) in (0, -signal.SIGTERM)
     assert set(glob.glob(SHM_PATTERN)) == shm_before
+
+
+def test_past_a_models_waiting_limit_requests_get_429_with_retry_after(five_model_dirs, profile_path):
+    config = NodeConfig(
+        profile_path=str(profile_path), engine=EngineConfig(kv_cache_bytes=KV_BYTES), max_waiting_per_model=1
+    )
+    store = MemoryStore()
+    with (
+        Node({"llama": five_model_dirs["llama"]}, config, progress=False) as node,
+        NodeServer(node, store),
+        ServerThread(build_app(ClusterBackend(store))) as server,
+    ):
+        body = {
+            "model": "llama",
+            "prompt": "Busy",
+            "max_tokens": TOKENS,
+            "ignore_eos": True,
+            "temperature": 0,
+        }
+        with httpx.Client(base_url=server.url, timeout=120) as http, ThreadPoolExecutor(BURST) as pool:
+            responses = list(pool.map(lambda _: http.post("/v1/completions", json=body), range(BURST)))
+        refused = [r for r in responses if r.status_code == 429]
+        served = [r for r in responses if r.status_code == 200]
+        assert refused and served and len(refused) + len(served) == BURST
+        for response in refused:
+            assert int(response.headers["retry-after"]) >= 1
+            assert response.json()["error"]["code"] == "rate_limit_exceeded"
+            assert "the limit is 1" in response.json()["error"]["message"]
+        assert all(r.json()["usage"]["completion_tokens"] == TOKENS for r in served)
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=60)
+        again = client.completions.create(model="llama", prompt="Busy", max_tokens=TOKENS, temperature=0)
+        assert again.usage.completion_tokens >= 1  # and it serves on

@@ -88,3 +88,28 @@ def test_roles_that_cannot_work_are_refused_with_what_to_fix(argv, message):
     )
     assert result.returncode != 0
     assert message in result.stderr
+
+
+def test_api_keys_come_from_the_flag_and_a_keys_file(tmp_path):
+    keys_file = tmp_path / "keys.txt"
+    keys_file.write_text("# team a\nkey-a\n\n  key-b  \n")
+    config = serve_config_from_args(parse("a=/m", "--api-key", "key-0", "--api-key-file", str(keys_file)))
+    assert config.api_keys == ("key-0", "key-a", "key-b")
+    keys_file.write_text("# nothing but comments\n")
+    with pytest.raises(SystemExit, match="holds no key"):
+        serve_config_from_args(parse("a=/m", "--api-key-file", str(keys_file)))
+    with pytest.raises(SystemExit, match="cannot read the API keys file"):
+        serve_config_from_args(parse("a=/m", "--api-key-file", str(tmp_path / "missing")))
+
+
+def test_request_limits_come_from_flags_and_yaml(tmp_path):
+    config_file = tmp_path / "pool.yaml"
+    config_file.write_text(yaml.safe_dump({"models": ["a=/m"], "max_output_tokens": 256, "max_n": 2}))
+    config = serve_config_from_args(
+        parse("--config", str(config_file), "--max-n", "4", "--max-body-bytes", "1024")
+    )
+    assert (config.limits.max_n, config.limits.max_output_tokens, config.limits.max_body_bytes) == (
+        4,
+        256,
+        1024,
+    )
