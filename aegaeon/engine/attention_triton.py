@@ -102,34 +102,15 @@ if triton is not None:
 
     @triton.jit
     def _paged_decode_kernel(
-        out_ptr,
-        q_ptr,
-        k_ptr,
-        v_ptr,
-        block_tables_ptr,
-        context_lens_ptr,
-        qk_scale_log2,
-        window,
-        stride_qb,
-        stride_qh,
-        stride_qd,
-        stride_ob,
-        stride_oh,
-        stride_od,
-        stride_kvb,
-        stride_kvs,
-        stride_kvh,
-        stride_kvd,
-        stride_btb,
-        stride_btn,
-        GROUP: tl.constexpr,
-        GROUP_PAD: tl.constexpr,
-        HEAD_DIM: tl.constexpr,
-        HEAD_PAD: tl.constexpr,
-        BLOCK: tl.constexpr,
-        HAS_WINDOW: tl.constexpr,
-        USE_DOT: tl.constexpr,
-        DOT_PRECISION: tl.constexpr,
+        out_ptr, q_ptr, k_ptr, v_ptr, block_tables_ptr, context_lens_ptr,
+        qk_scale_log2, window,
+        stride_qb, stride_qh, stride_qd,
+        stride_ob, stride_oh, stride_od,
+        stride_kvb, stride_kvs, stride_kvh, stride_kvd,
+        stride_btb, stride_btn,
+        GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+        HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
+        BLOCK: tl.constexpr, HAS_WINDOW: tl.constexpr, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ):
         """One program per (batch row, kv head): all query heads of the GQA group share each K/V load."""
         row = tl.program_id(0)
@@ -160,12 +141,8 @@ if triton is not None:
             block = tl.load(block_tables_ptr + row * stride_btb + logical * stride_btn).to(tl.int64)
             positions = logical * BLOCK + slots
             tok_mask = (positions >= start) & (positions < ctx)
-            kv_offs = (
-                block * stride_kvb
-                + slots[:, None] * stride_kvs
-                + kv_head * stride_kvh
-                + dims[None, :] * stride_kvd
-            )
+            kv_offs = (block * stride_kvb + slots[:, None] * stride_kvs + kv_head * stride_kvh
+                       + dims[None, :] * stride_kvd)
             kv_mask = tok_mask[:, None] & dim_mask[None, :]
             k = tl.load(k_ptr + kv_offs, mask=kv_mask, other=0.0)
             if USE_DOT:
@@ -218,25 +195,12 @@ def paged_decode_attention(
     k_cache = kv_cache[:, layer, _K_INDEX]
     v_cache = kv_cache[:, layer, _V_INDEX]
     _paged_decode_kernel[(batch, num_kv_heads)](
-        out,
-        q,
-        k_cache,
-        v_cache,
-        block_tables,
-        context_lens,
-        scale * _LOG2E,
-        sliding_window or 0,
-        *q.stride(),
-        *out.stride(),
-        *k_cache.stride(),
-        *block_tables.stride(),
-        GROUP=group,
-        GROUP_PAD=group_pad,
-        HEAD_DIM=head_dim,
-        HEAD_PAD=triton.next_power_of_2(head_dim),
-        BLOCK=BLOCK_SIZE,
-        HAS_WINDOW=sliding_window is not None,
-        USE_DOT=group_pad >= _DOT_MIN_GROUP,
+        out, q, k_cache, v_cache, block_tables, context_lens,
+        scale * _LOG2E, sliding_window or 0,
+        *q.stride(), *out.stride(), *k_cache.stride(), *block_tables.stride(),
+        GROUP=group, GROUP_PAD=group_pad,
+        HEAD_DIM=head_dim, HEAD_PAD=triton.next_power_of_2(head_dim),
+        BLOCK=BLOCK_SIZE, HAS_WINDOW=sliding_window is not None, USE_DOT=group_pad >= _DOT_MIN_GROUP,
         # tf32 would cost float32 caches ~3 significant digits; 16-bit inputs keep the default.
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else _DEFAULT_DOT_PRECISION,
     )

@@ -110,3 +110,4 @@ class ResidentModels:
         entry.copy.wait()  # its bytes must not be overwritten while a copy still writes them
         self.arena.release(entry.offset)
         self.evictions += 1
+

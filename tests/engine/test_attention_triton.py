@@ -101,12 +101,7 @@ def test_kernel_matches_reference_in_interpreter(dtype_name: str) -> None:
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": python_path}
     code = f"from {__name__} import _run_interpreter_check; _run_interpreter_check({dtype_name!r})"
     proc = subprocess.run(
-        [sys.executable, "-c", code],
-        check=False,
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
+        [sys.executable, "-c", code], check=False, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
         timeout=INTERPRETER_TIMEOUT_S,
     )
     assert proc.returncode == 0, f"interpreted kernel mismatches:\n{proc.stdout}\n{proc.stderr}"
@@ -173,8 +168,7 @@ def test_reference_rejects_bad_inputs() -> None:
     with pytest.raises(ValueError, match="layer"):
         paged_decode_attention_reference(q, kv_cache, NUM_LAYERS, block_tables, context_lens, scale)
     with pytest.raises(ValueError, match="multiple"):
-        paged_decode_attention_reference(
-            q[:, :1].expand(-1, 3, -1), kv_cache, LAYER, block_tables, context_lens, scale
-        )
+        paged_decode_attention_reference(q[:, :1].expand(-1, 3, -1), kv_cache, LAYER, block_tables,
+                                         context_lens, scale)
     with pytest.raises(ValueError, match="sliding_window"):
         paged_decode_attention_reference(q, kv_cache, LAYER, block_tables, context_lens, scale, 0)
