@@ -81,6 +81,7 @@ def serve_config_from_args(args: argparse.Namespace):
         "node_port": args.node_port,
         "drain_timeout_s": args.drain_timeout,
         "metrics_port": args.metrics_port,
+        "log_format": args.log_format,
         "max_waiting_per_model": args.max_waiting_per_model,
         "shed_waiting_after_s": args.shed_after,
     }
@@ -121,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     switch.set_defaults(run=_bench_switch)
 
-    from aegaeon.config import DEFAULT_PROFILE_PATH, ROLES
+    from aegaeon.config import DEFAULT_PROFILE_PATH, LOG_FORMATS, ROLES
 
     profile = commands.add_parser(
         "profile", help="measure prefill/decode latency and switch time of models on this device"
@@ -179,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--node-port", type=int, help="port a node takes api servers' requests on (default: a free one)"
+    )
+    serve.add_argument(
+        "--log-format", choices=LOG_FORMATS, help="log lines as text (default) or one JSON object each"
     )
     serve.add_argument(
         "--metrics-port",

@@ -196,6 +196,8 @@ DEFAULT_PORT = 8000
 # What one `aegaeon serve` process runs: an api server and a node together, or one of them (several
 # machines sharing a Redis metadata store).
 ROLES = ("all", "api", "node")
+# How `aegaeon serve` writes its log: readable lines, or one JSON object per line (aegaeon/logs.py).
+LOG_FORMATS = ("text", "json")
 DEFAULT_DRAIN_TIMEOUT_S = 30.0
 
 
@@ -254,6 +256,8 @@ class ServeConfig:
     drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S
     # A `--role node` process serves /metrics and /dashboard on this port (None: it does not; 0: any).
     metrics_port: int | None = None
+    # "text" lines, or one JSON object per line (with request ids) for log pipelines.
+    log_format: str = "text"
     node: NodeConfig = NodeConfig()
 
     def __post_init__(self) -> None:
@@ -269,6 +273,8 @@ class ServeConfig:
             raise ValueError("name at least one model to serve (NAME=PATH, or a path)")
         if not 0 <= self.node_port < 65536:
             raise ValueError(f"node_port must be in [0, 65535], got {self.node_port}")
+        if self.log_format not in LOG_FORMATS:
+            raise ValueError(f"log_format must be one of {', '.join(LOG_FORMATS)}, got {self.log_format!r}")
         if self.drain_timeout_s < 0:
             raise ValueError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
         names = [model.name for model in self.models]
@@ -313,6 +319,7 @@ _SERVE_KEYS = (
     "node_port",
     "drain_timeout_s",
     "metrics_port",
+    "log_format",
 )
 
 
@@ -370,7 +377,18 @@ def build_serve_config(settings: dict) -> ServeConfig:
         node=node,
         api_keys=tuple(keys),
         limits=ApiLimits(**pick(_LIMIT_KEYS)),
-        **pick(("host", "port", "role", "redis_url", "node_port", "drain_timeout_s", "metrics_port")),
+        **pick(
+            (
+                "host",
+                "port",
+                "role",
+                "redis_url",
+                "node_port",
+                "drain_timeout_s",
+                "metrics_port",
+                "log_format",
+            )
+        ),
     )
 
 

@@ -146,9 +146,22 @@ def serve_http(
     port: int = 8000,
     log_level: str = "info",
     on_shutdown: Callable[[], None] | None = None,
+    drain_timeout_s: float | None = None,
 ) -> None:
-    """Serve `app` with uvicorn until interrupted (blocks); `on_shutdown` runs once it has stopped."""
-    _Server(uvicorn.Config(app, host=host, port=port, log_level=log_level), on_shutdown).run()
+    """Serve `app` with uvicorn until interrupted (blocks); `on_shutdown` runs once it has stopped.
+
+    On SIGTERM, requests in flight get `drain_timeout_s` (None: as long as they need) to finish.
+    """
+    # log_config=None: uvicorn's loggers go through the handlers `aegaeon.logs.configure_logging` set.
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        log_config=None,
+        timeout_graceful_shutdown=drain_timeout_s,
+    )
+    _Server(config, on_shutdown).run()
 
 
 def _package_version() -> str:

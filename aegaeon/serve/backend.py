@@ -20,7 +20,7 @@ import pickle
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import zmq
@@ -118,8 +118,10 @@ class RequestStream:
 @dataclass
 class _InFlight:
     node_id: str
+    model: str
     queue: asyncio.Queue
     accepted: asyncio.Future
+    started: float = field(default_factory=time.monotonic)
 
 
 class _NodeLink:
@@ -261,7 +263,7 @@ class ClusterBackend:
             prompt_tokens=len(prompt_token_ids),
         )
         await asyncio.to_thread(self.store.put_request, record)
-        flight = _InFlight(node_id, asyncio.Queue(), loop.create_future())
+        flight = _InFlight(node_id, model, asyncio.Queue(), loop.create_future())
         self._in_flight[request_id] = flight
         self._watch()
         try:
@@ -303,15 +305,39 @@ class ClusterBackend:
             flight.queue.put_nowait(message.output)
             if message.output.finished:
                 del self._in_flight[message.request_id]
+                tokens = sum(len(choice.token_ids) for choice in message.output.outputs)
+                self._log_end(message.request_id, flight, "finished", output_tokens=tokens)
         elif isinstance(message, Failed):
             flight.queue.put_nowait(message.error)
             del self._in_flight[message.request_id]
+            self._log_end(message.request_id, flight, "failed", error=str(message.error))
 
     def _abort(self, request_id: str) -> None:
         flight = self._in_flight.pop(request_id, None)
         link = self._links.get(flight.node_id) if flight is not None else None
         if link is not None:
             self._spawn(link.send(Abort(request_id)))
+            self._log_end(request_id, flight, "aborted")
+
+    @staticmethod
+    def _log_end(request_id: str, flight: _InFlight, outcome: str, **fields) -> None:
+        """One line per request that ended, with its id (never its prompt or output text)."""
+        seconds = round(time.monotonic() - flight.started, 3)
+        logger.info(
+            "request %s %s on %s after %.3f s",
+            request_id,
+            outcome,
+            flight.node_id,
+            seconds,
+            extra={
+                "request_id": request_id,
+                "model": flight.model,
+                "node_id": flight.node_id,
+                "outcome": outcome,
+                "seconds": seconds,
+                **fields,
+            },
+        )
 
     def _spawn(self, coroutine) -> None:
         task = asyncio.ensure_future(coroutine)

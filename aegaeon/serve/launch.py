@@ -16,6 +16,7 @@ import threading
 
 from aegaeon.config import MIB, ServeConfig
 from aegaeon.instance.node import Node
+from aegaeon.logs import configure_logging
 from aegaeon.serve.dashboard import ObservabilityServer, observability_router
 from aegaeon.serve.metadata import MetadataStore, open_store
 from aegaeon.serve.metrics import NodeMetrics
@@ -77,6 +78,7 @@ def _first(keys: tuple[str, ...]) -> str | None:
 
 def run_server(config: ServeConfig) -> None:
     """Serve until interrupted; shared memory and store registrations are released on the way out."""
+    configure_logging(config.log_format)
     store = open_store(config.redis_url)
     try:
         if config.role == "api":
@@ -129,7 +131,13 @@ def _run_all(config: ServeConfig, store: MetadataStore) -> None:
             flush=True,
         )
         # uvicorn re-raises SIGTERM/SIGINT once it has shut down: release the node before that.
-        serve_http(app, config.host, port, on_shutdown=lambda: (backend.close(), stop()))
+        serve_http(
+            app,
+            config.host,
+            port,
+            on_shutdown=lambda: (backend.close(), stop()),
+            drain_timeout_s=config.drain_timeout_s,
+        )
     finally:
         stop()
 
@@ -145,7 +153,7 @@ def _run_api(config: ServeConfig, store: MetadataStore) -> None:
         "\n".join([*lines, *api_summary(url, models[0] if models else None, _first(config.api_keys))]),
         flush=True,
     )
-    serve_http(app, config.host, port, on_shutdown=backend.close)
+    serve_http(app, config.host, port, on_shutdown=backend.close, drain_timeout_s=config.drain_timeout_s)
 
 
 def _run_node(config: ServeConfig, store: MetadataStore) -> None:
