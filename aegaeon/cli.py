@@ -72,6 +72,7 @@ def serve_config_from_args(args: argparse.Namespace):
         "api_key_file": args.api_key_file,
         "max_body_bytes": args.max_body_bytes,
         "max_n": args.max_n,
+        "requests_per_minute": args.rate_limit,
         "prefill_instances": args.prefill_instances,
         "decode_instances": args.decode_instances,
         "kv_cache_bytes": args.kv_cache_bytes,
@@ -158,6 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="accept any of the keys in this file (one per line, # comments)",
     )
     serve.add_argument("--max-body-bytes", type=int, help="largest request body accepted (default: 4 MiB)")
+    serve.add_argument(
+        "--rate-limit",
+        type=int,
+        metavar="RPM",
+        help="generation requests per minute per API key (default: none)",
+    )
     serve.add_argument("--max-n", type=int, help="most choices (n) one request may ask for (default: 16)")
     layout = serve.add_mutually_exclusive_group()
     layout.add_argument(

@@ -219,11 +219,15 @@ class ApiLimits:
     # Tokens one choice may generate (`max_tokens`, `max_completion_tokens`); None: the room left in the
     # context. An explicit value above it is refused; a request that gives none is capped at it.
     max_output_tokens: int | None = None
+    # Generation requests one API key (or, without keys, one client address) may send per minute,
+    # as a token bucket; None: no limit. Beyond it: 429 with Retry-After.
+    requests_per_minute: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("max_body_bytes", "max_n", "max_prompt_tokens", "max_output_tokens"):
+        optional = ("max_prompt_tokens", "max_output_tokens", "requests_per_minute")
+        for name in ("max_body_bytes", "max_n", *optional):
             value = getattr(self, name)
-            if value is None and name in ("max_prompt_tokens", "max_output_tokens"):
+            if value is None and name in optional:
                 continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
@@ -307,7 +311,7 @@ _NODE_KEYS = (
     "shed_waiting_after_s",
 )
 _SLO_KEYS = ("ttft_s", "tbt_s")
-_LIMIT_KEYS = ("max_body_bytes", "max_n", "max_prompt_tokens", "max_output_tokens")
+_LIMIT_KEYS = ("max_body_bytes", "max_n", "max_prompt_tokens", "max_output_tokens", "requests_per_minute")
 _SERVE_KEYS = (
     "models",
     "host",

@@ -76,6 +76,7 @@ from aegaeon.serve.protocol import (
     new_id,
     now_s,
 )
+from aegaeon.serve.rate_limit import RateLimiter, retry_after_header
 
 logger = logging.getLogger(__name__)
 
@@ -109,10 +110,21 @@ def build_app(
     app.router.route_class = _GuardedRoute
     serving = _Serving(backend, limits)
     auth = [Depends(_bearer_auth(api_keys))] if api_keys else []
+    rate = (
+        [Depends(_rate_limit(RateLimiter(limits.requests_per_minute)))] if limits.requests_per_minute else []
+    )
 
     v1 = APIRouter(prefix="/v1", dependencies=auth, route_class=_GuardedRoute)
-    v1.add_api_route("/completions", serving.completions, methods=["POST"], response_model=None)
-    v1.add_api_route("/chat/completions", serving.chat_completions, methods=["POST"], response_model=None)
+    v1.add_api_route(
+        "/completions", serving.completions, methods=["POST"], response_model=None, dependencies=rate
+    )
+    v1.add_api_route(
+        "/chat/completions",
+        serving.chat_completions,
+        methods=["POST"],
+        response_model=None,
+        dependencies=rate,
+    )
     v1.add_api_route("/models", serving.list_models, methods=["GET"])
     v1.add_api_route("/models/{model_id:path}", serving.get_model, methods=["GET"])
     tools = APIRouter(dependencies=auth, route_class=_GuardedRoute)
@@ -261,6 +273,24 @@ class _GuardedRoute(APIRoute):
                 return _internal_error(request, exc)
 
         return guarded
+
+
+def _rate_limit(limiter: RateLimiter) -> Callable[[Request], Coroutine[Any, Any, None]]:
+    async def within_rate(request: Request) -> None:
+        # The key identifies the client where keys are required; otherwise its address does.
+        client = request.headers.get("authorization") or (request.client.host if request.client else "")
+        wait_s = limiter.take(client)
+        if wait_s > 0:
+            rpm = int(limiter.capacity)
+            raise APIError(
+                STATUS_TOO_MANY_REQUESTS,
+                f"rate limit of {rpm} requests per minute reached; retry in {wait_s:.1f} s",
+                RATE_LIMIT,
+                code=RATE_LIMIT_EXCEEDED,
+                headers={"Retry-After": retry_after_header(wait_s)},
+            )
+
+    return within_rate
 
 
 def _bearer_auth(api_keys: Sequence[str]) -> Callable[[Request], Coroutine[Any, Any, None]]:
