@@ -38,6 +38,8 @@ bench: install
 	$(BIN)/python benchmarks/engine.py
 	$(BIN)/aegaeon bench switch
 	$(BIN)/python benchmarks/scheduling.py
+	$(BIN)/python benchmarks/load.py
+	$(BIN)/python benchmarks/sim_validate.py --profiles loop
 
 # Demo models (tiny, random weights, real tokenizer) written once, then served on the CPU, colocated.
 DEMO_DIR := .demo-models

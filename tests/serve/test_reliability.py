@@ -158,3 +158,51 @@ def test_past_a_models_waiting_limit_requests_get_429_with_retry_after(five_mode
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=60)
         again = client.completions.create(model="llama", prompt="Busy", max_tokens=TOKENS, temperature=0)
         assert again.usage.completion_tokens >= 1  # and it serves on
+
+
+def test_restarting_one_api_server_leaves_the_others_requests_running(five_model_dirs, profile_path):
+    config = NodeConfig(profile_path=str(profile_path), engine=EngineConfig(kv_cache_bytes=KV_BYTES))
+    with (
+        RedisServer() as redis_server,
+        Node({"llama": five_model_dirs["llama"]}, config, progress=False) as node,
+    ):
+        stores = [RedisStore(redis_server.url) for _ in range(3)]
+        try:
+            with (
+                NodeServer(node, stores[0]),
+                ServerThread(build_app(ClusterBackend(stores[1]))) as steady,
+            ):
+                restarted = ServerThread(build_app(ClusterBackend(stores[2]))).__enter__()
+                client = openai.OpenAI(
+                    base_url=f"{steady.url}/v1", api_key="unused", max_retries=0, timeout=120
+                )
+                stream = client.completions.create(
+                    model="llama",
+                    prompt="Go",
+                    max_tokens=LONG_TOKENS,
+                    stream=True,
+                    extra_body={"ignore_eos": True},
+                )
+                first = next(iter(stream))
+                restarted.__exit__(None, None, None)  # the other api server goes away mid-stream
+                again = ServerThread(build_app(ClusterBackend(stores[2]))).__enter__()
+                try:
+                    texts = [first.choices[0].text] + [chunk.choices[0].text for chunk in stream]
+                    assert sum(bool(text) for text in texts) > 1
+                    other = openai.OpenAI(
+                        base_url=f"{again.url}/v1", api_key="unused", max_retries=0, timeout=60
+                    )
+                    assert other.completions.create(
+                        model="llama", prompt="x", max_tokens=2
+                    ).usage.completion_tokens
+                finally:
+                    again.__exit__(None, None, None)
+                record = stores[1].get_request(first.id)
+                deadline = time.monotonic() + RECOVERY_TIMEOUT_S
+                while record.state != "finished" and time.monotonic() < deadline:
+                    time.sleep(POLL_S)
+                    record = stores[1].get_request(first.id)
+                assert record.state == "finished" and record.output_tokens == LONG_TOKENS
+        finally:
+            for store in stores:
+                store.close()
