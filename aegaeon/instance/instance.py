@@ -170,7 +170,13 @@ class Instance(threading.Thread):
             if isinstance(message, Abort):
                 self.engine.abort_request(message.request_id)
             elif (live := self.node.live.get(message.request_id)) is not None:
-                self.engine.import_request(message)
+                try:
+                    self.engine.import_request(message)
+                except InstanceDied:
+                    # Its KV is still in the host pool (an import only records the blocks): the
+                    # restarted engine takes the same handoff.
+                    self.inbox.put(message)
+                    raise
                 live.in_transit = False
             else:  # aborted while its KV was in flight: the blocks are ours to free
                 self.node.kv_pool.free([b for seq in message.seqs for b in seq.host_blocks])
