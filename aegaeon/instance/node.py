@@ -38,6 +38,7 @@ from aegaeon.instance.request_level import RequestLevelInstance
 from aegaeon.instance.worker import ModelFacts, WorkerInfo, WorkerSpec
 from aegaeon.memory.kv_pool import HostKVPool
 from aegaeon.memory.model_cache import HostModelCache
+from aegaeon.memory.shm import node_region_name, remove_orphans
 from aegaeon.scheduler.decode import DecodeDispatcher, DecodeInstance
 from aegaeon.scheduler.models import ModelSpec
 from aegaeon.scheduler.predictor import Predictor, ProfileStore
@@ -99,12 +100,17 @@ class Node:
         memory = self.config.memory
         dtype = parse_dtype(self.config.dtype)
         tag = f"{uuid.uuid4().hex[:8]}"
+        # A node killed outright (SIGKILL, OOM) leaves its regions behind: clear them before adding ours.
+        for path in remove_orphans(memory.shm_dir):
+            logger.warning("removed %s, left by a node that is gone", path)
         weights = self._weight_bytes(models, dtype)
         self.model_cache = HostModelCache.create(
-            memory.shm_dir, memory.host_model_cache_bytes or sum(weights), name=f"aegaeon-models-{tag}"
+            memory.shm_dir,
+            memory.host_model_cache_bytes or sum(weights),
+            name=node_region_name("models", tag),
         )
         self.kv_pool = HostKVPool.create(
-            memory.shm_dir, f"aegaeon-kv-{tag}", memory.host_kv_pool_bytes, memory.kv_slab_bytes
+            memory.shm_dir, node_region_name("kv", tag), memory.host_kv_pool_bytes, memory.kv_slab_bytes
         )
         self.engines: list[RemoteEngine] = []
         self._finalizer = weakref.finalize(self, _release, self.engines, self.model_cache, self.kv_pool)

@@ -8,11 +8,42 @@ from __future__ import annotations
 
 import mmap
 import os
+import re
 from pathlib import Path
 
 import torch
 
 SHM_FILE_MODE = 0o600
+# Regions a node creates are named `aegaeon-<kind>-<owner pid>-<tag>` (plus sidecar files), so the
+# regions of a node that was killed (no chance to remove them) can be found and removed later.
+NODE_REGION = re.compile(r"^aegaeon-[a-z]+-(\d+)-")
+
+
+def node_region_name(kind: str, tag: str) -> str:
+    """The name of a region this process owns: its pid in it, for `remove_orphans`."""
+    return f"aegaeon-{kind}-{os.getpid()}-{tag}"
+
+
+def remove_orphans(directory: str | Path) -> list[Path]:
+    """Remove the node regions (and sidecars) whose owner process is gone; the paths removed."""
+    removed = []
+    for path in Path(directory).glob("aegaeon-*"):
+        match = NODE_REGION.match(path.name)
+        if match is None or not path.is_file() or _alive(int(match.group(1))):
+            continue
+        path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive, and not ours to judge
+        return True
+    return True
 
 
 class SharedRegion:

@@ -65,7 +65,9 @@ class ServeProcess:
             raise
 
     def __exit__(self, *exc: object) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
+        # Gracefully first, as an operator would, so the server removes its shared memory.
+        try:
+            self.stop()
+        except subprocess.TimeoutExpired:
             self.process.wait()
         self._reader.join(STOP_TIMEOUT_S)
