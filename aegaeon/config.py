@@ -311,6 +311,7 @@ _NODE_KEYS = (
     "shed_waiting_after_s",
 )
 _SLO_KEYS = ("ttft_s", "tbt_s")
+_SCHEDULER_KEYS = ("max_group_size", "qmax_s", "alpha_floor", "kv_lookahead_tokens")
 _LIMIT_KEYS = ("max_body_bytes", "max_n", "max_prompt_tokens", "max_output_tokens", "requests_per_minute")
 _SERVE_KEYS = (
     "models",
@@ -354,9 +355,16 @@ def parse_model_entry(value: str | dict) -> tuple[ModelEntry, SLO | None]:
     return ModelEntry(name, path), None
 
 
+def known_settings() -> frozenset[str]:
+    """Every key a YAML config (and `build_serve_config`) accepts."""
+    return frozenset(
+        {*_SERVE_KEYS, *_ENGINE_KEYS, *_MEMORY_KEYS, *_NODE_KEYS, *_SLO_KEYS, *_LIMIT_KEYS, *_SCHEDULER_KEYS}
+    )
+
+
 def build_serve_config(settings: dict) -> ServeConfig:
     """A ServeConfig from flat settings (a YAML file's mapping with flags laid over it)."""
-    known = {*_SERVE_KEYS, *_ENGINE_KEYS, *_MEMORY_KEYS, *_NODE_KEYS, *_SLO_KEYS, *_LIMIT_KEYS}
+    known = known_settings()
     unknown = sorted(set(settings) - known)
     if unknown:
         raise ValueError(f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
@@ -371,7 +379,7 @@ def build_serve_config(settings: dict) -> ServeConfig:
         **pick(_NODE_KEYS),
         engine=EngineConfig(**pick(_ENGINE_KEYS)),
         memory=MemoryConfig(**pick(_MEMORY_KEYS)),
-        scheduler=SchedulerConfig(default_slo=default_slo, model_slos=model_slos),
+        scheduler=SchedulerConfig(default_slo=default_slo, model_slos=model_slos, **pick(_SCHEDULER_KEYS)),
     )
     keys = [settings["api_key"]] if settings.get("api_key") else []
     if settings.get("api_key_file"):

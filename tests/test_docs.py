@@ -82,3 +82,11 @@ def test_the_readme_demo_models_command_writes_models(tmp_path):
     written = [Path(line) for line in result.stdout.split()]
     assert len(written) == int(argv[argv.index("--count") + 1])
     assert all((tmp_path / path / "config.json").exists() for path in written)
+
+
+def test_the_configuration_reference_names_every_setting():
+    from aegaeon.config import known_settings
+
+    reference = (README.parent / "docs" / "configuration.md").read_text()
+    missing = sorted(key for key in known_settings() if f"`{key}`" not in reference)
+    assert not missing, f"docs/configuration.md does not describe {missing}"
