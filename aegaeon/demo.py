@@ -357,6 +357,36 @@ def write_demo_models(directory: str | pathlib.Path, count: int = 3, *, seed: in
     return paths
 
 
+def ensure_small_models(
+    directory: str | pathlib.Path,
+    prefix: str,
+    count: int,
+    hidden_size: int,
+    num_layers: int,
+    max_position: int,
+) -> dict[str, pathlib.Path]:
+    """`count` models named <arch>-<i> (architectures cycling) in `directory`, written once, reused after.
+
+    What the live benchmarks run: small enough for a CPU, large enough that a step costs something.
+    """
+    models = {}
+    for index in range(count):
+        arch = DEMO_ARCHITECTURES[index % len(DEMO_ARCHITECTURES)]
+        path = pathlib.Path(directory) / f"{prefix}-{arch}-{index}"
+        if not (path / "config.json").is_file():
+            write_demo_model(
+                path,
+                arch,
+                seed=index,
+                hidden_size=hidden_size,
+                intermediate_size=2 * hidden_size,
+                num_layers=num_layers,
+                max_position_embeddings=max_position,
+            )
+        models[f"{arch}-{index}"] = path
+    return models
+
+
 # The benchmark model: Llama-shaped, about 100M parameters (400 MB in float32).
 BENCHMARK_MODEL_SHAPE = dict(
     hidden_size=768,

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 from aegaeon.config import MIB, SLO, EngineConfig, MemoryConfig, NodeConfig, SchedulerConfig
-from aegaeon.demo import DEMO_ARCHITECTURES, ensure_benchmark_model, write_demo_model
+from aegaeon.demo import ensure_benchmark_model, ensure_small_models
 from aegaeon.engine.sampling_params import SamplingParams
 from aegaeon.instance.node import Node
 from aegaeon.scheduler.slo import slo_report
@@ -54,22 +54,7 @@ OVERHEAD_TOKENS = 96
 
 
 def bench_models(count: int) -> dict[str, Path]:
-    models = {}
-    for index in range(count):
-        arch = DEMO_ARCHITECTURES[index % len(DEMO_ARCHITECTURES)]
-        path = BENCH_DIR / f"sched-{arch}-{index}"
-        if not (path / "config.json").is_file():
-            write_demo_model(
-                path,
-                arch,
-                seed=index,
-                hidden_size=MODEL_HIDDEN,
-                intermediate_size=2 * MODEL_HIDDEN,
-                num_layers=MODEL_LAYERS,
-                max_position_embeddings=MODEL_MAX_POSITION,
-            )
-        models[f"{arch}-{index}"] = path
-    return models
+    return ensure_small_models(BENCH_DIR, "sched", count, MODEL_HIDDEN, MODEL_LAYERS, MODEL_MAX_POSITION)
 
 
 Arrival = tuple[float, str, list[int], int]

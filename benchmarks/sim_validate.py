@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from aegaeon.config import MIB, SLO, EngineConfig, MemoryConfig, NodeConfig, SchedulerConfig
-from aegaeon.demo import DEMO_ARCHITECTURES, write_demo_model
+from aegaeon.demo import ensure_small_models
 from aegaeon.engine.architecture import Architecture
 from aegaeon.engine.engine import weight_bytes
 from aegaeon.engine.kv_cache import kv_block_bytes
@@ -67,22 +67,7 @@ AGREEMENT = 0.15
 
 
 def validation_models(count: int) -> dict[str, Path]:
-    models = {}
-    for index in range(count):
-        arch = DEMO_ARCHITECTURES[index % len(DEMO_ARCHITECTURES)]
-        path = BENCH_DIR / f"simval-{arch}-{index}"
-        if not (path / "config.json").is_file():
-            write_demo_model(
-                path,
-                arch,
-                seed=index,
-                hidden_size=MODEL_HIDDEN,
-                intermediate_size=2 * MODEL_HIDDEN,
-                num_layers=MODEL_LAYERS,
-                max_position_embeddings=MODEL_MAX_POSITION,
-            )
-        models[f"{arch}-{index}"] = path
-    return models
+    return ensure_small_models(BENCH_DIR, "simval", count, MODEL_HIDDEN, MODEL_LAYERS, MODEL_MAX_POSITION)
 
 
 def workload(
