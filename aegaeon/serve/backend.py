@@ -132,6 +132,7 @@ class _NodeLink:
         self.address = address
         self.socket = context.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.RCVHWM, 0)  # the node's outputs are never dropped on the way in
         self.socket.connect(address)
         self._on_message = on_message
         self.reader = asyncio.ensure_future(self._read())

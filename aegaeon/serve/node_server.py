@@ -88,6 +88,9 @@ class NodeServer:
         self._context = zmq.Context.instance()
         self._socket = self._context.socket(zmq.ROUTER)
         self._socket.setsockopt(zmq.LINGER, 0)
+        # No high-water mark: past one, ZeroMQ would drop outputs (a final one would leave a stream
+        # waiting); outputs are coalesced per request, so a slow api server costs little memory.
+        self._socket.setsockopt(zmq.SNDHWM, 0)
         bind_host = "*" if host in ANY_ADDRESS else host
         if port == 0:
             port = self._socket.bind_to_random_port(f"tcp://{bind_host}")
