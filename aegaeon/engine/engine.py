@@ -305,7 +305,7 @@ class LLMEngine:
         self._finish_moves()
         drained = time.perf_counter()
         loads = self.residents.loads
-        resident = self.residents.get(target.cache_key) or self.residents.load(target.cached)
+        resident = self.residents.use(target.cached)
         resident.copy.wait()
         loaded = time.perf_counter()
         kv = self.arena.view(self.kv_offset, (target.num_blocks, *kv_block_shape(target.arch)), self.dtype)

@@ -5,10 +5,12 @@ so it proceeds at close to the link's bandwidth while the compute stream keeps d
 model (a prefetch); an event marks its end. On the CPU a prefetch runs the same chunked copy on a
 background thread (a tensor copy releases the GIL).
 
-`ResidentModels` keeps the models whose weights are in the arena, stacked above the KV region in
-the order they were loaded. Making room pops models off the top of the stack: a pointer reset, no
-fragmentation. Popping the most recently loaded model is also the right victim for the decode
-rounds, which visit models cyclically: the model used last is the one needed again last.
+`ResidentModels` keeps the models whose weights are in the arena. It takes the whole weight region
+above the KV region from the arena once (so the arena's high-water mark never moves) and places each
+model at the first gap that fits it, evicting models it may evict until one does. So the active model
+and a prefetched next one share the region however they were loaded: a model is never stuck below the
+active one, as it would be in a stack. The victim is the most recently used model it may evict: the
+decode rounds visit models cyclically, so the model used last is the one needed again last.
 """
 
 from __future__ import annotations
@@ -54,27 +56,38 @@ class Resident:
 
 
 class ResidentModels:
-    """The stack of models held in the arena above the KV region."""
+    """The models held in the arena's weight region, placed first-fit, evicted most recently used first."""
 
     def __init__(self, arena: DeviceArena, loader: ModelLoader):
         self.arena = arena
         self.loader = loader
         self.base = arena.top  # everything below belongs to the KV region
-        self.stack: list[Resident] = []
+        self.end = arena.capacity
+        if self.end > self.base:
+            arena.allocate(self.end - self.base)  # the weight region, managed here from now on
+        self.entries: list[Resident] = []
+        self._last_used: dict[str, int] = {}
+        self._clock = 0
         self.loads = 0
         self.evictions = 0
 
     def get(self, key: str) -> Resident | None:
-        return next((entry for entry in self.stack if entry.key == key), None)
+        return next((entry for entry in self.entries if entry.key == key), None)
 
     def capacity(self) -> int:
         """Bytes available to model weights in all."""
-        return self.arena.capacity - self.base
+        return self.end - self.base
+
+    def use(self, model: CachedModel) -> Resident:
+        """The model, resident (loaded if it was not), marked as the most recently used."""
+        entry = self.get(model.key) or self.load(model)
+        self._touch(entry.key)
+        return entry
 
     def load(
         self, model: CachedModel, keep: frozenset[str] = frozenset(), background: bool = False
     ) -> Resident:
-        """Make `model` resident (starting its copy), popping models not in `keep` to make room.
+        """Make `model` resident (starting its copy), evicting models not in `keep` to make room.
 
         Raises RuntimeError when the models in `keep` (or the arena's size) leave no room for it.
         """
@@ -86,28 +99,43 @@ class ResidentModels:
                 f"model {model.key} needs {model.nbytes} bytes but the arena has {self.capacity()} for "
                 "weights (raise cpu_arena_bytes or device_memory_fraction, or lower kv_cache_bytes)"
             )
-        while self.arena.capacity - self.arena.top < model.nbytes:
-            if not self.stack or self.stack[-1].key in keep:
+        while (offset := self._first_fit(model.nbytes)) is None:
+            victims = [e for e in self.entries if e.key not in keep]
+            if not victims:
                 raise RuntimeError(f"no room in the arena for {model.key} while keeping {sorted(keep)}")
-            self._pop()
-        offset = self.arena.allocate(model.nbytes)
+            self._evict(max(victims, key=lambda e: self._last_used.get(e.key, 0)))
         entry = Resident(model.key, offset, model.nbytes, tensor_views(self.arena.buffer, offset, model))
         entry.copy = self.loader.copy(model, offset, background)
-        self.stack.append(entry)
+        self.entries.append(entry)
+        self._touch(entry.key)
         self.loads += 1
         return entry
 
     def room_keeping(self, keep: frozenset[str]) -> int:
-        """Bytes a new model could have once every model above the topmost one in `keep` is popped."""
-        floor = self.base
-        for entry in self.stack:
-            if entry.key in keep:
-                floor = entry.offset + entry.nbytes
-        return self.arena.capacity - floor
+        """The largest model that could be placed once every model not in `keep` is evicted."""
+        return max(self._gaps([e for e in self.entries if e.key in keep]), default=0)
 
-    def _pop(self) -> None:
-        entry = self.stack.pop()
+    def _first_fit(self, nbytes: int) -> int | None:
+        offset = self.base
+        for entry in sorted(self.entries, key=lambda e: e.offset):
+            if entry.offset - offset >= nbytes:
+                return offset
+            offset = entry.offset + entry.nbytes
+        return offset if self.end - offset >= nbytes else None
+
+    def _gaps(self, entries: list[Resident]) -> list[int]:
+        gaps, offset = [], self.base
+        for entry in sorted(entries, key=lambda e: e.offset):
+            gaps.append(entry.offset - offset)
+            offset = entry.offset + entry.nbytes
+        return [*gaps, self.end - offset]
+
+    def _touch(self, key: str) -> None:
+        self._clock += 1
+        self._last_used[key] = self._clock
+
+    def _evict(self, entry: Resident) -> None:
         entry.copy.wait()  # its bytes must not be overwritten while a copy still writes them
-        self.arena.release(entry.offset)
+        self.entries.remove(entry)
+        self._last_used.pop(entry.key, None)
         self.evictions += 1
-

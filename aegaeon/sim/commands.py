@@ -108,8 +108,8 @@ def _add_cluster_args(parser: argparse.ArgumentParser, gpus_flag: bool = True) -
     knobs.add_argument(
         "--arena",
         choices=ARENA_KINDS,
-        default="stack",
-        help="aegaeon: weight residency, the live engine's stack or LRU slots (default stack)",
+        default="engine",
+        help="aegaeon: weight residency, the live engine's arena or fixed LRU slots (default engine)",
     )
     knobs.add_argument(
         "--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="serverless: start deadline (15)"

@@ -1,9 +1,10 @@
 """The weights resident on one simulated device, and when their copies land.
 
-Mirrors the engine's arena (aegaeon.memory.loader.ResidentModels): models are stacked above the KV
-region, a load pops models off the top until the new one fits (never one it was told to keep), and
-copies from host memory go one after another over the device's link, each taking the profile's
-switch time. A prefetch is such a copy started in the background.
+Mirrors the engine's arena (aegaeon.memory.loader.ResidentModels): each model is placed at the first
+gap of the weight region that fits it, evicting the most recently used models it may evict (never
+one it was told to keep) until one does; copies from host memory go one after another over the
+device's link, each taking the profile's switch time. A prefetch is such a copy started in the
+background.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ class Resident:
 
 
 class ResidentWeights:
-    """The stack of models on one device."""
+    """The models on one device, placed first-fit, evicted most recently used first (as the engine)."""
 
     def __init__(
         self, capacity_bytes: int, weight_bytes: Callable[[str], int], load_s: Callable[[str], float]
@@ -29,7 +30,9 @@ class ResidentWeights:
         self.capacity_bytes = capacity_bytes
         self._weight_bytes = weight_bytes
         self._load_s = load_s
-        self.stack: list[Resident] = []
+        self.stack: list[Resident] = []  # in load order
+        self._used: dict[str, int] = {}  # model -> when last used (a counter)
+        self._clock = 0
         # The link copies one model at a time: the next copy starts when the previous one is done.
         self.link_free_s = 0.0
         self.loads = 0
@@ -44,24 +47,27 @@ class ResidentWeights:
         return self.get(model) is not None
 
     def touch(self, model: str) -> None:
-        """`model` became active (the stack does not care; slots evict the least recently used)."""
+        """`model` became active: it is now the most recently used."""
+        self._clock += 1
+        self._used[model] = self._clock
 
     def models(self) -> list[str]:
         return [entry.model for entry in self.stack]
 
-    def _top(self) -> int:
-        return self.stack[-1].offset + self.stack[-1].nbytes if self.stack else 0
+    def _gaps(self, entries: list[Resident]) -> list[tuple[int, int]]:
+        """(offset, size) of the free gaps around `entries`, in address order."""
+        gaps, offset = [], 0
+        for entry in sorted(entries, key=lambda e: e.offset):
+            gaps.append((offset, entry.offset - offset))
+            offset = entry.offset + entry.nbytes
+        return [*gaps, (offset, self.capacity_bytes - offset)]
 
     def room_keeping(self, keep: frozenset[str]) -> int:
-        """Bytes a new model could have once every model above the topmost one in `keep` is popped."""
-        floor = 0
-        for entry in self.stack:
-            if entry.model in keep:
-                floor = entry.offset + entry.nbytes
-        return self.capacity_bytes - floor
+        """The largest model that could be placed once every model not in `keep` is evicted."""
+        return max(size for _, size in self._gaps([e for e in self.stack if e.model in keep]))
 
     def load(self, model: str, now: float, keep: frozenset[str] = frozenset()) -> Resident:
-        """Make `model` resident, starting its copy when the link is free; popping others to make room."""
+        """Make `model` resident, starting its copy when the link is free; evicting others to make room."""
         entry = self.get(model)
         if entry is not None:
             return entry
@@ -70,14 +76,16 @@ class ResidentWeights:
             raise ValueError(
                 f"model {model} ({nbytes} bytes) does not fit the device's {self.capacity_bytes}"
             )
-        while self.capacity_bytes - self._top() < nbytes:
-            if not self.stack or self.stack[-1].model in keep:
+        while (offset := next((o for o, size in self._gaps(self.stack) if size >= nbytes), None)) is None:
+            victims = [e for e in self.stack if e.model not in keep]
+            if not victims:
                 raise ValueError(f"no room for {model} while keeping {sorted(keep)}")
-            self.stack.pop()
+            self.stack.remove(max(victims, key=lambda e: self._used.get(e.model, 0)))
         start = max(now, self.link_free_s)
-        entry = Resident(model, self._top(), nbytes, start + self._load_s(model))
+        entry = Resident(model, offset, nbytes, start + self._load_s(model))
         self.link_free_s = entry.ready_s
         self.stack.append(entry)
+        self.touch(model)
         self.loads += 1
         return entry
 
@@ -94,8 +102,8 @@ class ResidentWeights:
 
 class SlotWeights(ResidentWeights):
     """An alternative arena: fixed slots, each as large as the largest model; a load replaces the
-    least recently used slot not kept. Prefetching beside the active model then always finds room,
-    which the live engine's stack does not guarantee (a model below the active one cannot be freed)."""
+    least recently used slot not kept. Prefetching beside the active model then always finds room
+    when there are two slots, whatever the models' sizes."""
 
     def __init__(
         self,
@@ -108,12 +116,6 @@ class SlotWeights(ResidentWeights):
         if slot_bytes < 1 or capacity_bytes < slot_bytes:
             raise ValueError(f"{capacity_bytes} bytes cannot hold one {slot_bytes}-byte slot")
         self.slots = capacity_bytes // slot_bytes
-        self._used: dict[str, int] = {}  # model -> when last used (a counter)
-        self._clock = 0
-
-    def touch(self, model: str) -> None:
-        self._clock += 1
-        self._used[model] = self._clock
 
     def room_keeping(self, keep: frozenset[str]) -> int:
         evictable = [e for e in self.stack if e.model not in keep]

@@ -24,14 +24,14 @@ from aegaeon.sim.models import ModelSet
 from aegaeon.sim.policies.aegaeon_instance import COLOCATED, DECODE, PREFILL, Handoff, SimInstance
 from aegaeon.sim.policies.base import Deployment, SimContext, model_load
 
-# "stack": the live engine's arena (aegaeon.memory.loader): models stacked, popped from the top.
-# "slots": fixed slots of the largest model's size, least recently used replaced: prefetch always fits.
-ARENA_KINDS = ("stack", "slots")
+# "engine": the live engine's arena (aegaeon.memory.loader): first fit, most recently used evicted.
+# "slots": fixed slots of the largest model's size, least recently used replaced.
+ARENA_KINDS = ("engine", "slots")
 
 
 @dataclass(frozen=True)
 class AegaeonOptions:
-    arena: str = "stack"
+    arena: str = "engine"
 
     def __post_init__(self) -> None:
         if self.arena not in ARENA_KINDS:
