@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from aegaeon.config import SchedulerConfig
@@ -52,3 +53,12 @@ class Deployment(ABC):
 def model_load(models: ModelSet, rates: Mapping[str, float], model: str) -> float:
     """Rough relative demand of a model: its request rate times its size (switch and decode cost)."""
     return rates.get(model, 0.0) * models.weight_bytes(model)
+
+
+def total_busy_s(engines: Iterable) -> dict[str, float]:
+    """Device seconds by kind of work (prefill, decode, load...) summed over engines with `busy_s`."""
+    totals: dict[str, float] = defaultdict(float)
+    for engine in engines:
+        for kind, seconds in engine.busy_s.items():
+            totals[kind] += seconds
+    return dict(totals)

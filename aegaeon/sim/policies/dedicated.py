@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 from aegaeon.scheduler.request import SchedRequest
-from aegaeon.sim.policies.base import Deployment, SimContext, model_load
+from aegaeon.sim.policies.base import Deployment, SimContext, model_load, total_busy_s
 from aegaeon.sim.policies.batching import BatchingEngine
 
 
@@ -58,12 +58,7 @@ class DedicatedDeployment(Deployment):
         min(replicas, key=lambda e: e.requests()).add(request)
 
     def busy_s(self) -> dict[str, float]:
-        totals: dict[str, float] = defaultdict(float)
-        for replicas in self.engines.values():
-            for engine in replicas:
-                for kind, seconds in engine.busy_s.items():
-                    totals[kind] += seconds
-        return dict(totals)
+        return total_busy_s(engine for replicas in self.engines.values() for engine in replicas)
 
     @property
     def gpus(self) -> int:

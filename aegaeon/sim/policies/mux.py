@@ -14,11 +14,10 @@ decode steps at once takes about as long as running them in turn; the approximat
 
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass
 
 from aegaeon.scheduler.request import SchedRequest
-from aegaeon.sim.policies.base import Deployment, SimContext, model_load
+from aegaeon.sim.policies.base import Deployment, SimContext, model_load, total_busy_s
 from aegaeon.sim.policies.batching import BatchingEngine
 
 DEFAULT_MIN_KV_FRACTION = 0.2
@@ -84,11 +83,7 @@ class MuxDeployment(Deployment):
         engine.add(request)
 
     def busy_s(self) -> dict[str, float]:
-        totals: dict[str, float] = defaultdict(float)
-        for engine in self.engines:
-            for kind, seconds in engine.busy_s.items():
-                totals[kind] += seconds
-        return dict(totals)
+        return total_busy_s(self.engines)
 
     @property
     def gpus(self) -> int:

@@ -14,11 +14,11 @@ What it ignores: live migration of running requests between GPUs.
 
 from __future__ import annotations
 
-from collections import defaultdict, deque
+from collections import deque
 from dataclasses import dataclass
 
 from aegaeon.scheduler.request import SchedRequest
-from aegaeon.sim.policies.base import Deployment, SimContext
+from aegaeon.sim.policies.base import Deployment, SimContext, total_busy_s
 from aegaeon.sim.policies.batching import BatchingEngine
 
 DEFAULT_TIMEOUT_S = 15.0
@@ -126,11 +126,7 @@ class ServerlessDeployment(Deployment):
         self.timed_out += 1
 
     def busy_s(self) -> dict[str, float]:
-        totals: dict[str, float] = defaultdict(float)
-        for engine in self.engines:
-            for kind, seconds in engine.busy_s.items():
-                totals[kind] += seconds
-        return dict(totals)
+        return total_busy_s(self.engines)
 
     @property
     def gpus(self) -> int:
