@@ -195,12 +195,10 @@ class Instance(threading.Thread):
             plan = self.decode.plan_round(overhead_s=overhead, switch_s={**resident, **self.turn_cost_s})
         if not plan.batches:
             return False
-        self._adopt_handoffs()  # KV of requests placed here since the last look, now in the plan
         for index in range(len(plan.batches)):
-            self._decode_turn(plan, index)
+            self._decode_turn(plan, index)  # adopts the inbox first: its members' KV, aborts
             if self.role == COLOCATED:
                 self._run_prefills()
-            self._adopt_handoffs()
         return True
 
     def _decode_turn(self, plan: RoundPlan, index: int) -> None:

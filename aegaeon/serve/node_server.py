@@ -251,7 +251,7 @@ class NodeServer:
                 self._send(self._senders[item.request_id], Failed(item.request_id, item.error))
         for item in others:
             if isinstance(item, _Moved):
-                state = RequestState.PREFILLING if item.state == "prefilling" else RequestState.DECODING
+                state = RequestState(item.state)  # the node names states as records do
                 self._record(item.request_id, state=state, instance_id=self.instance_id(item.instance))
         for output in newest.values():
             self._record_output(output)
