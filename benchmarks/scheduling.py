@@ -23,56 +23,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import random
 import threading
 import time
 from pathlib import Path
 
-from aegaeon.config import MIB, SLO, EngineConfig, MemoryConfig, NodeConfig, SchedulerConfig
-from aegaeon.demo import ensure_benchmark_model, ensure_small_models
+from live_workload import BENCH_DIR, DRAIN_S, KV_BYTES, PROFILE_PATH, SCALED_SLO, live_models, workload
+
+from aegaeon.config import MIB, EngineConfig, MemoryConfig, NodeConfig, SchedulerConfig
+from aegaeon.demo import ensure_benchmark_model
 from aegaeon.engine.sampling_params import SamplingParams
 from aegaeon.instance.node import Node
 from aegaeon.scheduler.slo import slo_report
 
-BENCH_DIR = Path(".bench")
-PROFILE_PATH = BENCH_DIR / "profiles.json"
-MODEL_HIDDEN = 256
-MODEL_LAYERS = 4
-MODEL_MAX_POSITION = 1024
-SCALED_SLO = SLO(ttft_s=1.0, tbt_s=0.05)
-PROMPT_LENGTHS = (16, 128)
-OUTPUT_MEAN_TOKENS = 100
-OUTPUT_SIGMA = 0.5
-OUTPUT_MAX_TOKENS = 300
-# How long after the last arrival requests may still finish before the run is cut.
-DRAIN_S = 30.0
-KV_BYTES = 32 * MIB
 SEED = 0
 OVERHEAD_BATCH = 8
 OVERHEAD_TOKENS = 96
 
 
 def bench_models(count: int) -> dict[str, Path]:
-    return ensure_small_models(BENCH_DIR, "sched", count, MODEL_HIDDEN, MODEL_LAYERS, MODEL_MAX_POSITION)
-
-
-Arrival = tuple[float, str, list[int], int]
-
-
-def workload(models: list[str], rate: float, duration: float, seed: int) -> list[Arrival]:
-    """(arrival s, model, prompt, output tokens): a Poisson process of `rate` per model."""
-    rng = random.Random(seed)
-    requests = []
-    for model in models:
-        now = rng.expovariate(rate)
-        while now < duration:
-            prompt = [rng.randrange(3, 900) for _ in range(rng.randint(*PROMPT_LENGTHS))]
-            mu = math.log(OUTPUT_MEAN_TOKENS) - OUTPUT_SIGMA**2 / 2
-            output = min(max(int(rng.lognormvariate(mu, OUTPUT_SIGMA)), 1), OUTPUT_MAX_TOKENS)
-            requests.append((now, model, prompt, output))
-            now += rng.expovariate(rate)
-    return sorted(requests)
+    return live_models("sched", count)
 
 
 def replay(node: Node, requests, duration: float) -> None:

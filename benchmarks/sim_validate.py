@@ -22,14 +22,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import random
 import threading
 import time
 from pathlib import Path
 
-from aegaeon.config import MIB, SLO, EngineConfig, MemoryConfig, NodeConfig, SchedulerConfig
-from aegaeon.demo import ensure_small_models
+from live_workload import (
+    DRAIN_S,
+    KV_BYTES,
+    MODEL_MAX_POSITION,
+    PROFILE_PATH,
+    SCALED_SLO,
+    live_models,
+    workload,
+)
+
+from aegaeon.config import MIB, EngineConfig, MemoryConfig, NodeConfig, SchedulerConfig
 from aegaeon.engine.architecture import Architecture
 from aegaeon.engine.engine import weight_bytes
 from aegaeon.engine.kv_cache import kv_block_bytes
@@ -46,20 +53,7 @@ from aegaeon.sim.models import ModelSet
 from aegaeon.sim.runner import SimOptions, simulate
 from aegaeon.sim.workload import Arrival
 
-BENCH_DIR = Path(".bench")
-PROFILE_PATH = BENCH_DIR / "profiles.json"
 DTYPE = "float32"
-MODEL_HIDDEN = 256
-MODEL_LAYERS = 4
-MODEL_MAX_POSITION = 1024
-# Scaled to these tiny models as benchmarks/scheduling.py scales the paper's SLOs.
-SCALED_SLO = SLO(ttft_s=1.0, tbt_s=0.05)
-PROMPT_LENGTHS = (16, 128)
-OUTPUT_MEAN_TOKENS = 100
-OUTPUT_SIGMA = 0.5
-OUTPUT_MAX_TOKENS = 300
-DRAIN_S = 30.0
-KV_BYTES = 32 * MIB
 SEED = 1
 CALIBRATION_SEED = 101
 CALIBRATION_RATE = 3.0
@@ -67,24 +61,7 @@ AGREEMENT = 0.15
 
 
 def validation_models(count: int) -> dict[str, Path]:
-    return ensure_small_models(BENCH_DIR, "simval", count, MODEL_HIDDEN, MODEL_LAYERS, MODEL_MAX_POSITION)
-
-
-def workload(
-    models: list[str], rate: float, duration: float, seed: int
-) -> list[tuple[float, str, list[int], int]]:
-    """(arrival s, model, prompt token ids, output tokens): a Poisson process of `rate` per model."""
-    rng = random.Random(seed)
-    requests = []
-    mu = math.log(OUTPUT_MEAN_TOKENS) - OUTPUT_SIGMA**2 / 2
-    for model in models:
-        now = rng.expovariate(rate)
-        while now < duration:
-            prompt = [rng.randrange(3, 900) for _ in range(rng.randint(*PROMPT_LENGTHS))]
-            output = min(max(int(rng.lognormvariate(mu, OUTPUT_SIGMA)), 1), OUTPUT_MAX_TOKENS)
-            requests.append((now, model, prompt, output))
-            now += rng.expovariate(rate)
-    return sorted(requests, key=lambda r: r[0])
+    return live_models("simval", count)
 
 
 def node_config() -> NodeConfig:
