@@ -9,6 +9,8 @@ MIB = 1 << 20
 DEFAULT_MAX_NUM_SEQS = 64
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 4096
 DEFAULT_KV_CACHE_BYTES = 512 * MIB
+# Where the CPU attention kernel is compiled to on first use (one file per source, flags and CPU).
+KERNEL_CACHE_DIR = "~/.cache/aegaeon/kernels"
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Decode throughput of the engine against `transformers` and against the compute ceiling.
 
-    python benchmarks/engine.py [--json] [--repeats 3] [--model-dir DIR]
+    python benchmarks/engine.py [--json] [--repeats 3] [--model-dir DIR] [--compare-attention]
 
 The model is Llama-shaped, about 100M parameters (hidden 768, 8 layers, 12 heads / 4 KV heads,
 intermediate 2048, vocab 32k), random weights, float32 on the CPU. It is written once to
@@ -15,6 +15,8 @@ Three numbers per batch size, measured side by side in one process, each a media
 - transformers: `model.generate` (greedy) on the same weights and prompts. Batch 1 runs each
   request alone; batch 16 runs the first 16 requests in one left-padded batch. Decode time is
   `t(generate N tokens) - t(generate 1 token)`, which removes the prefill.
+- aegaeon-gather (with --compare-attention): the engine with decode attention on the torch path
+  (gather + SDPA) instead of the paged kernel, in the same process and repeats.
 - ceiling: the compute floor of this machine: the time of the model's own matrix products alone
   (every weight matrix of one forward pass, at that batch size), as tokens per second.
 """
@@ -134,6 +136,9 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR)
+    parser.add_argument(
+        "--compare-attention", action="store_true", help="also run decode attention on the torch path"
+    )
     args = parser.parse_args()
 
     from transformers import AutoModelForCausalLM
@@ -148,8 +153,14 @@ def main() -> None:
         count = batch_size * REQUESTS_PER_SLOT[batch_size]
         requests = make_requests(count, BENCHMARK_MODEL_SHAPE["vocab_size"], rng)
         runs = {"aegaeon": [], "transformers": [], "ceiling": []}
+        if args.compare_attention:
+            runs["aegaeon-gather"] = []
+            gather_engine = LLMEngine(model_dir, config=config)
+            gather_engine.runner.paged_decode = None
         for _ in range(args.repeats):
             runs["aegaeon"].append(aegaeon_decode_rate(engine, requests, batch_size))
+            if args.compare_attention:
+                runs["aegaeon-gather"].append(aegaeon_decode_rate(gather_engine, requests, batch_size))
             runs["transformers"].append(transformers_decode_rate(hf_model, requests, batch_size))
             runs["ceiling"].append(ceiling_rate(engine, batch_size))
         results[f"batch_{batch_size}"] = {name: round(statistics.median(v), 2) for name, v in runs.items()}
@@ -164,6 +175,10 @@ def main() -> None:
             f"{name:10}{r['aegaeon']:>10.1f}{r['transformers']:>14.1f}{r['ceiling']:>10.1f}"
             f"{r['aegaeon'] / r['ceiling']:>14.0%}{r['transformers'] / r['ceiling']:>9.0%}"
         )
+    if args.compare_attention:
+        print("decode attention on the torch path (gather + SDPA) instead of the paged kernel:")
+        for name, r in results.items():
+            print(f"{name:10}{r['aegaeon-gather']:>10.1f}{r['aegaeon-gather'] / r['ceiling']:>38.0%}")
 
 
 if __name__ == "__main__":

@@ -5,15 +5,17 @@ layer; there is no global forward context, so two models can run in one process.
 
 - Prefill: each new sequence attends causally to its own tokens, which are all in hand, so the
   attention runs on the fresh K/V (SDPA) while they are written into the cache.
-- Decode: one query token per sequence against its cached context. On the CPU, K and V are gathered
-  per block table into `[batch, kv_heads, tokens, head_dim]` views and handed to SDPA with the
-  query grouped as `[batch, kv_heads, group, head_dim]` (grouped-query attention without repeating
-  K/V). On CUDA, a Triton paged kernel reads the blocks in place when Triton is available.
+- Decode: one query token per sequence against its cached context. A paged kernel reads the blocks
+  in place: Triton on CUDA (attention_triton.py), C on the CPU (cpu_kernels.py). Where neither
+  can run, K and V are gathered per block table into `[batch, kv_heads, tokens, head_dim]` views
+  and handed to SDPA with the query grouped as `[batch, kv_heads, group, head_dim]` (grouped-query
+  attention without repeating K/V).
 """
 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +39,11 @@ class DecodeGroup:
     mask: torch.Tensor | None  # [rows, 1, 1, max_blocks * BLOCK_SIZE], True where a key is visible
 
 
+# (q, kv_cache, layer, block_tables, context_lens, scale, sliding_window, new_kv=) -> [rows, heads, head_dim]
+# (semantics: paged_decode.py)
+PagedDecode = Callable[..., torch.Tensor]
+
+
 @dataclass
 class AttentionBatch:
     """Where this step's tokens go in the KV cache and what each query may attend to."""
@@ -53,7 +60,8 @@ class AttentionBatch:
     decode_groups: list[DecodeGroup] | None = None
     context_lens: torch.Tensor | None = None
     sliding_window: int | None = None
-    use_triton: bool = False
+    # decode: the paged kernel reading the blocks in place (one group, int32 tables); None: gather
+    paged_decode: PagedDecode | None = None
 
 
 def plan_decode_groups(sizes: list[int], group_cost: int = DECODE_GROUP_COST_BLOCKS) -> list[tuple[int, int]]:
@@ -113,17 +121,16 @@ def attention(
 ) -> torch.Tensor:
     """Attention output `[tokens, heads * head_dim]` for this step's queries `[tokens, heads, head_dim]`
     and keys and values `kv` (`[tokens, 2, kv_heads, head_dim]`), which are stored for later steps."""
+    if batch.paged_decode is not None and not batch.is_prefill:
+        # The kernel stores this step's K/V itself, in the same pass over the rows.
+        tables = batch.decode_groups[0].block_tables
+        out = batch.paged_decode(
+            q, kv_cache, layer, tables, batch.context_lens, batch.scale, batch.sliding_window, new_kv=kv
+        )
+        return out.flatten(1)
     write_kv(kv_cache, layer, batch, kv)
     if batch.is_prefill:
         return _prefill(q, kv[:, 0], kv[:, 1], batch)
-    if batch.use_triton:
-        from aegaeon.engine.attention_triton import paged_decode_attention
-
-        tables = batch.decode_groups[0].block_tables
-        out = paged_decode_attention(
-            q, kv_cache, layer, tables, batch.context_lens, batch.scale, batch.sliding_window
-        )
-        return out.flatten(1)
     outputs = [
         _decode_gathered(q[group.start : group.end], kv_cache, layer, group, batch.scale)
         for group in batch.decode_groups

@@ -1,4 +1,4 @@
-"""Paged decode attention for CUDA as a Triton kernel, plus a pure-torch reference."""
+"""Paged decode attention for CUDA as a Triton kernel (semantics and reference: paged_decode.py)."""
 
 from __future__ import annotations
 
@@ -11,91 +11,16 @@ except ImportError:  # CPU-only installs run the torch path and never call the k
     triton = None
     tl = None
 
-BLOCK_SIZE = 16  # tokens per KV block; fixed by the block-major cache layout
-KV_CACHE_NDIM = 6  # [num_blocks, num_layers, 2 (K/V), BLOCK_SIZE, num_kv_heads, head_dim]
+from aegaeon.engine.kv_cache import BLOCK_SIZE
+from aegaeon.engine.paged_decode import check_paged_decode_inputs, store_new_kv
+
 _K_INDEX, _V_INDEX = 0, 1
+
 # From this many (padded) query heads per KV head on, tl.dot (tensor cores) beats a broadcast
 # multiply-reduce, whose [group, block, head_dim] fp32 temporary would spill registers.
 _DOT_MIN_GROUP = 16
 _DEFAULT_DOT_PRECISION = "tf32"  # triton's CUDA default; only affects float32 operands
 _LOG2E = 1.4426950408889634  # the kernel uses exp2, so the softmax scale is folded into base 2
-_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _check_inputs(
-    q: torch.Tensor,
-    kv_cache: torch.Tensor,
-    layer: int,
-    block_tables: torch.Tensor,
-    context_lens: torch.Tensor,
-    sliding_window: int | None,
-) -> None:
-    """Raise ValueError unless the arguments describe a valid paged decode step."""
-    if q.dim() != 3:
-        raise ValueError(f"q must be [batch, num_q_heads, head_dim], got shape {tuple(q.shape)}")
-    if kv_cache.dim() != KV_CACHE_NDIM or kv_cache.shape[2] != 2 or kv_cache.shape[3] != BLOCK_SIZE:
-        raise ValueError(
-            f"kv_cache must be [num_blocks, num_layers, 2, {BLOCK_SIZE}, num_kv_heads, head_dim], "
-            f"got shape {tuple(kv_cache.shape)}"
-        )
-    batch, num_q_heads, head_dim = q.shape
-    num_kv_heads = kv_cache.shape[4]
-    if kv_cache.shape[5] != head_dim:
-        raise ValueError(f"head_dim mismatch: q has {head_dim}, kv_cache has {kv_cache.shape[5]}")
-    if num_kv_heads == 0 or num_q_heads % num_kv_heads != 0:
-        raise ValueError(f"num_q_heads ({num_q_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
-    if q.dtype != kv_cache.dtype or q.dtype not in _SUPPORTED_DTYPES:
-        raise ValueError(
-            f"q and kv_cache must share a dtype in {_SUPPORTED_DTYPES}, got {q.dtype} and {kv_cache.dtype}"
-        )
-    if not 0 <= layer < kv_cache.shape[1]:
-        raise ValueError(f"layer {layer} out of range for {kv_cache.shape[1]} layers")
-    if block_tables.dim() != 2 or block_tables.shape[0] != batch or block_tables.dtype != torch.int32:
-        raise ValueError(
-            f"block_tables must be int32 [{batch}, max_blocks], "
-            f"got {block_tables.dtype} {tuple(block_tables.shape)}"
-        )
-    if context_lens.shape != (batch,) or context_lens.dtype != torch.int32:
-        raise ValueError(
-            f"context_lens must be int32 [{batch}], got {context_lens.dtype} {tuple(context_lens.shape)}"
-        )
-    if sliding_window is not None and sliding_window <= 0:
-        raise ValueError(f"sliding_window must be positive or None, got {sliding_window}")
-
-
-def paged_decode_attention_reference(
-    q: torch.Tensor,
-    kv_cache: torch.Tensor,
-    layer: int,
-    block_tables: torch.Tensor,
-    context_lens: torch.Tensor,
-    scale: float,
-    sliding_window: int | None = None,
-) -> torch.Tensor:
-    """Pure-torch paged decode attention: gather each row's blocks, mask, softmax in float32."""
-    _check_inputs(q, kv_cache, layer, block_tables, context_lens, sliding_window)
-    batch, num_q_heads, head_dim = q.shape
-    num_kv_heads = kv_cache.shape[4]
-    group = num_q_heads // num_kv_heads
-    out = torch.zeros_like(q)
-    for b in range(batch):
-        ctx = int(context_lens[b])
-        if ctx == 0:  # padded batch rows attend to nothing; zeros rather than 0/0 NaN
-            continue
-        num_blocks = (ctx + BLOCK_SIZE - 1) // BLOCK_SIZE
-        blocks = block_tables[b, :num_blocks].long()
-        # [num_blocks, 2, BLOCK_SIZE, kvh, d] -> [2, tokens, kvh, d], cut to the context
-        kv = kv_cache[blocks, layer].transpose(0, 1)
-        kv = kv.reshape(2, num_blocks * BLOCK_SIZE, num_kv_heads, head_dim)
-        k = kv[_K_INDEX, :ctx].float().repeat_interleave(group, dim=1)  # [ctx, num_q_heads, d]
-        v = kv[_V_INDEX, :ctx].float().repeat_interleave(group, dim=1)
-        scores = torch.einsum("hd,thd->ht", q[b].float(), k) * scale
-        if sliding_window is not None:
-            positions = torch.arange(ctx, device=q.device)
-            scores = scores.masked_fill((ctx - 1) - positions >= sliding_window, float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
-        out[b] = torch.einsum("ht,thd->hd", probs, v).to(q.dtype)
-    return out
 
 
 if triton is not None:
@@ -179,11 +104,15 @@ def paged_decode_attention(
     context_lens: torch.Tensor,
     scale: float,
     sliding_window: int | None = None,
+    new_kv: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Decode attention of one query token per row over its paged KV, via the Triton kernel."""
+    """Decode attention of one query token per row over its paged KV, via the Triton kernel
+    (after storing `new_kv`, this step's K and V, as `store_new_kv` does)."""
     if triton is None:
-        raise RuntimeError("paged_decode_attention needs triton; use paged_decode_attention_reference on CPU")
-    _check_inputs(q, kv_cache, layer, block_tables, context_lens, sliding_window)
+        raise RuntimeError("paged_decode_attention needs triton; on the CPU use cpu_kernels'")
+    check_paged_decode_inputs(q, kv_cache, layer, block_tables, context_lens, sliding_window, new_kv)
+    if new_kv is not None:
+        store_new_kv(kv_cache, layer, block_tables, context_lens, new_kv)
     batch, num_q_heads, head_dim = q.shape
     num_kv_heads = kv_cache.shape[4]
     group = num_q_heads // num_kv_heads
@@ -205,6 +134,3 @@ def paged_decode_attention(
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else _DEFAULT_DOT_PRECISION,
     )
     return out
-
-
-__all__ = ["BLOCK_SIZE", "paged_decode_attention", "paged_decode_attention_reference"]

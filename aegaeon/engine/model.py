@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from aegaeon.engine import cpu_kernels
 from aegaeon.engine.architecture import Architecture
 from aegaeon.engine.attention import AttentionBatch, attention
 from aegaeon.engine.rope import apply_rotary
@@ -19,10 +20,13 @@ from aegaeon.engine.weights import LayerWeights, ModelWeights
 class Transformer:
     """Runs forward passes of one architecture over whatever weights and KV cache it is handed."""
 
-    def __init__(self, arch: Architecture):
+    def __init__(self, arch: Architecture, device: torch.device):
         self.arch = arch
         self._norm_shape = (arch.hidden_size,)
         self._head_norm_shape = (arch.head_dim,)
+        # On the CPU, where the C kernels build, the residual add + norm and SiLU * up run as one
+        # pass each instead of several small torch ops.
+        self.fused_cpu_ops = device.type == "cpu" and cpu_kernels.cpu_kernels_available()
 
     def forward(
         self,
@@ -34,25 +38,29 @@ class Transformer:
         batch: AttentionBatch,
     ) -> torch.Tensor:
         """Final hidden states `[tokens, hidden]` (before the output norm)."""
-        hidden = F.embedding(token_ids, weights.embed)
-        residual = hidden  # a fresh tensor (not the weights): the residual adds below work in place
-        hidden = self._rms_norm(hidden, weights.layers[0].input_norm)
+        residual = F.embedding(token_ids, weights.embed)  # a fresh tensor: the adds below work in place
+        hidden = self._add_rms_norm(residual, None, weights.layers[0].input_norm)
         for i, layer in enumerate(weights.layers):
             hidden = self._attention(layer, hidden, kv_cache, i, cos, sin, batch)
-            residual.add_(hidden)
-            hidden = self._rms_norm(residual, layer.post_norm)
+            hidden = self._add_rms_norm(residual, hidden, layer.post_norm)
             hidden = self._mlp(layer, hidden)
-            residual.add_(hidden)
             next_norm = weights.layers[i + 1].input_norm if i + 1 < len(weights.layers) else weights.norm
-            hidden = self._rms_norm(residual, next_norm)
+            hidden = self._add_rms_norm(residual, hidden, next_norm)
         return hidden
 
     def logits(self, weights: ModelWeights, hidden: torch.Tensor) -> torch.Tensor:
         """float32 logits `[rows, vocab]` for already-normed hidden states."""
         return F.linear(hidden, weights.lm_head).float()
 
-    def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, self._norm_shape, weight, self.arch.rms_norm_eps)
+    def _add_rms_norm(
+        self, residual: torch.Tensor, x: torch.Tensor | None, weight: torch.Tensor
+    ) -> torch.Tensor:
+        """`residual += x` in place (x None: nothing to add), and the normed residual."""
+        if self.fused_cpu_ops:
+            return cpu_kernels.add_rms_norm(residual, x, weight, self.arch.rms_norm_eps)
+        if x is not None:
+            residual.add_(x)
+        return F.rms_norm(residual, self._norm_shape, weight, self.arch.rms_norm_eps)
 
     def _attention(
         self,
@@ -97,6 +105,9 @@ class Transformer:
         return F.linear(out, layer.o, layer.o_bias)
 
     def _mlp(self, layer: LayerWeights, hidden: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(hidden, layer.gate_up, layer.gate_up_bias).chunk(2, dim=-1)
+        gate_up = F.linear(hidden, layer.gate_up, layer.gate_up_bias)
+        if self.fused_cpu_ops:
+            return F.linear(cpu_kernels.silu_mul(gate_up), layer.down, layer.down_bias)
+        gate, up = gate_up.chunk(2, dim=-1)
         # In place on the gate_up product, which nothing else holds; mm reads the strided result as is.
         return F.linear(F.silu(gate, inplace=True).mul_(up), layer.down, layer.down_bias)

@@ -12,6 +12,23 @@ from aegaeon.engine.architecture import RopeScaling
 INITIAL_TABLE_POSITIONS = 4096
 
 
+def _initialize_vector_math() -> None:
+    """Make this process's first MKL VML call (torch's CPU cos, sin, exp, ...) from one thread.
+
+    MKL VML picks its kernels by a CPU type it detects on its first call and stores in a global in
+    two steps: the raw type first, then the remapped one. A second OpenMP thread that enters VML in
+    between reads the raw type, which indexes the low-accuracy VML_EP kernel, and computes its chunk
+    with it (errors up to ~1.5e-4 in cos). The table below (64k elements, split over the threads) is
+    usually that first call: in a few percent of processes part of the cos table came out wrong and
+    float32 logits moved ~1.7e-3 off transformers'. A one-element call runs on this thread alone and
+    finishes the detection before any parallel call can race it.
+    """
+    torch.cos(torch.zeros(1))
+
+
+_initialize_vector_math()
+
+
 def inverse_frequencies(rope: RopeScaling, head_dim: int) -> torch.Tensor:
     """float32 inverse frequencies, bit-for-bit the way `transformers` derives them."""
     exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).to(torch.float32) / head_dim

@@ -8,6 +8,7 @@ from aegaeon.engine.architecture import Architecture
 from aegaeon.engine.attention import (
     AttentionBatch,
     DecodeGroup,
+    PagedDecode,
     decode_mask,
     plan_decode_groups,
     prefill_mask,
@@ -20,15 +21,18 @@ from aegaeon.engine.sequence import Sequence
 from aegaeon.engine.weights import ModelWeights
 
 
-def triton_decode_available(device: torch.device) -> bool:
-    """Whether the Triton paged-decode kernel can run on `device`."""
-    if device.type != "cuda":
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def paged_decode_kernel(arch: Architecture, device: torch.device) -> PagedDecode | None:
+    """The paged decode kernel that runs on `device` for this model, or None (the gather path)."""
+    if device.type == "cuda":
+        from aegaeon.engine import attention_triton
+
+        return attention_triton.paged_decode_attention if attention_triton.triton is not None else None
+    if device.type == "cpu":
+        from aegaeon.engine import cpu_kernels
+
+        if cpu_kernels.cpu_decode_supports(arch.num_heads, arch.num_kv_heads, arch.head_dim):
+            return cpu_kernels.paged_decode_attention
+    return None
 
 
 class ModelRunner:
@@ -40,11 +44,11 @@ class ModelRunner:
         self.weights: ModelWeights | None = None
         self.kv_cache: torch.Tensor | None = None
         self.device = device
-        self.model = Transformer(arch)
+        self.model = Transformer(arch, device)
         self.rotary = RotaryTable(arch.rope, arch.head_dim, dtype, device)
         self.sampler = Sampler()
         self.scale = arch.head_dim**-0.5
-        self.use_triton = triton_decode_available(device)
+        self.paged_decode = paged_decode_kernel(arch, device)
 
     def bind(self, weights: ModelWeights | None, kv_cache: torch.Tensor | None) -> None:
         """Run on these weights and this KV tensor from now on (a switch: no copy, no allocation)."""
@@ -119,7 +123,7 @@ class ModelRunner:
         ).view(3, count)
         token_ids, positions, slot_blocks = table
         context_lens = positions + 1
-        if self.use_triton:  # the kernel walks each row's own blocks: there is no padding to avoid
+        if self.paged_decode is not None:  # the kernel walks each row's own blocks: no padding to avoid
             context_lens = context_lens.to(torch.int32)
             spans = [(0, count)]
         else:
@@ -134,7 +138,7 @@ class ModelRunner:
             decode_groups=[self._decode_group(ordered, context_lens, start, end) for start, end in spans],
             context_lens=context_lens,
             sliding_window=self.arch.sliding_window,
-            use_triton=self.use_triton,
+            paged_decode=self.paged_decode,
         )
         # Logits come back in the caller's order: undo the sort on the (small) hidden states.
         rows = None if order == sorted(order) else self._tensor(sorted(range(count), key=order.__getitem__))
@@ -147,7 +151,7 @@ class ModelRunner:
         max_blocks = max(len(seq.block_table) for seq in rows)
         # Padding entries point at block 0; the mask keeps them out of every softmax.
         tables = [seq.block_table + [0] * (max_blocks - len(seq.block_table)) for seq in rows]
-        if self.use_triton:
+        if self.paged_decode is not None:
             return DecodeGroup(start, end, torch.tensor(tables, dtype=torch.int32, device=self.device), None)
         mask = decode_mask(context_lens[start:end], max_blocks, self.arch.sliding_window)
         return DecodeGroup(start, end, self._tensor(tables), mask)

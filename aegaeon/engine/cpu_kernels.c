@@ -1,0 +1,363 @@
+/* The engine's CPU kernels: paged decode attention, residual add + RMS norm, and SiLU(gate) * up.
+ *
+ * Paged decode attention: one query token per row against its KV blocks, read in place. The torch path gathers every row's blocks into a padded copy and hands it to SDPA, so each step
+ * writes and re-reads all of the context; this kernel reads each visible key and value once. One
+ * task is one (row, kv head) pair: it stores the row's new K and V for that head, then attends with
+ * all query heads of the group, one block of 16 tokens at a time (online softmax), accumulating in
+ * float32 whatever the storage dtype. Tasks touch disjoint cache slots, so they run in parallel.
+ *
+ * With AVX2 + FMA and a head_dim that is a multiple of 8, scores and values go 8 floats at a time;
+ * otherwise plain loops do the same arithmetic.
+ *
+ * Residual add + RMS norm, SiLU * up: between the layers' matrix products torch runs these as
+ * several small ops, each with its own fixed cost (~80 us per norm at 768 floats); here each is one
+ * pass per row.
+ *
+ * Built on first use by cpu_kernels.py (cc -O3 -march=native -fopenmp) and called through ctypes.
+ * OpenMP resolves to the libgomp that torch has already loaded (same soname), so the kernel shares
+ * torch's thread pool instead of starting a second one that would fight it for the cores.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define HAVE_AVX2 1
+#else
+#define HAVE_AVX2 0
+#endif
+
+#define BLOCK_SIZE 16
+#define LANES 8
+#define CACHE_LINE 64
+/* Per-task scratch lives on the stack: 2 x MAX_GROUP x MAX_HEAD_DIM floats (32 KiB). */
+#define MAX_HEAD_DIM 256
+#define MAX_GROUP 16
+/* Below this many (token, kv head) pairs a step runs on the calling thread: waking the pool costs
+ * more than it saves (about 5 us of work per 1,000 pairs), and far more when the cores are busy. */
+#define MIN_PARALLEL_WORK 4096
+/* Elements below which a norm or an activation stays on the calling thread. */
+#define MIN_PARALLEL_ELEMENTS 65536
+
+typedef uint16_t bf16_t;
+
+/* ---- element conversions ------------------------------------------------------------------ */
+
+static inline float f32_load(const float *p) { return *p; }
+static inline void f32_store(float *p, float x) { *p = x; }
+
+static inline float bf16_load(const bf16_t *p) {
+    uint32_t bits = (uint32_t)*p << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static inline void bf16_store(bf16_t *p, float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    if (isnan(f)) {
+        *p = (bf16_t)((bits >> 16) | 0x40);  /* keep it a (quiet) NaN */
+        return;
+    }
+    bits += 0x7fff + ((bits >> 16) & 1);  /* round to nearest even, as torch does */
+    *p = (bf16_t)(bits >> 16);
+}
+
+static inline float f16_load(const _Float16 *p) { return (float)*p; }
+static inline void f16_store(_Float16 *p, float x) { *p = (_Float16)x; }
+
+/* exp(x) for x <= 0 (scores minus their running max). x = n ln2 + r with |r| <= ln2 / 2, and 2^r
+ * by its Taylor series to degree 7: relative error about 1e-8, below float32's own rounding. */
+#define EXP_CLAMP -87.0f /* exp(-87) ~ 1.6e-38, the order of the smallest normal float */
+#define LOG2E 1.44269504088896341f
+#define LN2_HI 0.693145751953125f /* ln 2 in two parts, so n * LN2_HI is exact */
+#define LN2_LO 1.428606765330187e-06f
+static const float EXP_TAYLOR[8] = {1.98412698e-4f, 1.38888889e-3f, 8.33333333e-3f, 4.16666667e-2f,
+                                     1.66666667e-1f, 0.5f, 1.0f, 1.0f};
+
+static inline float exp_nonpositive(float x) {
+    x = x < EXP_CLAMP ? EXP_CLAMP : x;
+    const float n = rintf(x * LOG2E);
+    const float r = x - n * LN2_HI - n * LN2_LO;
+    float p = EXP_TAYLOR[0];
+    for (int i = 1; i < 8; i++) p = p * r + EXP_TAYLOR[i];
+    const uint32_t bits = (uint32_t)((int32_t)n + 127) << 23;
+    float two_n;
+    memcpy(&two_n, &bits, sizeof two_n);
+    return p * two_n;
+}
+
+#if HAVE_AVX2
+static inline __m256 f32_load8(const float *p) { return _mm256_loadu_ps(p); }
+static inline __m256 bf16_load8(const bf16_t *p) {
+    const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+static inline __m256 f16_load8(const _Float16 *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
+
+static inline __m256 exp8_nonpositive(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(EXP_CLAMP));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(LOG2E)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_HI), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_LO), r);
+    __m256 p = _mm256_set1_ps(EXP_TAYLOR[0]);
+    for (int i = 1; i < 8; i++) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(EXP_TAYLOR[i]));
+    const __m256i exponent = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(exponent));
+}
+
+/* Lane i of the result is the sum of the 8 lanes of a[i]. */
+static inline __m256 lane_sums8(const __m256 a[LANES]) {
+    const __m256 s0123 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+    const __m256 s4567 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+    return _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20), _mm256_permute2f128_ps(s0123, s4567, 0x31));
+}
+#endif
+
+/* Asks for a block's K and V rows of one head ahead of use: the rows of a head are 1 KB apart for
+ * 4 KV heads of 64 floats, and a block starts anywhere, so the hardware prefetchers see neither. */
+static inline void prefetch_block(const char *keys, const char *values, int64_t stride_bytes, int64_t row_bytes) {
+    for (int64_t t = 0; t < BLOCK_SIZE; t++)
+        for (int64_t offset = 0; offset < row_bytes; offset += CACHE_LINE) {
+            __builtin_prefetch(keys + t * stride_bytes + offset);
+            __builtin_prefetch(values + t * stride_bytes + offset);
+        }
+}
+
+/* ---- the kernel, once per storage dtype ----------------------------------------------------
+ * Arguments are element counts (not bytes) for strides and offsets:
+ *   q[row * q_row_stride + head * head_dim + d]
+ *   new K of kv head h: new_kv[row * new_kv_row_stride + h * head_dim + d], its V at
+ *   (num_kv_heads + h) * head_dim; new_kv NULL: nothing to store
+ *   K of token t (within its block) of kv head h in block b:
+ *       kv[b * block_stride + k_offset + t * token_stride + h * head_dim + d]   (V: v_offset)
+ *   out[row * num_heads * head_dim + head * head_dim + d]
+ * A row's new token sits at position ctx - 1; the row sees positions [max(0, ctx - window), ctx)
+ * (window 0: no window); ctx 0 gives zeros. The task body is inlined with head_dim a constant for
+ * the common sizes, so its loops unroll into whole vectors. */
+#define DEFINE_PAGED_DECODE(NAME, T, LOAD, LOAD8, STORE)                                               \
+    /* Scores of tokens [lo, hi) of one block for query head g (scaled q in qs[g]). */                \
+    static inline __attribute__((always_inline)) void NAME##_scores(                                  \
+        const float *qg, const T *keys, int64_t token_stride, int64_t head_dim, int64_t lo,           \
+        int64_t hi, float *scores) {                                                                  \
+        int64_t t = lo;                                                                               \
+        if (HAVE_AVX2 && head_dim % LANES == 0) {                                                     \
+            VECTOR_SCORES(T, LOAD8)                                                                   \
+        }                                                                                             \
+        for (; t < hi; t++) {                                                                         \
+            const T *key = keys + t * token_stride;                                                   \
+            float s = 0.0f;                                                                           \
+            for (int64_t d = 0; d < head_dim; d++) s += qg[d] * LOAD(key + d);                        \
+            scores[t] = s;                                                                            \
+        }                                                                                             \
+    }                                                                                                 \
+                                                                                                      \
+    /* acc += sum over tokens [lo, hi) of probs[t] * V[t]. */                                         \
+    static inline __attribute__((always_inline)) void NAME##_values(                                  \
+        const float *probs, const T *values, int64_t token_stride, int64_t head_dim, int64_t lo,      \
+        int64_t hi, float *acc) {                                                                     \
+        if (HAVE_AVX2 && head_dim % LANES == 0) {                                                     \
+            VECTOR_VALUES(T, LOAD8)                                                                   \
+            return;                                                                                   \
+        }                                                                                             \
+        for (int64_t t = lo; t < hi; t++) {                                                           \
+            const T *value = values + t * token_stride;                                               \
+            for (int64_t d = 0; d < head_dim; d++) acc[d] += probs[t] * LOAD(value + d);              \
+        }                                                                                             \
+    }                                                                                                 \
+                                                                                                      \
+    static inline __attribute__((always_inline)) void NAME##_task(                                    \
+        const T *q, int64_t q_row_stride, const T *new_kv, int64_t new_kv_row_stride, T *kv,         \
+        int64_t block_stride, int64_t k_offset, int64_t v_offset, int64_t token_stride,               \
+        const int32_t *block_tables, int64_t table_stride, const int32_t *context_lens,               \
+        int64_t num_heads, int64_t num_kv_heads, const int64_t head_dim, int64_t sliding_window,      \
+        float scale, T *out, int64_t task) {                                                          \
+        const int64_t group = num_heads / num_kv_heads;                                              \
+        const int64_t row = task / num_kv_heads, kv_head = task % num_kv_heads;                       \
+        const int64_t ctx = context_lens[row];                                                        \
+        const int32_t *table = block_tables + row * table_stride;                                     \
+        if (new_kv != NULL && ctx > 0) {                                                              \
+            const int64_t slot = table[(ctx - 1) / BLOCK_SIZE] * block_stride +                       \
+                                 ((ctx - 1) % BLOCK_SIZE) * token_stride + kv_head * head_dim;        \
+            const T *fresh = new_kv + row * new_kv_row_stride + kv_head * head_dim;                   \
+            memcpy(kv + slot + k_offset, fresh, head_dim * sizeof(T));                                \
+            memcpy(kv + slot + v_offset, fresh + num_kv_heads * head_dim, head_dim * sizeof(T));      \
+        }                                                                                             \
+        float qs[MAX_GROUP][MAX_HEAD_DIM], acc[MAX_GROUP][MAX_HEAD_DIM];                              \
+        float probs[BLOCK_SIZE], run_max[MAX_GROUP], run_sum[MAX_GROUP];                              \
+        for (int64_t g = 0; g < group; g++) {                                                         \
+            const T *qh = q + row * q_row_stride + (kv_head * group + g) * head_dim;                  \
+            for (int64_t d = 0; d < head_dim; d++) qs[g][d] = LOAD(qh + d) * scale;                   \
+            for (int64_t d = 0; d < head_dim; d++) acc[g][d] = 0.0f;                                  \
+            run_max[g] = -INFINITY;                                                                   \
+            run_sum[g] = 0.0f;                                                                        \
+        }                                                                                             \
+        const int64_t first = sliding_window > 0 && ctx > sliding_window ? ctx - sliding_window : 0;  \
+        for (int64_t start = first - first % BLOCK_SIZE; start < ctx; start += BLOCK_SIZE) {         \
+            const int64_t lo = first > start ? first - start : 0;                                     \
+            const int64_t hi = ctx - start < BLOCK_SIZE ? ctx - start : BLOCK_SIZE;                   \
+            const T *base = kv + table[start / BLOCK_SIZE] * block_stride + kv_head * head_dim;       \
+            if (start + BLOCK_SIZE < ctx) {                                                           \
+                const T *next = kv + table[start / BLOCK_SIZE + 1] * block_stride + kv_head * head_dim; \
+                prefetch_block((const char *)(next + k_offset), (const char *)(next + v_offset),      \
+                               token_stride * sizeof(T), head_dim * sizeof(T));                       \
+            }                                                                                         \
+            for (int64_t g = 0; g < group; g++) {                                                     \
+                NAME##_scores(qs[g], base + k_offset, token_stride, head_dim, lo, hi, probs);         \
+                float block_max = -INFINITY;                                                          \
+                for (int64_t t = lo; t < hi; t++) block_max = probs[t] > block_max ? probs[t] : block_max;        \
+                if (block_max > run_max[g]) {                                                         \
+                    const float rescale = exp_nonpositive(run_max[g] - block_max);                    \
+                    run_sum[g] *= rescale;                                                            \
+                    for (int64_t d = 0; d < head_dim; d++) acc[g][d] *= rescale;                      \
+                    run_max[g] = block_max;                                                           \
+                }                                                                                     \
+                for (int64_t t = lo; t < hi; t++) {                                                   \
+                    probs[t] = exp_nonpositive(probs[t] - run_max[g]);                                \
+                    run_sum[g] += probs[t];                                                           \
+                }                                                                                     \
+                NAME##_values(probs, base + v_offset, token_stride, head_dim, lo, hi, acc[g]);        \
+            }                                                                                         \
+        }                                                                                             \
+        for (int64_t g = 0; g < group; g++) {                                                         \
+            T *o = out + (row * num_heads + kv_head * group + g) * head_dim;                          \
+            const float inv = run_sum[g] > 0.0f ? 1.0f / run_sum[g] : 0.0f;                           \
+            for (int64_t d = 0; d < head_dim; d++) STORE(o + d, acc[g][d] * inv);                     \
+        }                                                                                             \
+    }                                                                                                 \
+                                                                                                      \
+    void NAME(const T *q, int64_t q_row_stride, const T *new_kv, int64_t new_kv_row_stride, T *kv,   \
+              int64_t block_stride, int64_t k_offset, int64_t v_offset, int64_t token_stride,         \
+              const int32_t *block_tables, int64_t table_stride, const int32_t *context_lens,         \
+              int64_t num_rows, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,            \
+              int64_t sliding_window, float scale, T *out, int32_t num_threads) {                     \
+        const int64_t tasks = num_rows * num_kv_heads;                                                \
+        int64_t work = 0;                                                                             \
+        for (int64_t row = 0; row < num_rows; row++) work += context_lens[row] * num_kv_heads;       \
+        const int parallel = num_threads > 1 && work >= MIN_PARALLEL_WORK;                            \
+        _Pragma("omp parallel for schedule(dynamic) num_threads(num_threads) if(parallel)")          \
+        for (int64_t task = 0; task < tasks; task++) {                                                \
+            switch (head_dim) {                                                                       \
+            case 64:                                                                                  \
+                NAME##_task(q, q_row_stride, new_kv, new_kv_row_stride, kv, block_stride, k_offset,   \
+                            v_offset, token_stride, block_tables, table_stride, context_lens,         \
+                            num_heads, num_kv_heads, 64, sliding_window, scale, out, task);           \
+                break;                                                                                \
+            case 128:                                                                                 \
+                NAME##_task(q, q_row_stride, new_kv, new_kv_row_stride, kv, block_stride, k_offset,   \
+                            v_offset, token_stride, block_tables, table_stride, context_lens,         \
+                            num_heads, num_kv_heads, 128, sliding_window, scale, out, task);          \
+                break;                                                                                \
+            default:                                                                                  \
+                NAME##_task(q, q_row_stride, new_kv, new_kv_row_stride, kv, block_stride, k_offset,   \
+                            v_offset, token_stride, block_tables, table_stride, context_lens,         \
+                            num_heads, num_kv_heads, head_dim, sliding_window, scale, out, task);     \
+            }                                                                                         \
+        }                                                                                             \
+    }
+
+#if HAVE_AVX2
+/* Scores 8 tokens at a time: each token's dot product accumulates in its own vector (8 independent
+ * chains), and one transpose-and-add turns the 8 vectors into the 8 scores. */
+#define VECTOR_SCORES(T, LOAD8)                                                                       \
+    for (; t + LANES <= hi; t += LANES) {                                                             \
+        __m256 sums[LANES];                                                                           \
+        for (int i = 0; i < LANES; i++) sums[i] = _mm256_setzero_ps();                                \
+        for (int64_t d = 0; d < head_dim; d += LANES) {                                               \
+            const __m256 qd = _mm256_loadu_ps(qg + d);                                                \
+            for (int i = 0; i < LANES; i++)                                                           \
+                sums[i] = _mm256_fmadd_ps(qd, LOAD8(keys + (t + i) * token_stride + d), sums[i]);     \
+        }                                                                                             \
+        _mm256_storeu_ps(scores + t, lane_sums8(sums));                                               \
+    }
+/* The accumulator stays in registers across the block's tokens, up to 64 floats at a time. */
+#define VALUE_VECTORS 8
+#define VECTOR_VALUES(T, LOAD8)                                                                       \
+    for (int64_t d0 = 0; d0 < head_dim; d0 += VALUE_VECTORS * LANES) {                                \
+        const int64_t width = head_dim - d0 < VALUE_VECTORS * LANES ? head_dim - d0 : VALUE_VECTORS * LANES; \
+        __m256 sums[VALUE_VECTORS];                                                                   \
+        for (int j = 0; j * LANES < width; j++) sums[j] = _mm256_loadu_ps(acc + d0 + j * LANES);      \
+        for (int64_t t = lo; t < hi; t++) {                                                           \
+            const __m256 p = _mm256_set1_ps(probs[t]);                                                \
+            const T *value = values + t * token_stride + d0;                                          \
+            for (int j = 0; j * LANES < width; j++)                                                   \
+                sums[j] = _mm256_fmadd_ps(p, LOAD8(value + j * LANES), sums[j]);                      \
+        }                                                                                             \
+        for (int j = 0; j * LANES < width; j++) _mm256_storeu_ps(acc + d0 + j * LANES, sums[j]);      \
+    }
+#else
+#define VECTOR_SCORES(T, LOAD8)
+#define VECTOR_VALUES(T, LOAD8)
+#endif
+
+DEFINE_PAGED_DECODE(paged_decode_f32, float, f32_load, f32_load8, f32_store)
+DEFINE_PAGED_DECODE(paged_decode_bf16, bf16_t, bf16_load, bf16_load8, bf16_store)
+DEFINE_PAGED_DECODE(paged_decode_f16, _Float16, f16_load, f16_load8, f16_store)
+
+/* ---- residual add + RMS norm -------------------------------------------------------------
+ * Per row of `dim` elements: residual += x (x NULL: no add), then
+ *   out = weight * dtype(residual * 1 / sqrt(mean(residual^2) + eps))
+ * in float32 and rounded to the storage dtype where transformers' RMSNorm rounds: the normalised
+ * row before the weight multiplies it, and the product. */
+#define DEFINE_ADD_RMS_NORM(NAME, T, LOAD, STORE)                                                     \
+    void NAME(T *residual, const T *x, const T *weight, T *out, int64_t rows, int64_t dim, float eps, \
+              int32_t num_threads) {                                                                  \
+        _Pragma("omp parallel for num_threads(num_threads) if(num_threads > 1 && rows * dim >= MIN_PARALLEL_ELEMENTS)") \
+        for (int64_t row = 0; row < rows; row++) {                                                    \
+            T *r = residual + row * dim;                                                              \
+            T *o = out + row * dim;                                                                   \
+            float squares = 0.0f;                                                                     \
+            for (int64_t d = 0; d < dim; d++) {                                                       \
+                float value = LOAD(r + d);                                                            \
+                if (x != NULL) {                                                                      \
+                    STORE(r + d, value + LOAD(x + row * dim + d));                                    \
+                    value = LOAD(r + d);                                                              \
+                }                                                                                     \
+                squares += value * value;                                                             \
+            }                                                                                         \
+            const float inverse_rms = 1.0f / sqrtf(squares / (float)dim + eps);                       \
+            for (int64_t d = 0; d < dim; d++) {                                                       \
+                T normed;                                                                             \
+                STORE(&normed, LOAD(r + d) * inverse_rms);                                            \
+                STORE(o + d, LOAD(weight + d) * LOAD(&normed));                                       \
+            }                                                                                         \
+        }                                                                                             \
+    }
+
+/* ---- SiLU(gate) * up ----------------------------------------------------------------------
+ * Per row of the fused gate_up product (gate: the first `inter` values, up: the next `inter`):
+ *   out = dtype(dtype(silu(gate)) * up), silu(x) = x / (1 + exp(-x)), as torch rounds them. */
+static inline float silu(float x) {
+    /* exp(-x) = exp(-|x|) or its inverse, so the exp stays in exp_nonpositive's range. */
+    const float e = exp_nonpositive(x > 0.0f ? -x : x);
+    return x > 0.0f ? x / (1.0f + e) : x * e / (1.0f + e);
+}
+
+#define DEFINE_SILU_MUL(NAME, T, LOAD, STORE)                                                         \
+    void NAME(const T *gate_up, int64_t row_stride, T *out, int64_t rows, int64_t inter,            \
+              int32_t num_threads) {                                                                  \
+        _Pragma("omp parallel for num_threads(num_threads) if(num_threads > 1 && rows * inter >= MIN_PARALLEL_ELEMENTS)") \
+        for (int64_t row = 0; row < rows; row++) {                                                    \
+            const T *gate = gate_up + row * row_stride, *up = gate + inter;                           \
+            T *o = out + row * inter;                                                                 \
+            for (int64_t i = 0; i < inter; i++) {                                                     \
+                T activated;                                                                          \
+                STORE(&activated, silu(LOAD(gate + i)));                                              \
+                STORE(o + i, LOAD(&activated) * LOAD(up + i));                                        \
+            }                                                                                         \
+        }                                                                                             \
+    }
+
+DEFINE_SILU_MUL(silu_mul_f32, float, f32_load, f32_store)
+DEFINE_SILU_MUL(silu_mul_bf16, bf16_t, bf16_load, bf16_store)
+DEFINE_SILU_MUL(silu_mul_f16, _Float16, f16_load, f16_store)
+
+DEFINE_ADD_RMS_NORM(add_rms_norm_f32, float, f32_load, f32_store)
+DEFINE_ADD_RMS_NORM(add_rms_norm_bf16, bf16_t, bf16_load, bf16_store)
+DEFINE_ADD_RMS_NORM(add_rms_norm_f16, _Float16, f16_load, f16_store)
+
+int64_t paged_decode_max_head_dim(void) { return MAX_HEAD_DIM; }
+int64_t paged_decode_max_group(void) { return MAX_GROUP; }

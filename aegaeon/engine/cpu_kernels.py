@@ -1,0 +1,217 @@
+"""The engine's CPU kernels (`cpu_kernels.c`): paged decode attention, residual add + RMS norm, SiLU * up.
+
+They are built with the system's C compiler for this CPU (`-march=native`) into `KERNEL_CACHE_DIR`,
+keyed by source, flags and CPU, and loaded with ctypes. Where no compiler is found the engine keeps
+its torch paths (gather + SDPA, torch's norm), which give the same results, only slower.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from aegaeon.config import KERNEL_CACHE_DIR
+from aegaeon.engine.paged_decode import check_paged_decode_inputs
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_kernels.c")
+# Vectorising a float sum needs reassociation; -ffast-math would also do it, but GCC then links
+# crtfastmath into the library, which turns on flush-to-zero for the whole process (torch included).
+CFLAGS = (
+    "-O3", "-march=native", "-fopenmp", "-fPIC", "-shared",
+    "-fno-math-errno", "-fno-trapping-math", "-fassociative-math", "-fno-signed-zeros",
+)  # fmt: skip
+COMPILE_TIMEOUT_S = 120
+_DTYPE_SUFFIXES = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
+_PAGED_DECODE_ARGTYPES = [
+    ctypes.c_void_p, ctypes.c_int64,  # q, q_row_stride
+    ctypes.c_void_p, ctypes.c_int64,  # new_kv, new_kv_row_stride
+    ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,  # kv, strides
+    ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,  # block_tables, table_stride, context_lens
+    ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,  # rows, heads, kv heads, head_dim
+    ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_int32,  # window, scale, out, threads
+]  # fmt: skip
+_ADD_RMS_NORM_ARGTYPES = [
+    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,  # residual, x, weight, out
+    ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_int32,  # rows, dim, eps, threads
+]  # fmt: skip
+_SILU_MUL_ARGTYPES = [
+    ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,  # gate_up, row_stride, out
+    ctypes.c_int64, ctypes.c_int64, ctypes.c_int32,  # rows, inter, threads
+]  # fmt: skip
+_ARGTYPES = {
+    "paged_decode": _PAGED_DECODE_ARGTYPES,
+    "add_rms_norm": _ADD_RMS_NORM_ARGTYPES,
+    "silu_mul": _SILU_MUL_ARGTYPES,
+}
+
+
+def _cpu_signature() -> str:
+    """What `-march=native` depends on: the CPU's model and feature flags."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            lines = [line for line in info if line.startswith(("model name", "flags"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def _build(compiler: str) -> Path:
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, " ".join(CFLAGS).encode(), compiler.encode(),
+                                     _cpu_signature().encode()])).hexdigest()[:16]  # fmt: skip
+    directory = Path(KERNEL_CACHE_DIR).expanduser()
+    target = directory / f"cpu_kernels-{key}.so"
+    if target.exists():
+        return target
+    directory.mkdir(parents=True, exist_ok=True)
+    # Compile beside the target and rename: instance processes starting together may all build it.
+    fd, partial = tempfile.mkstemp(dir=directory, suffix=".so.partial")
+    os.close(fd)
+    try:
+        subprocess.run(
+            [compiler, *CFLAGS, str(SOURCE), "-o", partial, "-lm"],
+            check=True, capture_output=True, timeout=COMPILE_TIMEOUT_S,
+        )  # fmt: skip
+        os.replace(partial, target)
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
+    return target
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    compiler = _compiler()
+    if compiler is None:
+        log.warning("no C compiler found: the CPU kernels run on their slower torch paths")
+        return None
+    try:
+        library = ctypes.CDLL(str(_build(compiler)))
+    except (OSError, subprocess.SubprocessError) as error:
+        detail = getattr(error, "stderr", b"") or b""
+        log.warning(
+            "building the CPU kernels failed (%s%s): they run on their slower torch paths",
+            error, ": " + detail.decode(errors="replace")[-2000:] if detail else "",
+        )  # fmt: skip
+        return None
+    for suffix in _DTYPE_SUFFIXES.values():
+        for name, argtypes in _ARGTYPES.items():
+            function = getattr(library, f"{name}_{suffix}")
+            function.argtypes, function.restype = argtypes, None
+    for name in ("paged_decode_max_head_dim", "paged_decode_max_group"):
+        getattr(library, name).restype = ctypes.c_int64
+    return library
+
+
+def cpu_kernels_available() -> bool:
+    """Whether the C kernels are built (building them now if needed) and loadable."""
+    return _library() is not None
+
+
+@functools.cache
+def cpu_decode_supports(num_heads: int, num_kv_heads: int, head_dim: int) -> bool:
+    """Whether the kernel is available and its per-task scratch holds this attention shape."""
+    library = _library()
+    return (
+        library is not None
+        and head_dim <= library.paged_decode_max_head_dim()
+        and num_heads // num_kv_heads <= library.paged_decode_max_group()
+    )
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    layer: int,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    sliding_window: int | None = None,
+    new_kv: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Decode attention `[rows, heads, head_dim]` of one query token per row over its paged KV,
+    first storing each row's `new_kv` (`[rows, 2, kv_heads, head_dim]`) at its position `ctx - 1`."""
+    check_paged_decode_inputs(q, kv_cache, layer, block_tables, context_lens, sliding_window, new_kv)
+    rows, num_heads, head_dim = q.shape
+    num_kv_heads = kv_cache.shape[4]
+    if not cpu_decode_supports(num_heads, num_kv_heads, head_dim):
+        raise ValueError(
+            f"the CPU kernel does not support {num_heads} query heads, {num_kv_heads} KV heads of {head_dim}"
+            " (or it could not be built)"
+        )
+    if q.device.type != "cpu" or not kv_cache.is_contiguous():
+        raise ValueError("the CPU kernel needs CPU tensors and a contiguous KV cache")
+    # The kernel walks heads and dimensions contiguously; rows may be strided (views of qkv).
+    if q.stride(2) != 1 or q.stride(1) != head_dim:
+        q = q.contiguous()
+    if new_kv is not None and new_kv.stride()[1:] != (num_kv_heads * head_dim, head_dim, 1):
+        new_kv = new_kv.contiguous()
+    block_tables = block_tables.contiguous()
+    context_lens = context_lens.contiguous()
+    out = torch.empty(rows, num_heads, head_dim, dtype=q.dtype)
+    strides = kv_cache.stride()
+    k_offset = layer * strides[1]
+    getattr(_library(), f"paged_decode_{_DTYPE_SUFFIXES[q.dtype]}")(
+        q.data_ptr(), q.stride(0),
+        None if new_kv is None else new_kv.data_ptr(), 0 if new_kv is None else new_kv.stride(0),
+        kv_cache.data_ptr(), strides[0], k_offset, k_offset + strides[2], strides[3],
+        block_tables.data_ptr(), block_tables.stride(0), context_lens.data_ptr(),
+        rows, num_heads, num_kv_heads, head_dim,
+        sliding_window or 0, scale, out.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    return out
+
+
+def add_rms_norm(
+    residual: torch.Tensor, x: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """`residual += x` in place (unless x is None), then the RMS norm of `residual` times `weight`
+    (transformers' RMSNorm: float32 inside, rounded to the dtype before and after the weight)."""
+    if not cpu_kernels_available():
+        raise RuntimeError("the CPU kernels are not available (no C compiler, or their build failed)")
+    dim = weight.shape[0]
+    tensors = (residual, weight) if x is None else (residual, x, weight)
+    if any(t.dtype != residual.dtype or not t.is_contiguous() or t.device.type != "cpu" for t in tensors):
+        raise ValueError("add_rms_norm needs contiguous CPU tensors of one dtype")
+    if residual.shape[-1] != dim or (x is not None and x.shape != residual.shape):
+        raise ValueError(
+            f"add_rms_norm: shapes {tuple(residual.shape)} and {tuple(weight.shape)} do not agree"
+        )
+    out = torch.empty_like(residual)
+    getattr(_library(), f"add_rms_norm_{_DTYPE_SUFFIXES[residual.dtype]}")(
+        residual.data_ptr(), None if x is None else x.data_ptr(), weight.data_ptr(), out.data_ptr(),
+        residual.numel() // dim, dim, eps, torch.get_num_threads(),
+    )  # fmt: skip
+    return out
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """`silu(gate) * up` `[rows, inter]` of the fused gate_up product `[rows, 2 * inter]`."""
+    if not cpu_kernels_available():
+        raise RuntimeError("the CPU kernels are not available (no C compiler, or their build failed)")
+    if gate_up.dim() != 2 or gate_up.shape[1] % 2 or gate_up.stride(1) != 1 or gate_up.device.type != "cpu":
+        raise ValueError(
+            f"silu_mul needs a CPU [rows, 2 * inter] tensor with contiguous rows, got {gate_up.shape}"
+        )
+    rows, inter = gate_up.shape[0], gate_up.shape[1] // 2
+    out = torch.empty(rows, inter, dtype=gate_up.dtype)
+    getattr(_library(), f"silu_mul_{_DTYPE_SUFFIXES[gate_up.dtype]}")(
+        gate_up.data_ptr(), gate_up.stride(0), out.data_ptr(), rows, inter, torch.get_num_threads()
+    )
+    return out

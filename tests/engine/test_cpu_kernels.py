@@ -1,0 +1,141 @@
+"""The CPU kernels in C (paged decode attention, add + RMS norm): against their torch definitions,
+in the engine, and the engine's fallback where they cannot be built."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from aegaeon import LLM, SamplingParams
+from aegaeon.engine import cpu_kernels
+from aegaeon.engine.cpu_kernels import add_rms_norm, paged_decode_attention, silu_mul
+from tests.engine.test_paged_decode import DTYPE_NAMES, LAYER, check_kernel_against_reference, make_case
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+# 64 and 128 run specialised code; 24 and 40 the general vector path (multiples of 8 that fill part
+# of a 64-float chunk); 20 the plain loops.
+CPU_HEAD_DIMS = (20, 24, 40, 64, 128)
+GREEDY_TOKENS = 24
+# Enough rows with contexts long enough that the kernel splits the work over threads.
+PROMPTS = [[3 + (7 * i + j) % 97 for j in range(5 + 9 * i)] for i in range(12)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernel_built():
+    assert cpu_kernels.cpu_kernels_available(), "this machine has a C compiler: the kernels must build"
+
+
+@pytest.mark.parametrize("dtype_name", list(DTYPE_NAMES))
+def test_kernel_matches_reference(dtype_name):
+    failures = check_kernel_against_reference(
+        paged_decode_attention, DTYPE_NAMES[dtype_name], "cpu", head_dims=CPU_HEAD_DIMS
+    )
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_kernel_result_does_not_depend_on_thread_count(threads):
+    q, kv_cache, block_tables, context_lens = make_case(4, 64, torch.float32, "cpu")
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        out = paged_decode_attention(q, kv_cache, LAYER, block_tables, context_lens, 0.125)
+    finally:
+        torch.set_num_threads(previous)
+    # Each (row, kv head) is one task: the order of its sums is fixed whatever thread runs it.
+    torch.testing.assert_close(
+        out, paged_decode_attention(q, kv_cache, LAYER, block_tables, context_lens, 0.125), atol=0, rtol=0
+    )
+
+
+def test_kernel_refuses_what_it_cannot_hold():
+    q, kv_cache, block_tables, context_lens = make_case(16, 64, torch.float32, "cpu")
+    wide = q.repeat(1, 2, 1)  # 32 query heads per KV head: more than the kernel's scratch holds
+    with pytest.raises(ValueError, match="does not support"):
+        paged_decode_attention(wide, kv_cache, LAYER, block_tables, context_lens, 0.125)
+    with pytest.raises(ValueError, match="block_tables"):
+        paged_decode_attention(q, kv_cache, LAYER, block_tables.long(), context_lens, 0.125)
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen3"])
+def test_engine_decodes_the_same_with_and_without_the_kernel(demo_model_dirs, arch):
+    """The torch paths (used where no compiler exists) and the kernels give the same tokens and logprobs."""
+    params = SamplingParams(temperature=0, max_tokens=GREEDY_TOKENS, ignore_eos=True, logprobs=2)
+    llm = LLM(demo_model_dirs[arch])
+    runner = llm.engine.runner
+    assert runner.paged_decode is paged_decode_attention and runner.model.fused_cpu_ops
+    with_kernel = llm.generate(PROMPTS, params)
+    runner.paged_decode, runner.model.fused_cpu_ops = None, False
+    gathered = llm.generate(PROMPTS, params)
+    for ours, theirs in zip(with_kernel, gathered, strict=True):
+        assert ours.token_ids == theirs.token_ids
+        for a, b in zip(ours.logprobs, theirs.logprobs, strict=True):
+            assert abs(a.logprob - b.logprob) <= 1e-5
+
+
+def hf_style_add_rms_norm(residual, x, weight, eps):
+    """transformers' LlamaRMSNorm after `residual + x`, on copies."""
+    residual = residual + x
+    hidden = residual.float()
+    hidden = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + eps)
+    return residual, weight * hidden.to(residual.dtype)
+
+
+@pytest.mark.parametrize("dtype_name", list(DTYPE_NAMES))
+@pytest.mark.parametrize("rows", [1, 16, 200])
+def test_add_rms_norm_matches_transformers(dtype_name, rows):
+    dtype = DTYPE_NAMES[dtype_name]
+    generator = torch.Generator().manual_seed(rows)
+    residual, x = (torch.randn(rows, 768, generator=generator).to(dtype) for _ in range(2))
+    weight = (1 + 0.1 * torch.randn(768, generator=generator)).to(dtype)
+    expected_residual, expected = hf_style_add_rms_norm(residual, x, weight, 1e-6)
+    out = add_rms_norm(residual, x, weight, 1e-6)
+    # The residual sum is one rounding either way; the norm's mean sums in another order.
+    assert torch.equal(residual, expected_residual)
+    tolerance = {torch.float32: 2e-6, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]
+    torch.testing.assert_close(out, expected, atol=tolerance, rtol=tolerance)
+    only_norm = add_rms_norm(residual.clone(), None, weight, 1e-6)  # x None: no add
+    expected_norm = hf_style_add_rms_norm(residual, torch.zeros_like(x), weight, 1e-6)[1]
+    torch.testing.assert_close(only_norm, expected_norm, atol=tolerance, rtol=tolerance)
+
+
+@pytest.mark.parametrize("dtype_name", list(DTYPE_NAMES))
+@pytest.mark.parametrize("rows", [1, 16, 200])
+def test_silu_mul_matches_torch(dtype_name, rows):
+    dtype = DTYPE_NAMES[dtype_name]
+    # Wide enough to cover both signs, saturation and the overflow of exp(-x) for very negative x.
+    gate_up = (torch.randn(rows, 2 * 256, generator=torch.Generator().manual_seed(rows)) * 8).to(dtype)
+    gate_up[0, :4] = torch.tensor([-200.0, 200.0, 0.0, -0.0])
+    gate, up = gate_up.chunk(2, dim=-1)
+    expected = F.silu(gate) * up
+    tolerance = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]
+    torch.testing.assert_close(silu_mul(gate_up), expected, atol=tolerance, rtol=tolerance)
+
+
+def test_add_rms_norm_refuses_mismatched_inputs():
+    residual = torch.randn(4, 8)
+    with pytest.raises(ValueError, match="do not agree"):
+        add_rms_norm(residual, torch.randn(4, 8), torch.ones(6), 1e-6)
+    with pytest.raises(ValueError, match="contiguous"):
+        add_rms_norm(residual, torch.randn(8, 4).t(), torch.ones(8), 1e-6)
+
+
+def test_without_a_compiler_the_engine_falls_back(tmp_path):
+    """A failing compiler leaves a warning and the torch path, not a broken engine."""
+    code = (
+        "import logging; logging.basicConfig()\n"
+        "from aegaeon.engine import cpu_kernels\n"
+        "print('available', cpu_kernels.cpu_kernels_available())\n"
+    )
+    env = {**os.environ, "CC": "false", "PYTHONPATH": str(REPO_ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, check=True
+    )
+    assert "available False" in proc.stdout
+    assert "building the CPU kernels failed" in proc.stderr
