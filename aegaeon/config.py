@@ -315,12 +315,10 @@ _NODE_KEYS = (
 _SLO_KEYS = ("ttft_s", "tbt_s")
 _SCHEDULER_KEYS = ("max_group_size", "qmax_s", "alpha_floor", "kv_lookahead_tokens")
 _LIMIT_KEYS = ("max_body_bytes", "max_n", "max_prompt_tokens", "max_output_tokens", "requests_per_minute")
-_SERVE_KEYS = (
-    "models",
+# ServeConfig fields taken from the settings as they are.
+_SERVE_FIELD_KEYS = (
     "host",
     "port",
-    "api_key",
-    "api_key_file",
     "role",
     "redis_url",
     "node_port",
@@ -328,6 +326,8 @@ _SERVE_KEYS = (
     "metrics_port",
     "log_format",
 )
+# ... and those read into other fields: the model entries, the API keys.
+_SERVE_KEYS = ("models", "api_key", "api_key_file", *_SERVE_FIELD_KEYS)
 
 
 def default_model_name(path: str) -> str:
@@ -391,18 +391,7 @@ def build_serve_config(settings: dict) -> ServeConfig:
         node=node,
         api_keys=tuple(keys),
         limits=ApiLimits(**pick(_LIMIT_KEYS)),
-        **pick(
-            (
-                "host",
-                "port",
-                "role",
-                "redis_url",
-                "node_port",
-                "drain_timeout_s",
-                "metrics_port",
-                "log_format",
-            )
-        ),
+        **pick(_SERVE_FIELD_KEYS),
     )
 
 
