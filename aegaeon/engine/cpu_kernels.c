@@ -1,7 +1,8 @@
 /* The engine's CPU kernels: paged decode attention, residual add + RMS norm, and SiLU(gate) * up.
  *
- * Paged decode attention: one query token per row against its KV blocks, read in place. The torch path gathers every row's blocks into a padded copy and hands it to SDPA, so each step
- * writes and re-reads all of the context; this kernel reads each visible key and value once. One
+ * Paged decode attention: one query token per row against its KV blocks, read in place. The torch
+ * path gathers every row's blocks into a padded copy and hands it to SDPA, so each step writes and
+ * re-reads all of the context; this kernel reads each visible key and value once. One
  * task is one (row, kv head) pair: it stores the row's new K and V for that head, then attends with
  * all query heads of the group, one block of 16 tokens at a time (online softmax), accumulating in
  * float32 whatever the storage dtype. Tasks touch disjoint cache slots, so they run in parallel.

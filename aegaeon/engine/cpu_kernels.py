@@ -16,6 +16,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -124,6 +125,14 @@ def cpu_kernels_available() -> bool:
     return _library() is not None
 
 
+def _kernel(name: str, dtype: torch.dtype) -> Callable[..., None]:
+    """The C function `name` for tensors of `dtype`."""
+    library = _library()
+    if library is None:
+        raise RuntimeError("the CPU kernels are not available (no C compiler, or their build failed)")
+    return getattr(library, f"{name}_{_DTYPE_SUFFIXES[dtype]}")
+
+
 @functools.cache
 def cpu_decode_supports(num_heads: int, num_kv_heads: int, head_dim: int) -> bool:
     """Whether the kernel is available and its per-task scratch holds this attention shape."""
@@ -167,7 +176,7 @@ def paged_decode_attention(
     out = torch.empty(rows, num_heads, head_dim, dtype=q.dtype)
     strides = kv_cache.stride()
     k_offset = layer * strides[1]
-    getattr(_library(), f"paged_decode_{_DTYPE_SUFFIXES[q.dtype]}")(
+    _kernel("paged_decode", q.dtype)(
         q.data_ptr(), q.stride(0),
         None if new_kv is None else new_kv.data_ptr(), 0 if new_kv is None else new_kv.stride(0),
         kv_cache.data_ptr(), strides[0], k_offset, k_offset + strides[2], strides[3],
@@ -183,8 +192,6 @@ def add_rms_norm(
 ) -> torch.Tensor:
     """`residual += x` in place (unless x is None), then the RMS norm of `residual` times `weight`
     (transformers' RMSNorm: float32 inside, rounded to the dtype before and after the weight)."""
-    if not cpu_kernels_available():
-        raise RuntimeError("the CPU kernels are not available (no C compiler, or their build failed)")
     dim = weight.shape[0]
     tensors = (residual, weight) if x is None else (residual, x, weight)
     if any(t.dtype != residual.dtype or not t.is_contiguous() or t.device.type != "cpu" for t in tensors):
@@ -194,7 +201,7 @@ def add_rms_norm(
             f"add_rms_norm: shapes {tuple(residual.shape)} and {tuple(weight.shape)} do not agree"
         )
     out = torch.empty_like(residual)
-    getattr(_library(), f"add_rms_norm_{_DTYPE_SUFFIXES[residual.dtype]}")(
+    _kernel("add_rms_norm", residual.dtype)(
         residual.data_ptr(), None if x is None else x.data_ptr(), weight.data_ptr(), out.data_ptr(),
         residual.numel() // dim, dim, eps, torch.get_num_threads(),
     )  # fmt: skip
@@ -203,15 +210,13 @@ def add_rms_norm(
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """`silu(gate) * up` `[rows, inter]` of the fused gate_up product `[rows, 2 * inter]`."""
-    if not cpu_kernels_available():
-        raise RuntimeError("the CPU kernels are not available (no C compiler, or their build failed)")
     if gate_up.dim() != 2 or gate_up.shape[1] % 2 or gate_up.stride(1) != 1 or gate_up.device.type != "cpu":
         raise ValueError(
             f"silu_mul needs a CPU [rows, 2 * inter] tensor with contiguous rows, got {gate_up.shape}"
         )
     rows, inter = gate_up.shape[0], gate_up.shape[1] // 2
     out = torch.empty(rows, inter, dtype=gate_up.dtype)
-    getattr(_library(), f"silu_mul_{_DTYPE_SUFFIXES[gate_up.dtype]}")(
+    _kernel("silu_mul", gate_up.dtype)(
         gate_up.data_ptr(), gate_up.stride(0), out.data_ptr(), rows, inter, torch.get_num_threads()
     )
     return out

@@ -22,7 +22,11 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 # of a 64-float chunk); 20 the plain loops.
 CPU_HEAD_DIMS = (20, 24, 40, 64, 128)
 GREEDY_TOKENS = 24
-# Enough rows with contexts long enough that the kernel splits the work over threads.
+# The paged kernel splits a step over threads from this many (token, KV head) pairs on
+# (MIN_PARALLEL_WORK in cpu_kernels.c).
+MIN_PARALLEL_WORK = 4096
+# 12 rows of 5-104 tokens, crossing block boundaries (the kernel's split over threads is checked
+# on its own in test_kernel_result_does_not_depend_on_thread_count).
 PROMPTS = [[3 + (7 * i + j) % 97 for j in range(5 + 9 * i)] for i in range(12)]
 
 
@@ -39,19 +43,21 @@ def test_kernel_matches_reference(dtype_name):
     assert not failures, "\n".join(failures)
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-def test_kernel_result_does_not_depend_on_thread_count(threads):
+def test_kernel_result_does_not_depend_on_thread_count():
     q, kv_cache, block_tables, context_lens = make_case(4, 64, torch.float32, "cpu")
+    # The same rows 16 times over: enough work for the kernel to split it over threads.
+    q, block_tables, context_lens = q.repeat(16, 1, 1), block_tables.repeat(16, 1), context_lens.repeat(16)
+    assert int(context_lens.sum()) * kv_cache.shape[4] >= MIN_PARALLEL_WORK
     previous = torch.get_num_threads()
+    outputs = []
     try:
-        torch.set_num_threads(threads)
-        out = paged_decode_attention(q, kv_cache, LAYER, block_tables, context_lens, 0.125)
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            outputs.append(paged_decode_attention(q, kv_cache, LAYER, block_tables, context_lens, 0.125))
     finally:
         torch.set_num_threads(previous)
     # Each (row, kv head) is one task: the order of its sums is fixed whatever thread runs it.
-    torch.testing.assert_close(
-        out, paged_decode_attention(q, kv_cache, LAYER, block_tables, context_lens, 0.125), atol=0, rtol=0
-    )
+    assert torch.equal(outputs[0], outputs[1])
 
 
 def test_kernel_refuses_what_it_cannot_hold():
