@@ -183,7 +183,9 @@ class LLMEngine:
         self.arena.buffer[self.kv_offset : self.kv_offset + kv_bytes].zero_()
         self.copies = CopyStream(self.device)
         self.residents = ResidentModels(
-            self.arena, ModelLoader(self.arena, model_cache, self.copies, self.memory.load_chunk_bytes)
+            self.arena,
+            ModelLoader(self.arena, model_cache, self.copies, self.memory.load_chunk_bytes),
+            largest=largest,
         )
         if largest > self.residents.capacity():
             raise ValueError(

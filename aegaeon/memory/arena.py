@@ -1,7 +1,7 @@
 """The device arena: one buffer reserved when an instance starts, carved by a bump allocator.
 
 Everything a switch touches lives here: KV blocks at the bottom, then the weights of the resident
-models stacked above them (the active one and a prefetched next one, and more when they fit).
+models above them (the active one and a prefetched next one, and more when they fit).
 Allocation moves a pointer up; release moves it back to a mark. There is no free list, so there is
 no fragmentation and no allocator call on the switch path, ever.
 """

@@ -7,10 +7,13 @@ background thread (a tensor copy releases the GIL).
 
 `ResidentModels` keeps the models whose weights are in the arena. It takes the whole weight region
 above the KV region from the arena once (so the arena's high-water mark never moves) and places each
-model at the first gap that fits it, evicting models it may evict until one does. So the active model
-and a prefetched next one share the region however they were loaded: a model is never stuck below the
-active one, as it would be in a stack. The victim is the most recently used model it may evict: the
-decode rounds visit models cyclically, so the model used last is the one needed again last.
+model by the rule of `aegaeon.memory.placement`: every model leaves, beside itself, a free span the
+size of the largest model, so with room for two copies of the largest model a prefetch beside the
+active model always fits (first-fit did not: with models of several sizes the active one could sit
+where no gap beside it held the next). Among the placements that keep the rule it takes the lowest
+free one, and only when there is none evicts models it may evict until there is. The victim is the
+most recently used model it may evict: the decode rounds visit models cyclically, so the model used
+last is the one needed again last.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import torch
 from aegaeon.memory.arena import DeviceArena
 from aegaeon.memory.copies import Copy, CopyStream
 from aegaeon.memory.model_cache import CachedModel, HostModelCache, tensor_views
+from aegaeon.memory.placement import place, room
 
 
 class ModelLoader:
@@ -56,15 +60,26 @@ class Resident:
 
 
 class ResidentModels:
-    """The models held in the arena's weight region, placed first-fit, evicted most recently used first."""
+    """The models held in the arena's weight region, placed so that the next one always fits.
 
-    def __init__(self, arena: DeviceArena, loader: ModelLoader):
+    Each model is placed where, kept alone, it would leave a free span of `largest` bytes beside it
+    (aegaeon.memory.placement); the lowest such free offset is taken, else the most recently used
+    models not kept are evicted until one is free. With a weight region of two copies of the largest
+    model, evicting everything but the active model therefore always makes room for any other
+    (`room_keeping` of the active model is at least `largest`), while smaller models stay resident
+    together where they fit. `largest`: the largest model it will hold; None, half the weight region,
+    which is exact for the arena the engine sizes on a CPU (KV plus two copies of the largest model)
+    and keeps the guarantee in any larger region.
+    """
+
+    def __init__(self, arena: DeviceArena, loader: ModelLoader, largest: int | None = None):
         self.arena = arena
         self.loader = loader
         self.base = arena.top  # everything below belongs to the KV region
         self.end = arena.capacity
         if self.end > self.base:
             arena.allocate(self.end - self.base)  # the weight region, managed here from now on
+        self.largest = largest if largest is not None else self.capacity() // 2
         self.entries: list[Resident] = []
         self._last_used: dict[str, int] = {}
         self._clock = 0
@@ -99,7 +114,7 @@ class ResidentModels:
                 f"model {model.key} needs {model.nbytes} bytes but the arena has {self.capacity()} for "
                 "weights (raise cpu_arena_bytes or device_memory_fraction, or lower kv_cache_bytes)"
             )
-        while (offset := self._first_fit(model.nbytes)) is None:
+        while (offset := self._place(model.nbytes)) is None:
             victims = [e for e in self.entries if e.key not in keep]
             if not victims:
                 raise RuntimeError(f"no room in the arena for {model.key} while keeping {sorted(keep)}")
@@ -113,22 +128,14 @@ class ResidentModels:
 
     def room_keeping(self, keep: frozenset[str]) -> int:
         """The largest model that could be placed once every model not in `keep` is evicted."""
-        return max(self._gaps([e for e in self.entries if e.key in keep]), default=0)
+        return room(self._taken([e for e in self.entries if e.key in keep]), self.capacity(), self.largest)
 
-    def _first_fit(self, nbytes: int) -> int | None:
-        offset = self.base
-        for entry in sorted(self.entries, key=lambda e: e.offset):
-            if entry.offset - offset >= nbytes:
-                return offset
-            offset = entry.offset + entry.nbytes
-        return offset if self.end - offset >= nbytes else None
+    def _place(self, nbytes: int) -> int | None:
+        offset = place(nbytes, self._taken(self.entries), self.capacity(), self.largest)
+        return None if offset is None else self.base + offset
 
-    def _gaps(self, entries: list[Resident]) -> list[int]:
-        gaps, offset = [], self.base
-        for entry in sorted(entries, key=lambda e: e.offset):
-            gaps.append(entry.offset - offset)
-            offset = entry.offset + entry.nbytes
-        return [*gaps, self.end - offset]
+    def _taken(self, entries: list[Resident]) -> list[tuple[int, int]]:
+        return [(entry.offset - self.base, entry.nbytes) for entry in entries]
 
     def _touch(self, key: str) -> None:
         self._clock += 1

@@ -104,7 +104,7 @@ def _add_cluster_args(parser: argparse.ArgumentParser, gpus_flag: bool = True) -
     knobs = parser.add_argument_group("scheduler and policies")
     knobs.add_argument("--ttft", type=float, default=DEFAULT_TTFT_SLO_S, help="TTFT SLO in s (10)")
     knobs.add_argument("--tbt", type=float, default=DEFAULT_TBT_SLO_S, help="TBT SLO in s (0.1)")
-    knobs.add_argument("--qmax", type=float, default=DEFAULT_QMAX_S, help="aegaeon: longest turn in s (4)")
+    knobs.add_argument("--qmax", type=float, default=DEFAULT_QMAX_S, help="aegaeon: longest turn in s (1)")
     knobs.add_argument(
         "--arena",
         choices=ARENA_KINDS,

@@ -1,16 +1,19 @@
 """The weights resident on one simulated device, and when their copies land.
 
-Mirrors the engine's arena (aegaeon.memory.loader.ResidentModels): each model is placed at the first
-gap of the weight region that fits it, evicting the most recently used models it may evict (never
-one it was told to keep) until one does; copies from host memory go one after another over the
-device's link, each taking the profile's switch time. A prefetch is such a copy started in the
-background.
+Mirrors the engine's arena (aegaeon.memory.loader.ResidentModels) with the same placement functions
+(aegaeon.memory.placement, torch-free): each model is placed where, kept alone, it leaves a free span
+of the largest model's size beside it (the lowest such free offset), evicting the most recently used
+models it may evict (never one it was told to keep) until there is one; copies from host memory go
+one after another over the device's link, each taking the profile's switch time. A prefetch is such a
+copy started in the background.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from aegaeon.memory.placement import place, room
 
 
 @dataclass
@@ -22,12 +25,22 @@ class Resident:
 
 
 class ResidentWeights:
-    """The models on one device, placed first-fit, evicted most recently used first (as the engine)."""
+    """The models on one device, placed as the engine places them, evicted most recently used first.
+
+    `largest_bytes`: the span each model leaves free beside it; None, half the region, as the engine
+    (with room for two copies of the largest model, that is the largest model's size): a prefetch
+    beside the active model then always fits.
+    """
 
     def __init__(
-        self, capacity_bytes: int, weight_bytes: Callable[[str], int], load_s: Callable[[str], float]
+        self,
+        capacity_bytes: int,
+        weight_bytes: Callable[[str], int],
+        load_s: Callable[[str], float],
+        largest_bytes: int | None = None,
     ):
         self.capacity_bytes = capacity_bytes
+        self.largest_bytes = largest_bytes if largest_bytes is not None else capacity_bytes // 2
         self._weight_bytes = weight_bytes
         self._load_s = load_s
         self.stack: list[Resident] = []  # in load order
@@ -54,17 +67,14 @@ class ResidentWeights:
     def models(self) -> list[str]:
         return [entry.model for entry in self.stack]
 
-    def _gaps(self, entries: list[Resident]) -> list[tuple[int, int]]:
-        """(offset, size) of the free gaps around `entries`, in address order."""
-        gaps, offset = [], 0
-        for entry in sorted(entries, key=lambda e: e.offset):
-            gaps.append((offset, entry.offset - offset))
-            offset = entry.offset + entry.nbytes
-        return [*gaps, (offset, self.capacity_bytes - offset)]
-
     def room_keeping(self, keep: frozenset[str]) -> int:
         """The largest model that could be placed once every model not in `keep` is evicted."""
-        return max(size for _, size in self._gaps([e for e in self.stack if e.model in keep]))
+        taken = [(e.offset, e.nbytes) for e in self.stack if e.model in keep]
+        return room(taken, self.capacity_bytes, self.largest_bytes)
+
+    def _place(self, nbytes: int) -> int | None:
+        taken = [(e.offset, e.nbytes) for e in self.stack]
+        return place(nbytes, taken, self.capacity_bytes, self.largest_bytes)
 
     def load(self, model: str, now: float, keep: frozenset[str] = frozenset()) -> Resident:
         """Make `model` resident, starting its copy when the link is free; evicting others to make room."""
@@ -76,7 +86,7 @@ class ResidentWeights:
             raise ValueError(
                 f"model {model} ({nbytes} bytes) does not fit the device's {self.capacity_bytes}"
             )
-        while (offset := next((o for o, size in self._gaps(self.stack) if size >= nbytes), None)) is None:
+        while (offset := self._place(nbytes)) is None:
             victims = [e for e in self.stack if e.model not in keep]
             if not victims:
                 raise ValueError(f"no room for {model} while keeping {sorted(keep)}")

@@ -2,12 +2,16 @@
 
 What the engine relies on: a model is loaded byte for byte; with room for two models, a prefetch
 beside the active model succeeds whatever order the models were loaded in (the victim is whichever
-other model is there); the active model is never evicted by a prefetch; the arena's high-water mark
-never moves.
+other model is there, and whatever the models' sizes); the active model is never evicted by a
+prefetch; smaller models stay resident together where they fit; the arena's high-water mark never
+moves.
 """
 
 from __future__ import annotations
 
+import itertools
+
+import pytest
 import torch
 
 from aegaeon.config import MEMORY_ALIGNMENT
@@ -59,3 +63,52 @@ def test_with_room_for_one_model_a_prefetch_is_refused_and_the_active_model_stay
     assert residents.room_keeping(frozenset({"a"})) < MODEL_BYTES
     residents.use(cached["b"])  # a switch may evict anything
     assert residents.get("b") is not None and residents.get("a") is None
+
+
+# Three sizes, the largest twice the smallest (rows of 16 float32s): first-fit left the active model
+# where the next one did not fit beside it.
+ROWS = {"s1": 16, "s2": 16, "s3": 16, "m1": 24, "m2": 24, "b1": 48, "b2": 48}
+CYCLES = (["s1", "m1", "b1", "s2", "m2", "b2", "s3"], ["b1", "s1", "m1", "s2", "b2", "m2", "s3"])
+
+
+def sized_residents_for(tmp_path) -> tuple[ResidentModels, dict]:
+    """An arena with room for two copies of the largest model, as the engine sizes it on a CPU."""
+    nbytes = {key: plan_layout({"w": (rows, 16)}, torch.float32)[1] for key, rows in ROWS.items()}
+    cache = HostModelCache.create(tmp_path, sum(nbytes.values()))
+    cached = {
+        key: cache.load(
+            key, {"w": (rows, 16)}, torch.float32, lambda r=rows, v=seed: {"w": torch.full((r, 16), v)}, False
+        )
+        for seed, (key, rows) in enumerate(ROWS.items(), start=1)
+    }
+    arena = DeviceArena(KV_BYTES + 2 * max(nbytes.values()), "cpu")
+    arena.allocate(KV_BYTES)
+    return ResidentModels(arena, ModelLoader(arena, cache, CopyStream(arena.device), MODEL_BYTES)), cached
+
+
+def value_of(key: str) -> float:
+    return float(list(ROWS).index(key) + 1)
+
+
+@pytest.mark.parametrize("order", CYCLES)
+def test_a_prefetch_beside_the_active_model_always_fits_with_models_of_three_sizes(tmp_path, order):
+    residents, cached = sized_residents_for(tmp_path)
+    sequence = order * 4
+    for active, following in itertools.pairwise(sequence):
+        residents.use(cached[active]).copy.wait()
+        keep = frozenset({active})
+        assert residents.room_keeping(keep) >= cached[following].nbytes, (active, following)
+        residents.load(cached[following], keep, background=True).copy.wait()
+        # The active model is still there, its weights untouched by the prefetch's copy.
+        for key in (active, following):
+            assert torch.equal(residents.get(key).tensors["w"], torch.full((ROWS[key], 16), value_of(key)))
+
+
+def test_small_models_stay_resident_together(tmp_path):
+    residents, cached = sized_residents_for(tmp_path)
+    for key in ("s1", "s2", "s3", "m1"):
+        residents.use(cached[key]).copy.wait()
+    # Four models in room for two copies of the largest; fixed slots would hold two.
+    assert sorted(entry.key for entry in residents.entries) == ["m1", "s1", "s2", "s3"]
+    assert residents.evictions == 0
+    assert residents.room_keeping(frozenset({"m1"})) >= cached["b1"].nbytes

@@ -24,7 +24,8 @@ from aegaeon.sim.models import ModelSet
 from aegaeon.sim.policies.aegaeon_instance import COLOCATED, DECODE, PREFILL, Handoff, SimInstance
 from aegaeon.sim.policies.base import Deployment, SimContext, model_load
 
-# "engine": the live engine's arena (aegaeon.memory.loader): first fit, most recently used evicted.
+# "engine": the live engine's arena (aegaeon.memory.loader): each model leaves room for the largest
+# beside it (aegaeon.memory.placement), most recently used evicted.
 # "slots": fixed slots of the largest model's size, least recently used replaced.
 ARENA_KINDS = ("engine", "slots")
 
@@ -80,7 +81,12 @@ class SimNode:
                     models.largest_weight_bytes(),
                 )
             else:
-                weights = ResidentWeights(memory.weight_bytes, models.weight_bytes, models.predictor.switch_s)
+                weights = ResidentWeights(
+                    memory.weight_bytes,
+                    models.weight_bytes,
+                    models.predictor.switch_s,
+                    largest_bytes=models.largest_weight_bytes(),
+                )
             self.instances.append(SimInstance(instance_name, role, self, queue, decode, weights))
         self.prefill = PrefillDispatcher(
             [i.prefill_queue for i in self.instances if i.prefill_queue is not None], scheduler

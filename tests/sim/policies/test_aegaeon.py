@@ -41,7 +41,7 @@ def test_decode_turns_follow_the_round_quota() -> None:
     deployment, requests = _run(workload, models, pool)
     config = SchedulerConfig()
     quotas, alpha, _, _ = plan_quotas([STEP_S, STEP_S], [0.1, 0.1], 2 * SWITCH_S, config)
-    assert alpha == config.alpha_floor  # c / (n · QMAX) + S = 1/40 + 0.2 is under the floor
+    assert alpha == config.alpha_floor  # c / (n · QMAX) + S = 1/10 + 0.2 is under the floor
     expected = 1 + math.ceil(quotas[0] / STEP_S - 1e-9)
     decode = deployment.nodes[0].instances[1]
     turns = decode.timeline.of_kind(EventKind.DECODE_TURN)
