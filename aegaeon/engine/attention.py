@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from aegaeon.engine.kv_cache import BLOCK_SIZE
+from aegaeon.engine.rope import apply_rotary
 
 # A decode group costs a few extra ops per layer; splitting pays when it saves more padded blocks
 # than this (one block per layer is ~4 us of gathering and attending on the CPU; a group, ~30 us).
@@ -39,7 +40,8 @@ class DecodeGroup:
     mask: torch.Tensor | None  # [rows, 1, 1, max_blocks * BLOCK_SIZE], True where a key is visible
 
 
-# (q, kv_cache, layer, block_tables, context_lens, scale, sliding_window, new_kv=) -> [rows, heads, head_dim]
+# (q, kv_cache, layer, block_tables, context_lens, scale, sliding_window, new_kv=, rotary=)
+#   -> [rows, heads, head_dim]
 # (semantics: paged_decode.py)
 PagedDecode = Callable[..., torch.Tensor]
 
@@ -52,6 +54,9 @@ class AttentionBatch:
     slot_blocks: torch.Tensor  # [tokens] block id of each new token
     slot_offsets: torch.Tensor  # [tokens] offset of each new token within its block
     scale: float
+    # cos and signed sin of each token's position, [tokens, 1, head_dim] (RotaryTable.lookup)
+    cos: torch.Tensor
+    sin: torch.Tensor
     # prefill: number of new tokens of each sequence, in packing order
     seq_lens: list[int]
     # prefill: boolean masks per sequence ([len, len]) when a sliding window applies, else None (causal)
@@ -120,14 +125,19 @@ def attention(
     batch: AttentionBatch,
 ) -> torch.Tensor:
     """Attention output `[tokens, heads * head_dim]` for this step's queries `[tokens, heads, head_dim]`
-    and keys and values `kv` (`[tokens, 2, kv_heads, head_dim]`), which are stored for later steps."""
+    and keys and values `kv` (`[tokens, 2, kv_heads, head_dim]`), not yet rotated: q and k are rotated
+    to their positions here, and k and v stored for later steps."""
     if batch.paged_decode is not None and not batch.is_prefill:
-        # The kernel stores this step's K/V itself, in the same pass over the rows.
+        # The kernel rotates and stores this step's K/V itself, in the same pass over the rows.
         tables = batch.decode_groups[0].block_tables
         out = batch.paged_decode(
-            q, kv_cache, layer, tables, batch.context_lens, batch.scale, batch.sliding_window, new_kv=kv
-        )
+            q, kv_cache, layer, tables, batch.context_lens, batch.scale, batch.sliding_window,
+            new_kv=kv, rotary=(batch.cos, batch.sin),
+        )  # fmt: skip
         return out.flatten(1)
+    # In place: q and kv are this layer's own (views of its qkv product, or fresh tensors).
+    apply_rotary(q, batch.cos, batch.sin, out=q)
+    apply_rotary(kv[:, 0], batch.cos, batch.sin, out=kv[:, 0])
     write_kv(kv_cache, layer, batch, kv)
     if batch.is_prefill:
         return _prefill(q, kv[:, 0], kv[:, 1], batch)

@@ -12,7 +12,7 @@ except ImportError:  # CPU-only installs run the torch path and never call the k
     tl = None
 
 from aegaeon.engine.kv_cache import BLOCK_SIZE
-from aegaeon.engine.paged_decode import check_paged_decode_inputs, store_new_kv
+from aegaeon.engine.paged_decode import check_paged_decode_inputs, rotate_decode_inputs, store_new_kv
 
 _K_INDEX, _V_INDEX = 0, 1
 
@@ -105,12 +105,15 @@ def paged_decode_attention(
     scale: float,
     sliding_window: int | None = None,
     new_kv: torch.Tensor | None = None,
+    rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Decode attention of one query token per row over its paged KV, via the Triton kernel
-    (after storing `new_kv`, this step's K and V, as `store_new_kv` does)."""
+    """Decode attention of one query token per row over its paged KV, via the Triton kernel (after
+    rotating q and the new K by `rotary` and storing `new_kv`, with the reference's torch code)."""
     if triton is None:
         raise RuntimeError("paged_decode_attention needs triton; on the CPU use cpu_kernels'")
-    check_paged_decode_inputs(q, kv_cache, layer, block_tables, context_lens, sliding_window, new_kv)
+    check_paged_decode_inputs(q, kv_cache, layer, block_tables, context_lens, sliding_window, new_kv, rotary)
+    if rotary is not None:
+        q, new_kv = rotate_decode_inputs(q, new_kv, rotary)
     if new_kv is not None:
         store_new_kv(kv_cache, layer, block_tables, context_lens, new_kv)
     batch, num_q_heads, head_dim = q.shape

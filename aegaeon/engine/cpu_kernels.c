@@ -2,10 +2,13 @@
  *
  * Paged decode attention: one query token per row against its KV blocks, read in place. The torch
  * path gathers every row's blocks into a padded copy and hands it to SDPA, so each step writes and
- * re-reads all of the context; this kernel reads each visible key and value once. One
- * task is one (row, kv head) pair: it stores the row's new K and V for that head, then attends with
- * all query heads of the group, one block of 16 tokens at a time (online softmax), accumulating in
- * float32 whatever the storage dtype. Tasks touch disjoint cache slots, so they run in parallel.
+ * re-reads all of the context; this kernel reads each visible key and value once. Given the rows'
+ * rotary cos/sin it first rotates the query and the new key (what apply_rotary does in torch, with
+ * transformers' rounding), then stores the row's new K and V, then attends one block of 16 tokens
+ * at a time (online softmax), accumulating in float32 whatever the storage dtype. A task is a row
+ * with all its kv heads, so a block's K (then V) rows are read front to back, which the hardware
+ * prefetchers follow; with fewer rows than threads can share, a task is one (row, kv head). Tasks
+ * touch disjoint cache slots, so they run in parallel.
  *
  * With AVX2 + FMA and a head_dim that is a multiple of 8, scores and values go 8 floats at a time;
  * otherwise plain loops do the same arithmetic.
@@ -32,12 +35,18 @@
 #define BLOCK_SIZE 16
 #define LANES 8
 #define CACHE_LINE 64
-/* Per-task scratch lives on the stack: 2 x MAX_GROUP x MAX_HEAD_DIM floats (32 KiB). */
+/* Per-task scratch lives on the stack: two arrays of TASK_FLOATS floats (32 KiB). A task of one
+ * (row, kv head) fits when group * head_dim does (MAX_GROUP, MAX_HEAD_DIM); a whole row, when all
+ * its query heads do. */
 #define MAX_HEAD_DIM 256
 #define MAX_GROUP 16
+#define TASK_FLOATS (MAX_GROUP * MAX_HEAD_DIM)
+#define TASK_HEADS 64
 /* Below this many (token, kv head) pairs a step runs on the calling thread: waking the pool costs
  * more than it saves (about 5 us of work per 1,000 pairs), and far more when the cores are busy. */
 #define MIN_PARALLEL_WORK 4096
+/* A task is a whole row when there are at least this many rows per thread (enough to balance). */
+#define ROWS_PER_THREAD 2
 /* Elements below which a norm or an activation stays on the calling thread. */
 #define MIN_PARALLEL_ELEMENTS 65536
 
@@ -118,14 +127,10 @@ static inline __m256 lane_sums8(const __m256 a[LANES]) {
 }
 #endif
 
-/* Asks for a block's K and V rows of one head ahead of use: the rows of a head are 1 KB apart for
- * 4 KV heads of 64 floats, and a block starts anywhere, so the hardware prefetchers see neither. */
-static inline void prefetch_block(const char *keys, const char *values, int64_t stride_bytes, int64_t row_bytes) {
-    for (int64_t t = 0; t < BLOCK_SIZE; t++)
-        for (int64_t offset = 0; offset < row_bytes; offset += CACHE_LINE) {
-            __builtin_prefetch(keys + t * stride_bytes + offset);
-            __builtin_prefetch(values + t * stride_bytes + offset);
-        }
+/* Asks for a span of the next block ahead of use: blocks sit anywhere in the cache, so the hardware
+ * prefetchers cannot see the jump to the next one. */
+static inline void prefetch_span(const char *start, int64_t bytes) {
+    for (int64_t offset = 0; offset < bytes; offset += CACHE_LINE) __builtin_prefetch(start + offset);
 }
 
 /* ---- the kernel, once per storage dtype ----------------------------------------------------
@@ -133,6 +138,8 @@ static inline void prefetch_block(const char *keys, const char *values, int64_t 
  *   q[row * q_row_stride + head * head_dim + d]
  *   new K of kv head h: new_kv[row * new_kv_row_stride + h * head_dim + d], its V at
  *   (num_kv_heads + h) * head_dim; new_kv NULL: nothing to store
+ *   cos[row * head_dim + d], sin likewise (the signed sin of rope.py: first half negated); NULL: q
+ *   and the new K are already rotated
  *   K of token t (within its block) of kv head h in block b:
  *       kv[b * block_stride + k_offset + t * token_stride + h * head_dim + d]   (V: v_offset)
  *   out[row * num_heads * head_dim + head * head_dim + d]
@@ -170,92 +177,132 @@ static inline void prefetch_block(const char *keys, const char *values, int64_t 
         }                                                                                             \
     }                                                                                                 \
                                                                                                       \
+    /* Element d of x rotated by the row's angles, rounded as transformers rounds                     \
+     * x * cos + rotate_half(x) * sin: each product and the sum in the storage dtype. */             \
+    static inline __attribute__((always_inline)) float NAME##_rotated(                                \
+        const T *x, const T *cos, const T *sin, int64_t head_dim, int64_t d) {                        \
+        const int64_t half = head_dim / 2;                                                            \
+        T straight, turned, sum;                                                                      \
+        STORE(&straight, LOAD(x + d) * LOAD(cos + d));                                                \
+        STORE(&turned, LOAD(x + (d < half ? d + half : d - half)) * LOAD(sin + d));                   \
+        STORE(&sum, LOAD(&straight) + LOAD(&turned));                                                 \
+        return LOAD(&sum);                                                                            \
+    }                                                                                                 \
+                                                                                                      \
+    /* Row `row` with the query heads of kv heads [h0, h1). Within a block the loop runs over the     \
+     * heads, so the block's K and V rows of those heads are read in address order. */               \
     static inline __attribute__((always_inline)) void NAME##_task(                                    \
-        const T *q, int64_t q_row_stride, const T *new_kv, int64_t new_kv_row_stride, T *kv,         \
-        int64_t block_stride, int64_t k_offset, int64_t v_offset, int64_t token_stride,               \
-        const int32_t *block_tables, int64_t table_stride, const int32_t *context_lens,               \
-        int64_t num_heads, int64_t num_kv_heads, const int64_t head_dim, int64_t sliding_window,      \
-        float scale, T *out, int64_t task) {                                                          \
+        const T *q, int64_t q_row_stride, const T *new_kv, int64_t new_kv_row_stride,                 \
+        const T *cos, const T *sin, T *kv, int64_t block_stride, int64_t k_offset, int64_t v_offset,  \
+        int64_t token_stride, const int32_t *block_tables, int64_t table_stride,                      \
+        const int32_t *context_lens, int64_t num_heads, int64_t num_kv_heads, const int64_t head_dim, \
+        int64_t sliding_window, float scale, T *out, int64_t row, int64_t h0, int64_t h1) {           \
         const int64_t group = num_heads / num_kv_heads;                                              \
-        const int64_t row = task / num_kv_heads, kv_head = task % num_kv_heads;                       \
         const int64_t ctx = context_lens[row];                                                        \
         const int32_t *table = block_tables + row * table_stride;                                     \
+        const T *row_cos = cos == NULL ? NULL : cos + row * head_dim;                                 \
+        const T *row_sin = sin == NULL ? NULL : sin + row * head_dim;                                 \
         if (new_kv != NULL && ctx > 0) {                                                              \
-            const int64_t slot = table[(ctx - 1) / BLOCK_SIZE] * block_stride +                       \
-                                 ((ctx - 1) % BLOCK_SIZE) * token_stride + kv_head * head_dim;        \
-            const T *fresh = new_kv + row * new_kv_row_stride + kv_head * head_dim;                   \
-            memcpy(kv + slot + k_offset, fresh, head_dim * sizeof(T));                                \
-            memcpy(kv + slot + v_offset, fresh + num_kv_heads * head_dim, head_dim * sizeof(T));      \
+            T *slot = kv + table[(ctx - 1) / BLOCK_SIZE] * block_stride +                             \
+                      ((ctx - 1) % BLOCK_SIZE) * token_stride;                                        \
+            for (int64_t h = h0; h < h1; h++) {                                                       \
+                const T *fresh = new_kv + row * new_kv_row_stride + h * head_dim;                     \
+                T *key = slot + k_offset + h * head_dim;                                              \
+                if (row_cos == NULL) {                                                                \
+                    memcpy(key, fresh, head_dim * sizeof(T));                                         \
+                } else {                                                                              \
+                    for (int64_t d = 0; d < head_dim; d++)                                            \
+                        STORE(key + d, NAME##_rotated(fresh, row_cos, row_sin, head_dim, d));         \
+                }                                                                                     \
+                memcpy(slot + v_offset + h * head_dim, fresh + num_kv_heads * head_dim,               \
+                       head_dim * sizeof(T));                                                         \
+            }                                                                                         \
         }                                                                                             \
-        float qs[MAX_GROUP][MAX_HEAD_DIM], acc[MAX_GROUP][MAX_HEAD_DIM];                              \
-        float probs[BLOCK_SIZE], run_max[MAX_GROUP], run_sum[MAX_GROUP];                              \
-        for (int64_t g = 0; g < group; g++) {                                                         \
-            const T *qh = q + row * q_row_stride + (kv_head * group + g) * head_dim;                  \
-            for (int64_t d = 0; d < head_dim; d++) qs[g][d] = LOAD(qh + d) * scale;                   \
-            for (int64_t d = 0; d < head_dim; d++) acc[g][d] = 0.0f;                                  \
+        const int64_t heads = (h1 - h0) * group;                                                      \
+        float qs[TASK_FLOATS], acc[TASK_FLOATS], run_max[TASK_HEADS], run_sum[TASK_HEADS];            \
+        float probs[BLOCK_SIZE];                                                                      \
+        for (int64_t g = 0; g < heads; g++) {                                                         \
+            const T *qh = q + row * q_row_stride + (h0 * group + g) * head_dim;                       \
+            for (int64_t d = 0; d < head_dim; d++)                                                    \
+                qs[g * head_dim + d] = (row_cos == NULL ? LOAD(qh + d)                                \
+                                        : NAME##_rotated(qh, row_cos, row_sin, head_dim, d)) * scale; \
+            for (int64_t d = 0; d < head_dim; d++) acc[g * head_dim + d] = 0.0f;                      \
             run_max[g] = -INFINITY;                                                                   \
             run_sum[g] = 0.0f;                                                                        \
         }                                                                                             \
+        /* The heads' rows of a block, from the first head's first row to the last head's last. */    \
+        const int64_t span_bytes = ((BLOCK_SIZE - 1) * token_stride + (h1 - h0) * head_dim) * sizeof(T); \
         const int64_t first = sliding_window > 0 && ctx > sliding_window ? ctx - sliding_window : 0;  \
         for (int64_t start = first - first % BLOCK_SIZE; start < ctx; start += BLOCK_SIZE) {         \
             const int64_t lo = first > start ? first - start : 0;                                     \
             const int64_t hi = ctx - start < BLOCK_SIZE ? ctx - start : BLOCK_SIZE;                   \
-            const T *base = kv + table[start / BLOCK_SIZE] * block_stride + kv_head * head_dim;       \
+            const T *block = kv + table[start / BLOCK_SIZE] * block_stride + h0 * head_dim;           \
             if (start + BLOCK_SIZE < ctx) {                                                           \
-                const T *next = kv + table[start / BLOCK_SIZE + 1] * block_stride + kv_head * head_dim; \
-                prefetch_block((const char *)(next + k_offset), (const char *)(next + v_offset),      \
-                               token_stride * sizeof(T), head_dim * sizeof(T));                       \
+                const T *next = kv + table[start / BLOCK_SIZE + 1] * block_stride + h0 * head_dim;    \
+                prefetch_span((const char *)(next + k_offset), span_bytes);                           \
+                prefetch_span((const char *)(next + v_offset), span_bytes);                           \
             }                                                                                         \
-            for (int64_t g = 0; g < group; g++) {                                                     \
-                NAME##_scores(qs[g], base + k_offset, token_stride, head_dim, lo, hi, probs);         \
+            for (int64_t g = 0; g < heads; g++) {                                                     \
+                const T *head = block + (g / group) * head_dim;                                       \
+                NAME##_scores(qs + g * head_dim, head + k_offset, token_stride, head_dim, lo, hi, probs);         \
                 float block_max = -INFINITY;                                                          \
                 for (int64_t t = lo; t < hi; t++) block_max = probs[t] > block_max ? probs[t] : block_max;        \
                 if (block_max > run_max[g]) {                                                         \
                     const float rescale = exp_nonpositive(run_max[g] - block_max);                    \
                     run_sum[g] *= rescale;                                                            \
-                    for (int64_t d = 0; d < head_dim; d++) acc[g][d] *= rescale;                      \
+                    for (int64_t d = 0; d < head_dim; d++) acc[g * head_dim + d] *= rescale;                      \
                     run_max[g] = block_max;                                                           \
                 }                                                                                     \
                 for (int64_t t = lo; t < hi; t++) {                                                   \
                     probs[t] = exp_nonpositive(probs[t] - run_max[g]);                                \
                     run_sum[g] += probs[t];                                                           \
                 }                                                                                     \
-                NAME##_values(probs, base + v_offset, token_stride, head_dim, lo, hi, acc[g]);        \
+                NAME##_values(probs, head + v_offset, token_stride, head_dim, lo, hi, acc + g * head_dim);        \
             }                                                                                         \
         }                                                                                             \
-        for (int64_t g = 0; g < group; g++) {                                                         \
-            T *o = out + (row * num_heads + kv_head * group + g) * head_dim;                          \
+        for (int64_t g = 0; g < heads; g++) {                                                         \
+            T *o = out + (row * num_heads + h0 * group + g) * head_dim;                               \
             const float inv = run_sum[g] > 0.0f ? 1.0f / run_sum[g] : 0.0f;                           \
-            for (int64_t d = 0; d < head_dim; d++) STORE(o + d, acc[g][d] * inv);                     \
+            for (int64_t d = 0; d < head_dim; d++) STORE(o + d, acc[g * head_dim + d] * inv);                     \
         }                                                                                             \
     }                                                                                                 \
                                                                                                       \
-    void NAME(const T *q, int64_t q_row_stride, const T *new_kv, int64_t new_kv_row_stride, T *kv,   \
-              int64_t block_stride, int64_t k_offset, int64_t v_offset, int64_t token_stride,         \
-              const int32_t *block_tables, int64_t table_stride, const int32_t *context_lens,         \
-              int64_t num_rows, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,            \
-              int64_t sliding_window, float scale, T *out, int32_t num_threads) {                     \
-        const int64_t tasks = num_rows * num_kv_heads;                                                \
+    void NAME(const T *q, int64_t q_row_stride, const T *new_kv, int64_t new_kv_row_stride,           \
+              const T *cos, const T *sin, T *kv, int64_t block_stride, int64_t k_offset,              \
+              int64_t v_offset, int64_t token_stride, const int32_t *block_tables,                    \
+              int64_t table_stride, const int32_t *context_lens, int64_t num_rows, int64_t num_heads, \
+              int64_t num_kv_heads, int64_t head_dim, int64_t sliding_window, float scale, T *out,    \
+              int32_t num_threads) {                                                                  \
         int64_t work = 0;                                                                             \
         for (int64_t row = 0; row < num_rows; row++) work += context_lens[row] * num_kv_heads;       \
         const int parallel = num_threads > 1 && work >= MIN_PARALLEL_WORK;                            \
+        const int whole_rows = num_heads <= TASK_HEADS && num_heads * head_dim <= TASK_FLOATS &&      \
+                               !(parallel && num_rows < ROWS_PER_THREAD * num_threads);               \
+        const int64_t split = whole_rows ? 1 : num_kv_heads;                                          \
+        const int64_t tasks = num_rows * split;                                                       \
+        /* Last task first: the runner orders rows by context length, so the longest start first. */ \
         _Pragma("omp parallel for schedule(dynamic) num_threads(num_threads) if(parallel)")          \
-        for (int64_t task = 0; task < tasks; task++) {                                                \
+        for (int64_t i = 0; i < tasks; i++) {                                                         \
+            const int64_t task = tasks - 1 - i, row = task / split;                                   \
+            const int64_t h0 = split == 1 ? 0 : task % split, h1 = split == 1 ? num_kv_heads : h0 + 1; \
             switch (head_dim) {                                                                       \
             case 64:                                                                                  \
-                NAME##_task(q, q_row_stride, new_kv, new_kv_row_stride, kv, block_stride, k_offset,   \
-                            v_offset, token_stride, block_tables, table_stride, context_lens,         \
-                            num_heads, num_kv_heads, 64, sliding_window, scale, out, task);           \
+                NAME##_task(q, q_row_stride, new_kv, new_kv_row_stride, cos, sin, kv, block_stride,   \
+                            k_offset, v_offset, token_stride, block_tables, table_stride,             \
+                            context_lens, num_heads, num_kv_heads, 64, sliding_window, scale, out,    \
+                            row, h0, h1);                                                             \
                 break;                                                                                \
             case 128:                                                                                 \
-                NAME##_task(q, q_row_stride, new_kv, new_kv_row_stride, kv, block_stride, k_offset,   \
-                            v_offset, token_stride, block_tables, table_stride, context_lens,         \
-                            num_heads, num_kv_heads, 128, sliding_window, scale, out, task);          \
+                NAME##_task(q, q_row_stride, new_kv, new_kv_row_stride, cos, sin, kv, block_stride,   \
+                            k_offset, v_offset, token_stride, block_tables, table_stride,             \
+                            context_lens, num_heads, num_kv_heads, 128, sliding_window, scale, out,   \
+                            row, h0, h1);                                                             \
                 break;                                                                                \
             default:                                                                                  \
-                NAME##_task(q, q_row_stride, new_kv, new_kv_row_stride, kv, block_stride, k_offset,   \
-                            v_offset, token_stride, block_tables, table_stride, context_lens,         \
-                            num_heads, num_kv_heads, head_dim, sliding_window, scale, out, task);     \
+                NAME##_task(q, q_row_stride, new_kv, new_kv_row_stride, cos, sin, kv, block_stride,   \
+                            k_offset, v_offset, token_stride, block_tables, table_stride,             \
+                            context_lens, num_heads, num_kv_heads, head_dim, sliding_window, scale,   \
+                            out, row, h0, h1);                                                        \
             }                                                                                         \
         }                                                                                             \
     }

@@ -32,12 +32,14 @@ SOURCE = Path(__file__).with_name("cpu_kernels.c")
 CFLAGS = (
     "-O3", "-march=native", "-fopenmp", "-fPIC", "-shared",
     "-fno-math-errno", "-fno-trapping-math", "-fassociative-math", "-fno-signed-zeros",
+    "-ffp-contract=off",  # rotary products and sums round as torch rounds them (intrinsics still fuse)
 )  # fmt: skip
 COMPILE_TIMEOUT_S = 120
 _DTYPE_SUFFIXES = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
 _PAGED_DECODE_ARGTYPES = [
     ctypes.c_void_p, ctypes.c_int64,  # q, q_row_stride
     ctypes.c_void_p, ctypes.c_int64,  # new_kv, new_kv_row_stride
+    ctypes.c_void_p, ctypes.c_void_p,  # rotary cos, sin
     ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,  # kv, strides
     ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,  # block_tables, table_stride, context_lens
     ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,  # rows, heads, kv heads, head_dim
@@ -153,10 +155,11 @@ def paged_decode_attention(
     scale: float,
     sliding_window: int | None = None,
     new_kv: torch.Tensor | None = None,
+    rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Decode attention `[rows, heads, head_dim]` of one query token per row over its paged KV,
-    first storing each row's `new_kv` (`[rows, 2, kv_heads, head_dim]`) at its position `ctx - 1`."""
-    check_paged_decode_inputs(q, kv_cache, layer, block_tables, context_lens, sliding_window, new_kv)
+    """Decode attention `[rows, heads, head_dim]` of one query token per row over its paged KV, first
+    rotating q and the new K by `rotary` and storing `new_kv` at position `ctx - 1` (paged_decode.py)."""
+    check_paged_decode_inputs(q, kv_cache, layer, block_tables, context_lens, sliding_window, new_kv, rotary)
     rows, num_heads, head_dim = q.shape
     num_kv_heads = kv_cache.shape[4]
     if not cpu_decode_supports(num_heads, num_kv_heads, head_dim):
@@ -171,6 +174,7 @@ def paged_decode_attention(
         q = q.contiguous()
     if new_kv is not None and new_kv.stride()[1:] != (num_kv_heads * head_dim, head_dim, 1):
         new_kv = new_kv.contiguous()
+    cos, sin = (None, None) if rotary is None else (rotary[0].contiguous(), rotary[1].contiguous())
     block_tables = block_tables.contiguous()
     context_lens = context_lens.contiguous()
     out = torch.empty(rows, num_heads, head_dim, dtype=q.dtype)
@@ -179,6 +183,7 @@ def paged_decode_attention(
     _kernel("paged_decode", q.dtype)(
         q.data_ptr(), q.stride(0),
         None if new_kv is None else new_kv.data_ptr(), 0 if new_kv is None else new_kv.stride(0),
+        None if cos is None else cos.data_ptr(), None if sin is None else sin.data_ptr(),
         kv_cache.data_ptr(), strides[0], k_offset, k_offset + strides[2], strides[3],
         block_tables.data_ptr(), block_tables.stride(0), context_lens.data_ptr(),
         rows, num_heads, num_kv_heads, head_dim,
@@ -200,12 +205,7 @@ def add_rms_norm(
         raise ValueError(
             f"add_rms_norm: shapes {tuple(residual.shape)} and {tuple(weight.shape)} do not agree"
         )
-    out = torch.empty_like(residual)
-    _kernel("add_rms_norm", residual.dtype)(
-        residual.data_ptr(), None if x is None else x.data_ptr(), weight.data_ptr(), out.data_ptr(),
-        residual.numel() // dim, dim, eps, torch.get_num_threads(),
-    )  # fmt: skip
-    return out
+    return LayerKernels(residual.dtype).add_rms_norm(residual, x, weight, eps)
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
@@ -214,9 +214,38 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
         raise ValueError(
             f"silu_mul needs a CPU [rows, 2 * inter] tensor with contiguous rows, got {gate_up.shape}"
         )
-    rows, inter = gate_up.shape[0], gate_up.shape[1] // 2
-    out = torch.empty(rows, inter, dtype=gate_up.dtype)
-    _kernel("silu_mul", gate_up.dtype)(
-        gate_up.data_ptr(), gate_up.stride(0), out.data_ptr(), rows, inter, torch.get_num_threads()
-    )
-    return out
+    return LayerKernels(gate_up.dtype).silu_mul(gate_up)
+
+
+class LayerKernels:
+    """The norm and activation kernels for one dtype, as the model's layer loop calls them.
+
+    The loop hands them tensors it shaped itself (products of the model's own weights), so the
+    checks of `add_rms_norm` and `silu_mul` are left out here: right after a large matrix product
+    the caches are cold and every Python line costs about a microsecond.
+    """
+
+    def __init__(self, dtype: torch.dtype):
+        self._add_rms_norm = _kernel("add_rms_norm", dtype)
+        self._silu_mul = _kernel("silu_mul", dtype)
+
+    def add_rms_norm(
+        self, residual: torch.Tensor, x: torch.Tensor | None, weight: torch.Tensor, eps: float
+    ) -> torch.Tensor:
+        """As the module's `add_rms_norm`, for contiguous CPU tensors of this dtype."""
+        out = torch.empty_like(residual)
+        dim = weight.shape[0]
+        self._add_rms_norm(
+            residual.data_ptr(), None if x is None else x.data_ptr(), weight.data_ptr(), out.data_ptr(),
+            residual.numel() // dim, dim, eps, torch.get_num_threads(),
+        )  # fmt: skip
+        return out
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """As the module's `silu_mul`, for a CPU tensor of this dtype with contiguous rows."""
+        rows, inter = gate_up.shape[0], gate_up.shape[1] // 2
+        out = torch.empty(rows, inter, dtype=gate_up.dtype)
+        self._silu_mul(
+            gate_up.data_ptr(), gate_up.stride(0), out.data_ptr(), rows, inter, torch.get_num_threads()
+        )
+        return out

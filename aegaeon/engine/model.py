@@ -13,35 +13,36 @@ import torch.nn.functional as F
 from aegaeon.engine import cpu_kernels
 from aegaeon.engine.architecture import Architecture
 from aegaeon.engine.attention import AttentionBatch, attention
-from aegaeon.engine.rope import apply_rotary
 from aegaeon.engine.weights import LayerWeights, ModelWeights
 
 
 class Transformer:
     """Runs forward passes of one architecture over whatever weights and KV cache it is handed."""
 
-    def __init__(self, arch: Architecture, device: torch.device):
+    def __init__(self, arch: Architecture, device: torch.device, dtype: torch.dtype):
         self.arch = arch
         self._norm_shape = (arch.hidden_size,)
         self._head_norm_shape = (arch.head_dim,)
         # On the CPU, where the C kernels build, the residual add + norm and SiLU * up run as one
         # pass each instead of several small torch ops.
-        self.fused_cpu_ops = device.type == "cpu" and cpu_kernels.cpu_kernels_available()
+        self.cpu_kernels = (
+            cpu_kernels.LayerKernels(dtype)
+            if device.type == "cpu" and cpu_kernels.cpu_kernels_available()
+            else None
+        )
 
     def forward(
         self,
         weights: ModelWeights,
         kv_cache: torch.Tensor,
         token_ids: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
         batch: AttentionBatch,
     ) -> torch.Tensor:
         """Final hidden states `[tokens, hidden]` (before the output norm)."""
         residual = F.embedding(token_ids, weights.embed)  # a fresh tensor: the adds below work in place
         hidden = self._add_rms_norm(residual, None, weights.layers[0].input_norm)
         for i, layer in enumerate(weights.layers):
-            hidden = self._attention(layer, hidden, kv_cache, i, cos, sin, batch)
+            hidden = self._attention(layer, hidden, kv_cache, i, batch)
             hidden = self._add_rms_norm(residual, hidden, layer.post_norm)
             hidden = self._mlp(layer, hidden)
             next_norm = weights.layers[i + 1].input_norm if i + 1 < len(weights.layers) else weights.norm
@@ -56,8 +57,8 @@ class Transformer:
         self, residual: torch.Tensor, x: torch.Tensor | None, weight: torch.Tensor
     ) -> torch.Tensor:
         """`residual += x` in place (x None: nothing to add), and the normed residual."""
-        if self.fused_cpu_ops:
-            return cpu_kernels.add_rms_norm(residual, x, weight, self.arch.rms_norm_eps)
+        if self.cpu_kernels is not None:
+            return self.cpu_kernels.add_rms_norm(residual, x, weight, self.arch.rms_norm_eps)
         if x is not None:
             residual.add_(x)
         return F.rms_norm(residual, self._norm_shape, weight, self.arch.rms_norm_eps)
@@ -68,22 +69,15 @@ class Transformer:
         hidden: torch.Tensor,
         kv_cache: torch.Tensor,
         index: int,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
         batch: AttentionBatch,
     ) -> torch.Tensor:
         arch = self.arch
         tokens = hidden.shape[0]
         qkv = F.linear(hidden, layer.qkv, layer.qkv_bias)
-        q_end = arch.q_size
         if layer.q_norm is None:
-            # q and k sit side by side in qkv: one rotation over all their heads, written back in
-            # place so that the rotated k and v stay adjacent and reach the KV cache as one view.
-            qk_heads = arch.num_heads + arch.num_kv_heads
-            qk = qkv[:, : q_end + arch.kv_size].view(tokens, qk_heads, arch.head_dim)
-            apply_rotary(qk, cos, sin, out=qk)
-            q = qkv[:, :q_end].view(tokens, arch.num_heads, arch.head_dim)
-            kv = qkv[:, q_end:].view(tokens, 2, arch.num_kv_heads, arch.head_dim)
+            # Views of qkv: k and v are adjacent, so they reach the KV cache as one [tokens, 2, ...] view.
+            q = qkv[:, : arch.q_size].view(tokens, arch.num_heads, arch.head_dim)
+            kv = qkv[:, arch.q_size :].view(tokens, 2, arch.num_kv_heads, arch.head_dim)
         else:
             q, k, v = qkv.split((arch.q_size, arch.kv_size, arch.kv_size), dim=-1)
             q = F.rms_norm(
@@ -98,16 +92,14 @@ class Transformer:
                 layer.k_norm,
                 arch.rms_norm_eps,
             )
-            q = apply_rotary(q, cos, sin)
-            k = apply_rotary(k, cos, sin)
             kv = torch.stack((k, v.view(tokens, arch.num_kv_heads, arch.head_dim)), dim=1)
         out = attention(q, kv, kv_cache, index, batch)
         return F.linear(out, layer.o, layer.o_bias)
 
     def _mlp(self, layer: LayerWeights, hidden: torch.Tensor) -> torch.Tensor:
         gate_up = F.linear(hidden, layer.gate_up, layer.gate_up_bias)
-        if self.fused_cpu_ops:
-            return F.linear(cpu_kernels.silu_mul(gate_up), layer.down, layer.down_bias)
+        if self.cpu_kernels is not None:
+            return F.linear(self.cpu_kernels.silu_mul(gate_up), layer.down, layer.down_bias)
         gate, up = gate_up.chunk(2, dim=-1)
         # In place on the gate_up product, which nothing else holds; mm reads the strided result as is.
         return F.linear(F.silu(gate, inplace=True).mul_(up), layer.down, layer.down_bias)

@@ -3,8 +3,10 @@
 Each decode row has one query token and a block table into the block-major KV cache
 `[num_blocks, num_layers, 2 (K/V), BLOCK_SIZE, num_kv_heads, head_dim]`; it sees the first
 `context_lens[row]` tokens of its table (the last `sliding_window` of them when a window applies).
-A kernel handed `new_kv` (`[rows, 2, kv_heads, head_dim]`, this step's K and V) first stores each
-row's at its newest position, `context_lens[row] - 1`, as `store_new_kv` does.
+A kernel handed `rotary` (the rows' cos and signed sin from `RotaryTable.lookup`, `[rows, 1, head_dim]`)
+first rotates the query and the new key, as `rotate_decode_inputs` does; handed `new_kv`
+(`[rows, 2, kv_heads, head_dim]`, this step's K and V) it then stores each row's at its newest
+position, `context_lens[row] - 1`, as `store_new_kv` does.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from aegaeon.engine.kv_cache import BLOCK_SIZE
+from aegaeon.engine.rope import apply_rotary
 
 KV_CACHE_NDIM = 6
 _K_INDEX, _V_INDEX = 0, 1
@@ -26,6 +29,7 @@ def check_paged_decode_inputs(
     context_lens: torch.Tensor,
     sliding_window: int | None,
     new_kv: torch.Tensor | None = None,
+    rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> None:
     """Raise ValueError unless the arguments describe a valid paged decode step."""
     if q.dim() != 3:
@@ -63,6 +67,23 @@ def check_paged_decode_inputs(
             f"new_kv must be {q.dtype} [{batch}, 2, {num_kv_heads}, {head_dim}], "
             f"got {new_kv.dtype} {tuple(new_kv.shape)}"
         )
+    if rotary is not None and any(t.shape != (batch, 1, head_dim) or t.dtype != q.dtype for t in rotary):
+        raise ValueError(
+            f"rotary must be (cos, sin), each {q.dtype} [{batch}, 1, {head_dim}], "
+            f"got {[(t.dtype, tuple(t.shape)) for t in rotary]}"
+        )
+
+
+def rotate_decode_inputs(
+    q: torch.Tensor, new_kv: torch.Tensor | None, rotary: tuple[torch.Tensor, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """q and new_kv with the query and the new key rotated by `rotary` (new tensors)."""
+    cos, sin = rotary
+    q = apply_rotary(q, cos, sin)
+    if new_kv is not None:
+        new_kv = new_kv.clone()
+        new_kv[:, 0] = apply_rotary(new_kv[:, 0], cos, sin)
+    return q, new_kv
 
 
 def store_new_kv(
@@ -89,9 +110,12 @@ def paged_decode_attention_reference(
     scale: float,
     sliding_window: int | None = None,
     new_kv: torch.Tensor | None = None,
+    rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Pure-torch paged decode attention: gather each row's blocks, mask, softmax in float32."""
-    check_paged_decode_inputs(q, kv_cache, layer, block_tables, context_lens, sliding_window, new_kv)
+    check_paged_decode_inputs(q, kv_cache, layer, block_tables, context_lens, sliding_window, new_kv, rotary)
+    if rotary is not None:
+        q, new_kv = rotate_decode_inputs(q, new_kv, rotary)
     if new_kv is not None:
         store_new_kv(kv_cache, layer, block_tables, context_lens, new_kv)
     batch, num_q_heads, head_dim = q.shape

@@ -82,6 +82,8 @@ def apply_rotary(
 ) -> torch.Tensor:
     """Rotate `x` `[tokens, heads, head_dim]` by the per-token angles (the rotate-half convention).
 
-    `out` may be `x` itself: both products are taken before anything is written.
+    Each product and the sum round to the dtype, as in transformers (and the CPU decode kernel); a
+    fused multiply-add (addcmul) would round once and drift from both by an ulp. `out` may be `x`
+    itself: both products are taken before anything is written.
     """
-    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin, out=out)
+    return torch.add(x * cos, x.roll(x.shape[-1] // 2, dims=-1) * signed_sin, out=out)

@@ -44,7 +44,7 @@ class ModelRunner:
         self.weights: ModelWeights | None = None
         self.kv_cache: torch.Tensor | None = None
         self.device = device
-        self.model = Transformer(arch, device)
+        self.model = Transformer(arch, device, dtype)
         self.rotary = RotaryTable(arch.rope, arch.head_dim, dtype, device)
         self.sampler = Sampler()
         self.scale = arch.head_dim**-0.5
@@ -68,11 +68,10 @@ class ModelRunner:
     def logits(self, seqs: list[Sequence], is_prefill: bool) -> torch.Tensor:
         """float32 next-token logits `[len(seqs), vocab]`, writing this step's K/V into the cache."""
         if is_prefill:
-            token_ids, positions, batch, last_rows = self._prefill_inputs(seqs)
+            token_ids, batch, last_rows = self._prefill_inputs(seqs)
         else:
-            token_ids, positions, batch, last_rows = self._decode_inputs(seqs)
-        cos, sin = self.rotary.lookup(positions, max(seq.num_tokens for seq in seqs))
-        hidden = self.model.forward(self.weights, self.kv_cache, token_ids, cos, sin, batch)
+            token_ids, batch, last_rows = self._decode_inputs(seqs)
+        hidden = self.model.forward(self.weights, self.kv_cache, token_ids, batch)
         if last_rows is not None:
             hidden = hidden.index_select(0, last_rows)
         return self.model.logits(self.weights, hidden)
@@ -98,16 +97,19 @@ class ModelRunner:
             seq_lens.append(length)
             last_rows.append(len(token_ids) - 1)
             masks.append(prefill_mask(length, self.arch.sliding_window, self.device))
+        cos, sin = self.rotary.lookup(self._tensor(positions), max(seq.num_tokens for seq in seqs))
         batch = AttentionBatch(
             is_prefill=True,
             slot_blocks=self._tensor(slot_blocks),
             slot_offsets=self._tensor(slot_offsets),
             scale=self.scale,
+            cos=cos,
+            sin=sin,
             seq_lens=seq_lens,
             prefill_masks=masks if any(mask is not None for mask in masks) else None,
         )
         rows = None if last_rows == list(range(len(token_ids))) else self._tensor(last_rows)
-        return self._tensor(token_ids), self._tensor(positions), batch, rows
+        return self._tensor(token_ids), batch, rows
 
     def _decode_inputs(self, seqs: list[Sequence]):
         """Decode tensors with rows ordered by context length; `rows` maps them back to `seqs`' order."""
@@ -128,11 +130,14 @@ class ModelRunner:
             spans = [(0, count)]
         else:
             spans = plan_decode_groups([len(seq.block_table) for seq in ordered])
+        cos, sin = self.rotary.lookup(positions, ordered[-1].num_tokens)
         batch = AttentionBatch(
             is_prefill=False,
             slot_blocks=slot_blocks,
             slot_offsets=positions % BLOCK_SIZE,
             scale=self.scale,
+            cos=cos,
+            sin=sin,
             seq_lens=[1] * count,
             prefill_masks=None,
             decode_groups=[self._decode_group(ordered, context_lens, start, end) for start, end in spans],
@@ -142,7 +147,7 @@ class ModelRunner:
         )
         # Logits come back in the caller's order: undo the sort on the (small) hidden states.
         rows = None if order == sorted(order) else self._tensor(sorted(range(count), key=order.__getitem__))
-        return token_ids, positions, batch, rows
+        return token_ids, batch, rows
 
     def _decode_group(
         self, ordered: list[Sequence], context_lens: torch.Tensor, start: int, end: int

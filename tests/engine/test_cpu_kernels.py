@@ -20,7 +20,7 @@ from tests.engine.test_paged_decode import DTYPE_NAMES, LAYER, check_kernel_agai
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # 64 and 128 run specialised code; 24 and 40 the general vector path (multiples of 8 that fill part
 # of a 64-float chunk); 20 the plain loops.
-CPU_HEAD_DIMS = (20, 24, 40, 64, 128)
+CPU_HEAD_DIMS = (20, 24, 40, 64, 128, 256)
 GREEDY_TOKENS = 24
 # The paged kernel splits a step over threads from this many (token, KV head) pairs on
 # (MIN_PARALLEL_WORK in cpu_kernels.c).
@@ -43,11 +43,26 @@ def test_kernel_matches_reference(dtype_name):
     assert not failures, "\n".join(failures)
 
 
-def test_kernel_result_does_not_depend_on_thread_count():
+def _many_rows() -> tuple[torch.Tensor, ...]:
+    """The test case's rows 16 times over: the kernel splits them over threads a row per task."""
     q, kv_cache, block_tables, context_lens = make_case(4, 64, torch.float32, "cpu")
-    # The same rows 16 times over: enough work for the kernel to split it over threads.
-    q, block_tables, context_lens = q.repeat(16, 1, 1), block_tables.repeat(16, 1), context_lens.repeat(16)
-    assert int(context_lens.sum()) * kv_cache.shape[4] >= MIN_PARALLEL_WORK
+    return kv_cache, q.repeat(16, 1, 1), block_tables.repeat(16, 1), context_lens.repeat(16)
+
+
+def _few_long_rows() -> tuple[torch.Tensor, ...]:
+    """Fewer rows than two per thread, with long contexts: a task per (row, kv head)."""
+    gen = torch.Generator().manual_seed(0)
+    rows, context, kv_heads, blocks = 3, 1000, 2, -(-1000 // 16)
+    kv_cache = torch.randn(rows * blocks, LAYER + 1, 2, 16, kv_heads, 64, generator=gen)
+    block_tables = torch.randperm(rows * blocks, generator=gen).reshape(rows, blocks).to(torch.int32)
+    q = torch.randn(rows, 4 * kv_heads, 64, generator=gen)
+    return kv_cache, q, block_tables, torch.full((rows,), context, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("case", [_many_rows, _few_long_rows])
+def test_kernel_result_does_not_depend_on_thread_count(case):
+    kv_cache, q, block_tables, context_lens = case()
+    assert int(context_lens.sum()) * kv_cache.shape[4] >= MIN_PARALLEL_WORK  # enough to use threads
     previous = torch.get_num_threads()
     outputs = []
     try:
@@ -56,7 +71,7 @@ def test_kernel_result_does_not_depend_on_thread_count():
             outputs.append(paged_decode_attention(q, kv_cache, LAYER, block_tables, context_lens, 0.125))
     finally:
         torch.set_num_threads(previous)
-    # Each (row, kv head) is one task: the order of its sums is fixed whatever thread runs it.
+    # Each (row, kv head) is summed in one fixed order, whichever thread and task shape runs it.
     assert torch.equal(outputs[0], outputs[1])
 
 
@@ -75,9 +90,9 @@ def test_engine_decodes_the_same_with_and_without_the_kernel(demo_model_dirs, ar
     params = SamplingParams(temperature=0, max_tokens=GREEDY_TOKENS, ignore_eos=True, logprobs=2)
     llm = LLM(demo_model_dirs[arch])
     runner = llm.engine.runner
-    assert runner.paged_decode is paged_decode_attention and runner.model.fused_cpu_ops
+    assert runner.paged_decode is paged_decode_attention and runner.model.cpu_kernels is not None
     with_kernel = llm.generate(PROMPTS, params)
-    runner.paged_decode, runner.model.fused_cpu_ops = None, False
+    runner.paged_decode, runner.model.cpu_kernels = None, None
     gathered = llm.generate(PROMPTS, params)
     for ours, theirs in zip(with_kernel, gathered, strict=True):
         assert ours.token_ids == theirs.token_ids

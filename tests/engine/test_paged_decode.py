@@ -61,7 +61,7 @@ def check_kernel_against_reference(
     kernel: Callable, dtype: torch.dtype, device: str, head_dims: tuple[int, ...] = HEAD_DIMS
 ) -> list[str]:
     """Run every case through kernel and reference, also with this step's K/V to store first (rows
-    with a context); return a description of each mismatch."""
+    with a context), and with q and the new K to rotate before that; return each mismatch."""
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     failures = []
     for group, head_dim, window in itertools.product(GROUP_SIZES, head_dims, WINDOWS):
@@ -87,7 +87,28 @@ def check_kernel_against_reference(
         failures += _mismatches(f"{case} storing new K/V", out, ref, q)
         if not torch.equal(kernel_cache, reference_cache):
             failures.append(f"{case}: the new K/V landed elsewhere than the reference put them")
+        rotary = rotary_rows(len(q), head_dim, dtype, device)
+        kernel_cache, reference_cache = kv_cache.clone(), kv_cache.clone()
+        out = kernel(
+            q, kernel_cache, LAYER, block_tables, context_lens, scale, window, new_kv=new_kv, rotary=rotary
+        )
+        ref = paged_decode_attention_reference(
+            q, reference_cache, LAYER, block_tables, context_lens, scale, window, new_kv=new_kv, rotary=rotary
+        )
+        failures += _mismatches(f"{case} rotating and storing new K/V", out, ref, q)
+        if not torch.equal(kernel_cache, reference_cache):
+            failures.append(f"{case}: the rotated new K differs from the reference's, or landed elsewhere")
     return failures
+
+
+def rotary_rows(
+    rows: int, head_dim: int, dtype: torch.dtype, device: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and signed sin rows `[rows, 1, head_dim]` for random angles, in RotaryTable's convention."""
+    angles = torch.rand(rows, 1, head_dim // 2, generator=torch.Generator().manual_seed(SEED)) * 100
+    cos = torch.cat((angles.cos(), angles.cos()), dim=-1)
+    sin = torch.cat((-angles.sin(), angles.sin()), dim=-1)
+    return cos.to(device=device, dtype=dtype), sin.to(device=device, dtype=dtype)
 
 
 def _mismatches(case: str, out: torch.Tensor, ref: torch.Tensor, q: torch.Tensor) -> list[str]:

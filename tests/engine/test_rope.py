@@ -6,10 +6,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from aegaeon.engine.architecture import RopeScaling
-from aegaeon.engine.rope import RotaryTable, inverse_frequencies
+from aegaeon.engine.rope import RotaryTable, apply_rotary, inverse_frequencies
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 LLAMA3 = RopeScaling(
@@ -73,3 +74,23 @@ def test_llama3_inverse_frequencies_match_transformers():
     )  # fmt: skip
     expected, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
     assert torch.equal(inverse_frequencies(LLAMA3, 16), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotation_equals_transformers_bit_for_bit(dtype):
+    """apply_rotary (prefill, the torch paths) rounds as transformers' apply_rotary_pos_emb does; the
+    CPU decode kernel rounds the same way (tests/engine/test_paged_decode.py compares them exactly)."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    head_dim, heads = 16, 3
+    table = RotaryTable(LLAMA3, head_dim, dtype, torch.device("cpu"))
+    positions = torch.tensor([0, 1, 7, 300, 4000])
+    x = torch.randn(len(positions), heads, head_dim, generator=torch.Generator().manual_seed(0)).to(dtype)
+    cos, signed_sin = table.lookup(positions, int(positions.max()))
+    ours = apply_rotary(x, cos, signed_sin)
+    # transformers: [batch, heads, seq, dim] with cos/sin [batch, seq, dim] and the plain (unsigned) sin.
+    half = head_dim // 2
+    sin = torch.cat((-signed_sin[..., :half], signed_sin[..., half:]), dim=-1)
+    as_hf = x.transpose(0, 1)[None]
+    theirs, _ = apply_rotary_pos_emb(as_hf, as_hf, cos.transpose(0, 1), sin.transpose(0, 1))
+    assert torch.equal(ours, theirs[0].transpose(0, 1))
