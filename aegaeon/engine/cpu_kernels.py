@@ -174,22 +174,12 @@ def paged_decode_attention(
         q = q.contiguous()
     if new_kv is not None and new_kv.stride()[1:] != (num_kv_heads * head_dim, head_dim, 1):
         new_kv = new_kv.contiguous()
-    cos, sin = (None, None) if rotary is None else (rotary[0].contiguous(), rotary[1].contiguous())
-    block_tables = block_tables.contiguous()
-    context_lens = context_lens.contiguous()
-    out = torch.empty(rows, num_heads, head_dim, dtype=q.dtype)
-    strides = kv_cache.stride()
-    k_offset = layer * strides[1]
-    _kernel("paged_decode", q.dtype)(
-        q.data_ptr(), q.stride(0),
-        None if new_kv is None else new_kv.data_ptr(), 0 if new_kv is None else new_kv.stride(0),
-        None if cos is None else cos.data_ptr(), None if sin is None else sin.data_ptr(),
-        kv_cache.data_ptr(), strides[0], k_offset, k_offset + strides[2], strides[3],
-        block_tables.data_ptr(), block_tables.stride(0), context_lens.data_ptr(),
-        rows, num_heads, num_kv_heads, head_dim,
-        sliding_window or 0, scale, out.data_ptr(), torch.get_num_threads(),
+    if rotary is not None:
+        rotary = (rotary[0].contiguous(), rotary[1].contiguous())
+    return LayerKernels(q.dtype).paged_decode(
+        q, kv_cache, layer, block_tables.contiguous(), context_lens.contiguous(), scale, sliding_window,
+        new_kv=new_kv, rotary=rotary,
     )  # fmt: skip
-    return out
 
 
 def add_rms_norm(
@@ -218,16 +208,47 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 class LayerKernels:
-    """The norm and activation kernels for one dtype, as the model's layer loop calls them.
+    """The decode attention, norm and activation kernels for one dtype, as the model's layer loop
+    calls them.
 
-    The loop hands them tensors it shaped itself (products of the model's own weights), so the
-    checks of `add_rms_norm` and `silu_mul` are left out here: right after a large matrix product
-    the caches are cold and every Python line costs about a microsecond.
+    The loop hands them tensors it shaped itself (products of the model's own weights, the runner's
+    tables), so the checks of the module's functions are left out here: right after a large matrix
+    product the caches are cold and every Python line costs about a microsecond.
     """
 
     def __init__(self, dtype: torch.dtype):
+        self._paged_decode = _kernel("paged_decode", dtype)
         self._add_rms_norm = _kernel("add_rms_norm", dtype)
         self._silu_mul = _kernel("silu_mul", dtype)
+
+    def paged_decode(
+        self,
+        q: torch.Tensor,
+        kv_cache: torch.Tensor,
+        layer: int,
+        block_tables: torch.Tensor,
+        context_lens: torch.Tensor,
+        scale: float,
+        sliding_window: int | None = None,
+        new_kv: torch.Tensor | None = None,
+        rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """As the module's `paged_decode_attention`, for inputs it would accept as they are: q and
+        new_kv with contiguous heads (rows may be strided), everything else contiguous."""
+        rows, num_heads, head_dim = q.shape
+        out = torch.empty(rows, num_heads, head_dim, dtype=q.dtype)
+        strides = kv_cache.stride()
+        k_offset = layer * strides[1]
+        cos, sin = (None, None) if rotary is None else (rotary[0].data_ptr(), rotary[1].data_ptr())
+        self._paged_decode(
+            q.data_ptr(), q.stride(0),
+            None if new_kv is None else new_kv.data_ptr(), 0 if new_kv is None else new_kv.stride(0),
+            cos, sin, kv_cache.data_ptr(), strides[0], k_offset, k_offset + strides[2], strides[3],
+            block_tables.data_ptr(), block_tables.stride(0), context_lens.data_ptr(),
+            rows, num_heads, kv_cache.shape[4], head_dim,
+            sliding_window or 0, scale, out.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+        return out
 
     def add_rms_norm(
         self, residual: torch.Tensor, x: torch.Tensor | None, weight: torch.Tensor, eps: float

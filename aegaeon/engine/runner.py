@@ -13,6 +13,7 @@ from aegaeon.engine.attention import (
     plan_decode_groups,
     prefill_mask,
 )
+from aegaeon.engine.cpu_kernels import LayerKernels, cpu_decode_supports
 from aegaeon.engine.kv_cache import BLOCK_SIZE
 from aegaeon.engine.model import Transformer
 from aegaeon.engine.rope import RotaryTable
@@ -21,17 +22,16 @@ from aegaeon.engine.sequence import Sequence
 from aegaeon.engine.weights import ModelWeights
 
 
-def paged_decode_kernel(arch: Architecture, device: torch.device) -> PagedDecode | None:
+def paged_decode_kernel(
+    arch: Architecture, device: torch.device, cpu_kernels: LayerKernels | None
+) -> PagedDecode | None:
     """The paged decode kernel that runs on `device` for this model, or None (the gather path)."""
     if device.type == "cuda":
         from aegaeon.engine import attention_triton
 
         return attention_triton.paged_decode_attention if attention_triton.triton is not None else None
-    if device.type == "cpu":
-        from aegaeon.engine import cpu_kernels
-
-        if cpu_kernels.cpu_decode_supports(arch.num_heads, arch.num_kv_heads, arch.head_dim):
-            return cpu_kernels.paged_decode_attention
+    if cpu_kernels is not None and cpu_decode_supports(arch.num_heads, arch.num_kv_heads, arch.head_dim):
+        return cpu_kernels.paged_decode
     return None
 
 
@@ -48,7 +48,7 @@ class ModelRunner:
         self.rotary = RotaryTable(arch.rope, arch.head_dim, dtype, device)
         self.sampler = Sampler()
         self.scale = arch.head_dim**-0.5
-        self.paged_decode = paged_decode_kernel(arch, device)
+        self.paged_decode = paged_decode_kernel(arch, device, self.model.cpu_kernels)
 
     def bind(self, weights: ModelWeights | None, kv_cache: torch.Tensor | None) -> None:
         """Run on these weights and this KV tensor from now on (a switch: no copy, no allocation)."""

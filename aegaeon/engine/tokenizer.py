@@ -72,6 +72,20 @@ def validate_chat_messages(messages: object) -> None:
                 )
 
 
+def _plain_backend(hf_tokenizer: PreTrainedTokenizerBase) -> Any | None:
+    """The Rust tokenizer of a fast tokenizer whose `decode` is that tokenizer's own (no override), else None.
+
+    Detokenization decodes twice per generated token; through transformers' Python layers that is
+    about 10 us a call, a few percent of a batch-16 decode step on a small model.
+    """
+    if not getattr(hf_tokenizer, "is_fast", False):
+        return None
+    mro = type(hf_tokenizer).__mro__
+    decoder_class = next(c for c in mro if "_decode" in vars(c))
+    backend_class = next((c for c in mro if "backend_tokenizer" in vars(c)), None)
+    return hf_tokenizer.backend_tokenizer if decoder_class is backend_class else None
+
+
 class Tokenizer:
     """A Hugging Face tokenizer plus the model's full set of end-of-sequence token ids."""
 
@@ -84,6 +98,7 @@ class Tokenizer:
         eos = _eos_ids_from_value(list(eos_token_ids), "eos_token_ids")
         eos |= _eos_ids_from_value(hf_tokenizer.eos_token_id, "tokenizer")
         self._hf = hf_tokenizer
+        self._backend = _plain_backend(hf_tokenizer)
         self._eos_token_ids = frozenset(eos)
         self._all_special_ids = frozenset(hf_tokenizer.all_special_ids)
 
@@ -125,6 +140,8 @@ class Tokenizer:
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Text of `ids`; ids the vocabulary lacks decode to nothing."""
+        if self._backend is not None:
+            return self._backend.decode(self._checked_ids(ids), skip_special_tokens=skip_special_tokens)
         # Legacy "clean up tokenization spaces" rewrites text across token boundaries (" ." -> "."),
         # which would make streamed deltas disagree with a full decode; never apply it.
         return self._hf.decode(

@@ -90,7 +90,8 @@ def test_engine_decodes_the_same_with_and_without_the_kernel(demo_model_dirs, ar
     params = SamplingParams(temperature=0, max_tokens=GREEDY_TOKENS, ignore_eos=True, logprobs=2)
     llm = LLM(demo_model_dirs[arch])
     runner = llm.engine.runner
-    assert runner.paged_decode is paged_decode_attention and runner.model.cpu_kernels is not None
+    kernels = runner.model.cpu_kernels
+    assert kernels is not None and runner.paged_decode == kernels.paged_decode
     with_kernel = llm.generate(PROMPTS, params)
     runner.paged_decode, runner.model.cpu_kernels = None, None
     gathered = llm.generate(PROMPTS, params)

@@ -75,6 +75,19 @@ def test_decode_does_not_clean_up_spaces(tokenizer):
     assert tokenizer.decode(tokenizer.encode(text)) == text
 
 
+@pytest.mark.parametrize("skip_special_tokens", [True, False])
+def test_decode_equals_transformers_decode(tokenizer, skip_special_tokens):
+    """Decoding through the Rust tokenizer directly gives what transformers' decode gives, on every
+    prefix (what streaming decodes), partial UTF-8 characters, special tokens and unknown ids included."""
+    hf = tokenizer.hf_tokenizer
+    ids = tokenizer.encode(f"{IM_START_TOKEN}{' '.join(TEXTS)}{IM_END_TOKEN}") + [tokenizer.vocab_size + 5]
+    for end in range(len(ids) + 1):
+        expected = hf.decode(
+            ids[:end], skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False
+        )
+        assert tokenizer.decode(ids[:end], skip_special_tokens=skip_special_tokens) == expected
+
+
 def test_eos_from_tokenizer(tokenizer):
     eos_id = tokenizer.hf_tokenizer.convert_tokens_to_ids(EOS_TOKEN)
     assert tokenizer.eos_token_ids == frozenset({eos_id})
