@@ -67,9 +67,8 @@ class ResidentModels:
     models not kept are evicted until one is free. With a weight region of two copies of the largest
     model, evicting everything but the active model therefore always makes room for any other
     (`room_keeping` of the active model is at least `largest`), while smaller models stay resident
-    together where they fit. `largest`: the largest model it will hold; None, half the weight region,
-    which is exact for the arena the engine sizes on a CPU (KV plus two copies of the largest model)
-    and keeps the guarantee in any larger region.
+    together where they fit. `largest`: the largest model it will hold (the engine passes it); None,
+    half the weight region, which is that size in an arena of KV plus two copies of the largest model.
     """
 
     def __init__(self, arena: DeviceArena, loader: ModelLoader, largest: int | None = None):

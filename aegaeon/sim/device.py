@@ -27,9 +27,9 @@ class Resident:
 class ResidentWeights:
     """The models on one device, placed as the engine places them, evicted most recently used first.
 
-    `largest_bytes`: the span each model leaves free beside it; None, half the region, as the engine
-    (with room for two copies of the largest model, that is the largest model's size): a prefetch
-    beside the active model then always fits.
+    `largest_bytes`: the span each model leaves free beside it, the largest model's size, as the engine
+    takes it (None: half the region, that size in a region of two copies of the largest model); a
+    prefetch beside the active model then always fits.
     """
 
     def __init__(
