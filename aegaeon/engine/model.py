@@ -24,7 +24,7 @@ class Transformer:
         self._norm_shape = (arch.hidden_size,)
         self._head_norm_shape = (arch.head_dim,)
         # On the CPU, where the C kernels build, the residual add + norm and SiLU * up run as one
-        # pass each instead of several small torch ops.
+        # pass each instead of several small torch ops (the runner takes decode attention from them too).
         self.cpu_kernels = (
             cpu_kernels.LayerKernels(dtype)
             if device.type == "cpu" and cpu_kernels.cpu_kernels_available()

@@ -81,9 +81,11 @@ def _plain_backend(hf_tokenizer: PreTrainedTokenizerBase) -> Any | None:
     if not getattr(hf_tokenizer, "is_fast", False):
         return None
     mro = type(hf_tokenizer).__mro__
-    decoder_class = next(c for c in mro if "_decode" in vars(c))
+    decoder_class = next((c for c in mro if "_decode" in vars(c)), None)
     backend_class = next((c for c in mro if "backend_tokenizer" in vars(c)), None)
-    return hf_tokenizer.backend_tokenizer if decoder_class is backend_class else None
+    if backend_class is None or decoder_class is not backend_class:
+        return None
+    return hf_tokenizer.backend_tokenizer
 
 
 class Tokenizer:
