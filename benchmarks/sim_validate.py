@@ -1,14 +1,20 @@
 """The simulator against the real system: one small workload through both, the figures compared.
 
-    python benchmarks/sim_validate.py [--json] [--duration 20] [--rates 1 2 3] [--models 4]
+    python benchmarks/sim_validate.py [--json] [--duration 120] [--rates 0.25 0.5 0.75 1] [--models 4]
+        [--scale small|tiny] [--profiles loop|engine]
 
-Real: tiny demo models on one colocated CPU instance of `aegaeon.instance.node.Node` (public API
-only: construct, submit, completed, close), requests submitted at their arrival times. The node
-profiles the model shapes on this machine into .bench/profiles.json when it starts.
+Real: small demo models (--scale small: hidden 768, 8 layers, about 44M parameters, a decode step of
+about 12 ms and a prefill of tens of ms, the order of a 7B model's on an H100; --scale tiny: the
+models of benchmarks/scheduling.py, 5 ms steps) on one colocated CPU instance of
+`aegaeon.instance.node.Node` (public API only: construct, submit, completed, close), requests
+submitted at their arrival times. The node profiles the model shapes on this machine into
+.bench/profiles.json when it starts.
 
 Simulated: the same requests (the arrival times, prompt lengths and output lengths the node
 recorded) through `aegaeon.sim` with the profiles just measured, on a simulated single colocated
-instance with the same KV size. Both are scored by `slo_report` with the same SLOs.
+instance with the same KV size. The simulated scheduler plans with what the live one plans with
+(the engine profiles); the simulated clock runs on the `--profiles` latency model. Both sides are
+scored by `slo_report` with the same SLOs.
 
 Agreement is the relative difference of SLO attainment (mean time-fraction score) and of mean TTFT.
 
@@ -28,10 +34,11 @@ from pathlib import Path
 
 from live_workload import (
     DRAIN_S,
-    KV_BYTES,
     MODEL_MAX_POSITION,
     PROFILE_PATH,
-    SCALED_SLO,
+    SCALES,
+    SMALL,
+    LiveScale,
     live_models,
     workload,
 )
@@ -56,24 +63,28 @@ from aegaeon.sim.workload import Arrival
 DTYPE = "float32"
 SEED = 1
 CALIBRATION_SEED = 101
-CALIBRATION_RATE = 3.0
+# Requests/s per model of the calibration run: a moderate load for each scale, so the turns it fits
+# span several batch sizes without queues growing.
+CALIBRATION_RATES = {"tiny": 3.0, "small": 0.75}
 AGREEMENT = 0.15
 
 
-def validation_models(count: int) -> dict[str, Path]:
-    return live_models("simval", count)
+def validation_models(count: int, scale: LiveScale) -> dict[str, Path]:
+    return live_models("simval", count, scale)
 
 
-def node_config() -> NodeConfig:
+def node_config(scale: LiveScale) -> NodeConfig:
     return NodeConfig(
         profile_path=str(PROFILE_PATH),
-        engine=EngineConfig(kv_cache_bytes=KV_BYTES),
-        memory=MemoryConfig(host_kv_pool_bytes=256 * MIB, kv_slab_bytes=16 * MIB),
-        scheduler=SchedulerConfig(default_slo=SCALED_SLO),
+        engine=EngineConfig(kv_cache_bytes=scale.kv_bytes),
+        memory=MemoryConfig(host_kv_pool_bytes=8 * scale.kv_bytes, kv_slab_bytes=16 * MIB),
+        scheduler=SchedulerConfig(default_slo=scale.slo),
     )
 
 
-def run_real(models: dict[str, Path], requests, duration: float) -> tuple[list[SchedRequest], float, dict]:
+def run_real(
+    models: dict[str, Path], requests, duration: float, scale: LiveScale
+) -> tuple[list[SchedRequest], float, dict]:
     """Replay the requests on a real node; every request as seen by its callbacks, the horizon, timelines.
 
     Requests are timed on this script's clock (submission, each token's callback), so requests still
@@ -81,7 +92,7 @@ def run_real(models: dict[str, Path], requests, duration: float) -> tuple[list[S
     """
     done = threading.Semaphore(0)
     records: list[SchedRequest] = []
-    with Node(models, node_config(), progress=False) as node:
+    with Node(models, node_config(scale), progress=False) as node:
         start = time.monotonic()
 
         def clock() -> float:
@@ -144,11 +155,11 @@ def engine_profiles(specs: dict[str, ModelSpec]) -> dict[str, Profile]:
 
 
 def loop_profiles(
-    models: dict[str, Path], specs: dict[str, ModelSpec], duration: float
+    models: dict[str, Path], specs: dict[str, ModelSpec], duration: float, scale: LiveScale
 ) -> dict[str, Profile]:
     """Profiles fitted to a calibration run of the live node: its prefills, decode turns and loads."""
-    requests = workload(list(models), CALIBRATION_RATE, duration, CALIBRATION_SEED)
-    completed, _, timelines = run_real(models, requests, duration)
+    requests = workload(list(models), CALIBRATION_RATES[scale.name], duration, CALIBRATION_SEED)
+    completed, _, timelines = run_real(models, requests, duration, scale)
     lengths = {r.request_id: (r.prompt_len, r.max_tokens) for r in completed}
     fallback = engine_profiles(specs)
     profiles = {}
@@ -175,14 +186,14 @@ def loop_profiles(
 
 
 def run_sim(
-    model_set: ModelSet, real: list[SchedRequest], horizon: float
+    model_set: ModelSet, real: list[SchedRequest], horizon: float, scale: LiveScale
 ) -> tuple[list[SchedRequest], float]:
     """The requests the node saw (arrival, prompt, output), through the simulator."""
     arrivals = [Arrival(r.arrival_s, r.model, r.prompt_len, r.max_tokens) for r in real]
-    cluster = ClusterConfig((NodeLayout(colocated=1),), SimMemoryConfig(kv_bytes=KV_BYTES))
+    cluster = ClusterConfig((NodeLayout(colocated=1),), SimMemoryConfig(kv_bytes=scale.kv_bytes))
     last = max(a.arrival_s for a in arrivals)
     options = SimOptions(drain_s=max(horizon - last, 0.0))  # cut where the real run was cut
-    result = simulate("aegaeon", arrivals, model_set, cluster, node_config().scheduler, options)
+    result = simulate("aegaeon", arrivals, model_set, cluster, node_config(scale).scheduler, options)
     return result.requests, result.horizon_s
 
 
@@ -192,11 +203,13 @@ def relative(a: float | None, b: float | None) -> float | None:
     return abs(a - b) / max(abs(a), 1e-12)
 
 
-def validate(models: dict[str, Path], model_set: ModelSet, rate: float, duration: float) -> dict:
+def validate(
+    models: dict[str, Path], model_set: ModelSet, rate: float, duration: float, scale: LiveScale
+) -> dict:
     requests = workload(list(models), rate, duration, SEED)
-    scheduler = node_config().scheduler
-    real, real_horizon, _ = run_real(models, requests, duration)
-    simulated, sim_horizon = run_sim(model_set, real, real_horizon)
+    scheduler = node_config(scale).scheduler
+    real, real_horizon, _ = run_real(models, requests, duration, scale)
+    simulated, sim_horizon = run_sim(model_set, real, real_horizon, scale)
     real_report = slo_report(real, scheduler, horizon_s=real_horizon)
     sim_report = slo_report(simulated, scheduler, horizon_s=sim_horizon)
     figures = {}
@@ -220,31 +233,39 @@ def validate(models: dict[str, Path], model_set: ModelSet, rate: float, duration
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--duration", type=float, default=20.0, help="seconds of arrivals per run")
-    parser.add_argument("--rates", type=float, nargs="+", default=[1.0, 2.0, 3.0], help="req/s per model")
+    parser.add_argument("--duration", type=float, default=120.0, help="seconds of arrivals per run")
+    parser.add_argument(
+        "--rates", type=float, nargs="+", default=[0.25, 0.5, 0.75, 1.0], help="req/s per model"
+    )
     parser.add_argument("--models", type=int, default=4)
+    parser.add_argument(
+        "--scale", choices=tuple(SCALES), default=SMALL.name, help="model size, KV space and SLOs (small)"
+    )
     parser.add_argument(
         "--profiles", choices=("engine", "loop"), default="loop", help="the simulator's latency model (loop)"
     )
     args = parser.parse_args()
-    models = validation_models(args.models)
+    scale = SCALES[args.scale]
+    models = validation_models(args.models, scale)
     specs = model_specs(models)
     if args.profiles == "loop":
-        profiles = loop_profiles(models, specs, args.duration)
+        profiles = loop_profiles(models, specs, args.duration, scale)
     else:
-        with Node(models, node_config(), progress=False):
+        with Node(models, node_config(scale), progress=False):
             pass  # the node measures any shape missing from the profile file when it starts
         profiles = engine_profiles(specs)
-    model_set = ModelSet(specs, profiles)
-    results = [validate(models, model_set, rate, args.duration) for rate in args.rates]
+    # The simulated scheduler plans with what the real node's scheduler plans with.
+    model_set = ModelSet(specs, profiles, planning_profiles=engine_profiles(specs))
+    results = [validate(models, model_set, rate, args.duration, scale) for rate in args.rates]
     if args.json:
         fitted = {name: p.to_dict() for name, p in profiles.items()}
-        summary = {"slo": SCALED_SLO.__dict__, "models": args.models, "profiles": args.profiles}
+        summary = {"slo": scale.slo.__dict__, "scale": scale.name, "models": args.models}
+        summary["profiles"] = args.profiles
         print(json.dumps({**summary, "fitted": fitted, "runs": results}))
         return
     print(
-        f"{args.models} tiny models, one colocated CPU instance, {args.profiles} profiles, "
-        f"TTFT {SCALED_SLO.ttft_s} s, TBT {SCALED_SLO.tbt_s} s"
+        f"{args.models} {scale.name} models, one colocated CPU instance, {args.profiles} profiles, "
+        f"TTFT {scale.slo.ttft_s} s, TBT {scale.slo.tbt_s} s"
     )
     print(
         f"{'rate':>6}{'requests':>9}{'attain real':>12}{'sim':>8}{'diff':>7}"

@@ -5,7 +5,8 @@ Mirrors the engine's arena (aegaeon.memory.loader.ResidentModels) with the same 
 of the largest model's size beside it (the lowest such free offset), evicting the most recently used
 models it may evict (never one it was told to keep) until there is one; copies from host memory go
 one after another over the device's link, each taking the profile's switch time. A prefetch is such a
-copy started in the background.
+copy started in the background (which on a CPU still takes the computing cores' time: the instance
+loop waits for it there, see `has_copy_engine`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from aegaeon.memory.placement import place, room
+
+
+def has_copy_engine(device: str) -> bool:
+    """Whether copies to `device` run beside its computation (a GPU's copy engines) or, as on a CPU,
+    take the time of the cores that compute (aegaeon.memory.copies runs them inline or on a thread)."""
+    return device.lower() != "cpu"
 
 
 @dataclass

@@ -119,17 +119,34 @@ def assign_kinds(
 
 
 class ModelSet:
-    """The served models: the ModelSpec and the profile of each, by model name."""
+    """The served models: the ModelSpec and the profile of each, by model name.
 
-    def __init__(self, specs: Mapping[str, ModelSpec], profiles: Mapping[str, Profile]) -> None:
+    `predictor` is the simulated clock: what prefills, decode steps and loads take. `planner` is what
+    the scheduler classes predict them to take: the same profiles, unless `planning_profiles` are
+    given, as when the simulator replays a real node whose scheduler plans with profiles of
+    `engine.step()` alone while its steps take longer (benchmarks/sim_validate.py).
+    """
+
+    def __init__(
+        self,
+        specs: Mapping[str, ModelSpec],
+        profiles: Mapping[str, Profile],
+        planning_profiles: Mapping[str, Profile] | None = None,
+    ) -> None:
         if not specs:
             raise ValueError("a simulation serves at least one model")
-        missing = sorted(set(specs) - set(profiles))
-        if missing:
-            raise ValueError(f"no profile for {', '.join(missing)}")
+        for given in (profiles, planning_profiles if planning_profiles is not None else profiles):
+            missing = sorted(set(specs) - set(given))
+            if missing:
+                raise ValueError(f"no profile for {', '.join(missing)}")
         self.specs = dict(specs)
         self.profiles = {name: profiles[name] for name in self.specs}
         self.predictor = Predictor(self.profiles)
+        self.planner = (
+            Predictor({name: planning_profiles[name] for name in self.specs})
+            if planning_profiles is not None
+            else self.predictor
+        )
         # Host-device bandwidth implied by each profile: the weights over the measured switch time.
         self._link = {
             name: spec.weight_bytes / p.switch_s if (p := self.profiles[name]).switch_s > 0 else math.inf

@@ -21,11 +21,12 @@ def toy_models(
     weight_bytes: int = GB,
     kv_block_bytes: int = 1000,
     max_model_len: int = 4096,
+    device: str = "toy",
 ) -> ModelSet:
     """Models whose decode step and prefill take constant time, whatever the batch."""
     specs = {n: ModelSpec(n, f"shape-{n}", weight_bytes, kv_block_bytes, max_model_len) for n in names}
     profiles = {
-        n: Profile(f"shape-{n}", "bfloat16", "toy", (prefill_s, 0.0, 0.0), (step_s, 0.0, 0.0), switch_s)
+        n: Profile(f"shape-{n}", "bfloat16", device, (prefill_s, 0.0, 0.0), (step_s, 0.0, 0.0), switch_s)
         for n in names
     }
     return ModelSet(specs, profiles)

@@ -5,10 +5,12 @@ from pathlib import Path
 
 import pytest
 
+from aegaeon.scheduler.models import ModelSpec
 from aegaeon.scheduler.predictor import Profile, ProfileStore
 from aegaeon.sim.models import (
     PAPER_KINDS,
     PAPER_MIX,
+    ModelSet,
     assign_kinds,
     build_model_set,
     load_profiles,
@@ -58,3 +60,17 @@ def test_missing_profiles_are_named() -> None:
         select_kinds(store, H100, ["Mixtral"])
     with pytest.raises(ValueError, match="no such profile file"):
         load_profiles("/nonexistent/profiles.json")
+
+
+def test_the_scheduler_may_plan_with_other_profiles_than_the_clock() -> None:
+    """As in a replayed live node: its scheduler predicts with engine-only profiles, its steps take longer."""
+    spec = ModelSpec("x", "shape-x", 10**9, 1000, 4096)
+    clock = Profile("shape-x", "float32", "cpu", (0.02, 0.0, 0.0), (0.015, 0.0, 0.0), 0.02)
+    planned = Profile("shape-x", "float32", "cpu", (0.01, 0.0, 0.0), (0.010, 0.0, 0.0), 0.02)
+    same = ModelSet({"x": spec}, {"x": clock})
+    assert same.planner is same.predictor
+    split = ModelSet({"x": spec}, {"x": clock}, planning_profiles={"x": planned})
+    assert split.predictor.decode_s("x", [100]) == pytest.approx(0.015)
+    assert split.planner.decode_s("x", [100]) == pytest.approx(0.010)
+    with pytest.raises(ValueError, match="no profile for x"):
+        ModelSet({"x": spec}, {"x": clock}, planning_profiles={})

@@ -65,10 +65,10 @@ class SimNode:
         self.instances: list[SimInstance] = []
         for index, role in enumerate(roles):
             instance_name = f"{name}/{role}-{index}"
-            queue = PrefillQueue(instance_name, models.predictor, scheduler) if role != DECODE else None
+            queue = PrefillQueue(instance_name, models.planner, scheduler) if role != DECODE else None
             decode = (
                 DecodeInstance(
-                    instance_name, memory.kv_bytes, models.specs, models.predictor, scheduler, max_batch_size
+                    instance_name, memory.kv_bytes, models.specs, models.planner, scheduler, max_batch_size
                 )
                 if role != PREFILL
                 else None

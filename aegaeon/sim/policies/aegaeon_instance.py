@@ -1,11 +1,12 @@
 """One simulated aegaeon instance: the live instance loop (aegaeon/instance/instance.py) on a clock.
 
 The loop is the live one, step for step: adopt handoffs; run queued prefills (switching model only
-between groups, prefetching the next group's model); plan a round with `DecodeInstance.plan_round`
-(the prefill queue's waiting work as overhead, resident models free to switch to, measured turn costs
-overriding both); run each batch's turn under `DecodeTurn`, swapping its KV in before and out after
-when the round has several batches; a colocated instance runs its prefills between turns. Where the
-live loop calls the engine, this one advances the clock by the predicted time instead.
+between groups, prefetching the next group's model; a CPU, without a copy engine, waits for the
+copy); plan a round with `DecodeInstance.plan_round` (the prefill queue's waiting work as overhead,
+resident models free to switch to, measured turn costs overriding both); run each batch's turn under
+`DecodeTurn`, swapping its KV in before and out after when the round has several batches; a
+colocated instance runs its prefills between turns. Where the live loop calls the engine, this one
+advances the clock by the predicted time instead.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from aegaeon.scheduler.decode import DecodeInstance, DecodeTurn, RoundPlan
 from aegaeon.scheduler.prefill import PrefillQueue
 from aegaeon.scheduler.request import SchedRequest
 from aegaeon.scheduler.timeline import EventKind, Timeline
-from aegaeon.sim.device import ResidentWeights
+from aegaeon.sim.device import ResidentWeights, has_copy_engine
 from aegaeon.sim.events import Process
 
 if TYPE_CHECKING:
@@ -69,6 +70,7 @@ class SimInstance:
         self.turn_cost_s: dict[str, float] = {}
         # Seconds spent by activity: "prefill", "decode", "switch", "swap", "export".
         self.busy_s: dict[str, float] = defaultdict(float)
+        self.copies_overlap = has_copy_engine(self.models.device)
         self._idle_rounds = 0
 
     # -- the loop ------------------------------------------------------------------------------------
@@ -98,8 +100,8 @@ class SimInstance:
             ran = True
             request = task.request
             yield from self._switch(request.model)
-            if next_model is not None and next_model != request.model and self._prefetch(next_model):
-                self.timeline.record(EventKind.PREFETCH, next_model, self.loop.now, self.loop.now)
+            if next_model is not None and next_model != request.model:
+                yield from self._prefetch(next_model)
             start = self.loop.now
             end = start + self.models.predictor.prefill_s(request.model, [request.prompt_len])
             yield end
@@ -164,8 +166,8 @@ class SimInstance:
         entered = self.loop.now
         yield from self._switch(model)
         following = plan.batches[(index + 1) % len(plan.batches)].model
-        if following != model and self._prefetch(following):
-            self.timeline.record(EventKind.PREFETCH, following, self.loop.now, self.loop.now)
+        if following != model:
+            yield from self._prefetch(following)
         yield from self._place_on_device(model, members)
         turn = DecodeTurn.of(plan, index)
         start = self.loop.now
@@ -250,8 +252,19 @@ class SimInstance:
 
     # -- shared --------------------------------------------------------------------------------------
 
-    def _prefetch(self, model: str) -> bool:
-        return self.weights.prefetch(model, self.loop.now, self.active)
+    def _prefetch(self, model: str) -> Process:
+        """Start copying `model` beside the active one. A device without a copy engine (a CPU) copies
+        with the cores that compute, so there the copy's time passes before the loop goes on."""
+        now = self.loop.now
+        loads = self.weights.loads
+        if not self.weights.prefetch(model, now, self.active):
+            return
+        self.timeline.record(EventKind.PREFETCH, model, now, now)
+        if self.copies_overlap or self.weights.loads == loads:
+            return
+        landed = self.weights.get(model).ready_s
+        self.busy_s["switch"] += landed - now
+        yield landed
 
     def _switch(self, model: str) -> Process:
         """Make `model` active: the previous model's KV goes to the host, its weights come in."""

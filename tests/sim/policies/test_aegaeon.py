@@ -74,6 +74,25 @@ def test_resident_models_are_loaded_once() -> None:
     assert max(r.finished_s for r in requests) < 2 * 3000 * STEP_S + 4 * SWITCH_S
 
 
+@pytest.mark.parametrize("device", ["cpu", "toy"])
+def test_a_prefetch_takes_the_loops_time_only_on_a_cpu(device: str) -> None:
+    """Three models, weight room for two: every turn prefetches the next model beside the active one.
+    A GPU copies beside the decode steps; a CPU has no copy engine, so there the loop waits out each
+    copy, as the live engine's inline copies make it."""
+    models = toy_models(["a", "b", "c"], step_s=STEP_S, switch_s=SWITCH_S, device=device)
+    pool = cluster(NodeLayout(prefill=1, decode=1), device_bytes=int(2.2 * GB), kv_bytes=GB // 10)
+    deployment, requests = _run(arrivals(*[(0.0, m, 16, 300) for m in "abc"]), models, pool)
+    decode = deployment.nodes[0].instances[1]
+    prefetches = len(decode.timeline.of_kind(EventKind.PREFETCH))
+    assert prefetches > 10 and decode.weights.loads > 10
+    waited = decode.busy_s["switch"]
+    if device == "cpu":
+        assert waited == pytest.approx(decode.weights.loads * SWITCH_S)
+    else:
+        assert waited < decode.weights.loads * SWITCH_S / 2
+    assert all(r.generated == 300 for r in requests)
+
+
 def test_kv_moves_through_the_host_pool_between_prefill_and_decode() -> None:
     models = toy_models(["a"], kv_block_bytes=10**6)
     pool = cluster(NodeLayout(prefill=1, decode=1))
