@@ -35,8 +35,6 @@ PROMPT_TOKEN_LIMIT = 900
 Arrival = tuple[float, str, list[int], int]
 
 
-
-
 @dataclass(frozen=True)
 class LiveScale:
     """The models' size, the KV space and the SLOs scaled to them: what one live run is sized by."""

@@ -256,13 +256,12 @@ class SimInstance:
         """Start copying `model` beside the active one. A device without a copy engine (a CPU) copies
         with the cores that compute, so there the copy's time passes before the loop goes on."""
         now = self.loop.now
-        loads = self.weights.loads
         if not self.weights.prefetch(model, now, self.active):
             return
         self.timeline.record(EventKind.PREFETCH, model, now, now)
-        if self.copies_overlap or self.weights.loads == loads:
-            return
         landed = self.weights.get(model).ready_s
+        if self.copies_overlap or landed <= now:
+            return
         self.busy_s["switch"] += landed - now
         yield landed
 
