@@ -8,6 +8,9 @@ from aegaeon.sim.plan import PlanResult
 from aegaeon.sim.result import SimResult
 from aegaeon.sim.sweep import SweepPoint, sustained
 
+# A sweep cell such as "100.0% (98.5%)", right-aligned; wider when a series' name is longer.
+CELL_WIDTH = 22
+
 
 def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
@@ -40,7 +43,8 @@ def sweep_table(axis: str, points: Mapping[str, Sequence[SweepPoint]], target: f
     policies = list(points)
     values = sorted({p.value for series in points.values() for p in series})
     label = "models" if axis == "models" else "rate/model"
-    rows = [f"{label:>10}" + "".join(f"{policy:>22}" for policy in policies)]
+    width = max([CELL_WIDTH, *(len(policy) + 2 for policy in policies)])
+    rows = [f"{label:>10}" + "".join(f"{policy:>{width}}" for policy in policies)]
     for value in values:
         cells = []
         for policy in policies:
@@ -50,12 +54,12 @@ def sweep_table(axis: str, points: Mapping[str, Sequence[SweepPoint]], target: f
                 if point is None
                 else f"{_pct(point.result.attainment)} ({_pct(point.result.strict_attainment)})"
             )
-            cells.append(f"{cell:>22}")
+            cells.append(f"{cell:>{width}}")
         shown = f"{value:g}"
         rows.append(f"{shown:>10}" + "".join(cells))
     sustained_row = [sustained(points[policy], target) for policy in policies]
     rows.append(
-        f"{'sustained':>10}" + "".join(f"{('-' if v is None else f'{v:g}'):>22}" for v in sustained_row)
+        f"{'sustained':>10}" + "".join(f"{('-' if v is None else f'{v:g}'):>{width}}" for v in sustained_row)
     )
     return "\n".join(rows)
 
