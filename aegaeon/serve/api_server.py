@@ -472,8 +472,15 @@ def _chat_logprobs(tokenizer: Tokenizer, logprobs: list[TokenLogprobs]) -> ChatL
     )
 
 
-def _sse(payload: dict[str, Any]) -> str:
-    return f"data: {json.dumps(payload, ensure_ascii=False, allow_nan=False)}\n\n"
+# JSON may carry these three raw, but a reader that splits lines the way str.splitlines does (httpx's
+# iter_lines among them) would cut an event at one; generated text holds them now and then.
+_ESCAPED_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
+def sse_event(payload: dict[str, Any]) -> str:
+    """One server-sent event: a single `data:` line of JSON, whatever the text in it."""
+    data = json.dumps(payload, ensure_ascii=False, allow_nan=False).translate(_ESCAPED_LINE_BREAKS)
+    return f"data: {data}\n\n"
 
 
 async def _disconnected(request: Request) -> None:
@@ -761,7 +768,7 @@ def _streaming(chunks: AsyncIterator[str]) -> StreamingResponse:
 
 def _chunk(live: _Request, kind: str, choices: list[dict[str, Any]], usage: Usage | None) -> str:
     usage_json = usage.model_dump() if usage else None
-    return _sse(
+    return sse_event(
         {
             "id": live.id,
             "object": kind,
@@ -796,7 +803,7 @@ async def _sse_stream(
         if live.include_usage:
             yield render_usage(live.usage(last))
     except Exception as error:  # noqa: BLE001 - too late for an HTTP status: report it in the stream
-        yield _sse(_generation_error(error).body())
+        yield sse_event(_generation_error(error).body())
     finally:
         live.stream.close()
     yield SSE_DONE

@@ -22,7 +22,7 @@ import pytest
 from aegaeon.config import MIB, EngineConfig, NodeConfig
 from aegaeon.engine.tokenizer import Tokenizer
 from aegaeon.instance.node import Node
-from aegaeon.serve.api_server import build_app
+from aegaeon.serve.api_server import build_app, sse_event
 from aegaeon.serve.backend import ClusterBackend
 from aegaeon.serve.metadata import MemoryStore, RedisStore, RequestState
 from aegaeon.serve.node_server import NodeServer
@@ -280,6 +280,15 @@ def test_raw_stream_is_sse_ending_in_done(http):
     assert events[-1] == "[DONE]"
     assert all(event["object"] == "text_completion" for event in events[:-1])
     assert events[-2]["choices"][0]["finish_reason"] == "length"
+
+
+def test_an_event_stays_one_line_for_readers_that_split_on_unicode_line_breaks():
+    """Generated text may hold NEL, LINE or PARAGRAPH SEPARATOR; httpx's iter_lines splits on them."""
+    text = "a\x85b\u2028c\u2029d\ne"
+    event = sse_event({"choices": [{"text": text}]})
+    lines = [line for line in event.splitlines() if line]
+    assert len(lines) == 1 and lines[0].startswith("data: ")
+    assert json.loads(lines[0].removeprefix("data: "))["choices"][0]["text"] == text
 
 
 def test_n_choices_with_a_seed_are_distinct_and_reproducible(client):
