@@ -13,6 +13,7 @@ from transformers import (
     LlamaConfig,
     MistralConfig,
     PretrainedConfig,
+    PreTrainedModel,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen3Config,
@@ -277,14 +278,19 @@ def _build_config(
     raise ValueError(f"unknown demo architecture {arch!r}; expected one of {DEMO_ARCHITECTURES}")
 
 
-def _perturb_biases_and_norms(model: torch.nn.Module) -> None:
-    """Give biases and norm weights random values (HF initializes them to constants)."""
+def _randomize_constant_parameters(model: PreTrainedModel) -> None:
+    """Give biases, norm weights and the pad token's embedding random values (HF initializes them to
+    constants). A zero pad row, with tied embeddings and pad = eos, would pin eos's logit at 0 and the
+    model would never stop on its own."""
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith(".bias"):
                 param.normal_(0.0, BIAS_INIT_STD)
             elif "norm" in name.rsplit(".", 2)[-2]:
                 param.normal_(NORM_WEIGHT_INIT_MEAN, NORM_WEIGHT_INIT_STD)
+        pad = model.config.pad_token_id
+        if pad is not None:
+            model.get_input_embeddings().weight[pad].normal_(0.0, INITIALIZER_RANGE)
 
 
 def write_demo_model(
@@ -321,7 +327,7 @@ def write_demo_model(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config)
-        _perturb_biases_and_norms(model)
+        _randomize_constant_parameters(model)
     model = model.to(DTYPES[dtype])
     save_kwargs = {"safe_serialization": True}
     if max_shard_bytes is not None:
