@@ -32,7 +32,7 @@ from aegaeon.engine.sampling_params import SamplingParams
 from aegaeon.engine.tokenizer import Tokenizer
 from aegaeon.engine.weights import parse_dtype, resolve_model_dir
 from aegaeon.instance.admission import Overloaded, Shed, retry_after_s
-from aegaeon.instance.instance import COLOCATED, DECODE, DECODING, PREFILL, Abort, Instance
+from aegaeon.instance.instance import DECODING, Abort, Instance
 from aegaeon.instance.remote import RemoteEngine, worker_address
 from aegaeon.instance.request_level import RequestLevelInstance
 from aegaeon.instance.worker import ModelFacts, WorkerInfo, WorkerSpec
@@ -45,6 +45,7 @@ from aegaeon.scheduler.predictor import Predictor, ProfileStore
 from aegaeon.scheduler.prefill import PrefillDispatcher, PrefillQueue
 from aegaeon.scheduler.request import SchedRequest
 from aegaeon.scheduler.timeline import EventKind
+from aegaeon.scheduler.turn_loop import COLOCATED, DECODE, PREFILL
 
 logger = logging.getLogger(__name__)
 

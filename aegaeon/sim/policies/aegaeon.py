@@ -17,11 +17,12 @@ from aegaeon.scheduler.decode import DecodeDispatcher, DecodeInstance
 from aegaeon.scheduler.prefill import PrefillDispatcher, PrefillQueue
 from aegaeon.scheduler.request import SchedRequest
 from aegaeon.scheduler.timeline import Timeline
+from aegaeon.scheduler.turn_loop import COLOCATED, DECODE, PREFILL
 from aegaeon.sim.cluster import ClusterConfig, DeviceMemory, NodeLayout
 from aegaeon.sim.device import ResidentWeights, SlotWeights
 from aegaeon.sim.events import EventLoop, Process, Signal
 from aegaeon.sim.models import ModelSet
-from aegaeon.sim.policies.aegaeon_instance import COLOCATED, DECODE, PREFILL, Handoff, SimInstance
+from aegaeon.sim.policies.aegaeon_instance import Handoff, SimInstance
 from aegaeon.sim.policies.base import Deployment, SimContext, model_load
 
 # "engine": the live engine's arena (aegaeon.memory.loader): each model leaves room for the largest
