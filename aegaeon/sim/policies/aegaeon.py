@@ -109,7 +109,7 @@ class SimNode:
         now = self.loop.now
         placement = self.decode.dispatch(request)
         if placement is None:  # fits no decode instance even alone: the live node fails it too
-            instance.on_device.discard(request)
+            instance.on_device.pop(request, None)
             request.fail(now)
             return
         target = self._decoders[placement.instance]

@@ -69,9 +69,10 @@ class SimInstance:
         self.weights = weights
         self.inbox: list[Handoff] = []
         self.active: str | None = None
-        # Requests whose KV is on the device now (all of the active model), and when the KV of each
-        # adopted request lands in the host pool.
-        self.on_device: set[SchedRequest] = set()
+        # Requests whose KV is on the device now (all of the active model), in the order placed (a
+        # dict, not a set of identity-hashed requests: a drain then sums its KV moves in the same
+        # order in every run), and when the KV of each adopted request lands in the host pool.
+        self.on_device: dict[SchedRequest, None] = {}
         self.kv_ready: dict[SchedRequest, float] = {}
         # Seconds spent moving weights and KV: "switch", "swap", "export" (computing: see `busy_s`).
         self._moving_s: dict[str, float] = defaultdict(float)
@@ -129,7 +130,7 @@ class SimInstance:
                 for request in requests:
                     request.record_token(end)
                     if request.done:
-                        self.on_device.discard(request)
+                        self.on_device.pop(request, None)
                 return None
             case Adopt():
                 return self._adopt_handoffs()
@@ -153,14 +154,14 @@ class SimInstance:
                 request.record_token(end)
                 return None
             case HandOff(request=request):
-                self.on_device.add(request)
+                self.on_device[request] = None
                 yield from self.node.after_prefill(request, self)
                 return None
         raise TypeError(f"unknown command {command!r}")
 
     def export(self, request: SchedRequest) -> float:
         """Hand a prefilled request's KV to the host pool; the seconds the copy takes."""
-        self.on_device.discard(request)
+        self.on_device.pop(request, None)
         seconds = self.models.kv_move_s(request.model, request.context_len)
         self._moving_s["export"] += seconds
         return seconds
@@ -176,7 +177,7 @@ class SimInstance:
     def _swap_out(self, requests) -> float:
         seconds = 0.0
         for request in requests:
-            self.on_device.discard(request)
+            self.on_device.pop(request, None)
             seconds += self.models.kv_move_s(request.model, request.context_len)
         self._moving_s["swap"] += seconds
         return seconds
@@ -195,7 +196,7 @@ class SimInstance:
                 continue
             landed = max(landed, self.kv_ready.pop(request, now))
             seconds += self.models.kv_move_s(model, request.context_len)
-            self.on_device.add(request)
+            self.on_device[request] = None
             swapped_in.append(request.request_id)
         if not seconds and landed == now:
             return []
