@@ -22,10 +22,11 @@ import pytest
 from aegaeon.config import MIB, EngineConfig, NodeConfig
 from aegaeon.engine.tokenizer import Tokenizer
 from aegaeon.instance.node import Node
-from aegaeon.serve.api_server import build_app, sse_event
+from aegaeon.serve.api_server import build_app
 from aegaeon.serve.backend import ClusterBackend
 from aegaeon.serve.metadata import MemoryStore, RedisStore, RequestState
 from aegaeon.serve.node_server import NodeServer
+from aegaeon.serve.streaming import sse_event
 from tests.serve.http_server import ServerThread
 from tests.serve.redis_server import RedisServer
 
