@@ -14,7 +14,7 @@ import uvicorn
 from fastapi import APIRouter, Depends, FastAPI
 
 from aegaeon.config import ApiLimits
-from aegaeon.serve.backend import ClusterBackend
+from aegaeon.serve.backend import Backend
 from aegaeon.serve.error_handlers import GuardedRoute, install_error_handlers
 from aegaeon.serve.guards import BodyLimit, bearer_auth, rate_limit
 from aegaeon.serve.rate_limit import RateLimiter
@@ -22,7 +22,7 @@ from aegaeon.serve.routes import Routes
 
 
 def build_app(
-    backend: ClusterBackend, api_keys: Sequence[str] = (), limits: ApiLimits | None = None
+    backend: Backend, api_keys: Sequence[str] = (), limits: ApiLimits | None = None
 ) -> FastAPI:
     """The API app; with `api_keys`, every /v1 route and /tokenize, /detokenize need `Bearer KEY`.
 

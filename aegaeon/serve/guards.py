@@ -10,16 +10,9 @@ from fastapi import Request
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from aegaeon.serve.errors import (
-    INVALID_API_KEY,
-    RATE_LIMIT,
-    RATE_LIMIT_EXCEEDED,
-    REQUEST_TOO_LARGE,
-    STATUS_REQUEST_TOO_LARGE,
-    STATUS_TOO_MANY_REQUESTS,
-    APIError,
-)
-from aegaeon.serve.rate_limit import RateLimiter, retry_after_header
+from aegaeon.errors import RateLimited, RequestTooLarge, Unauthorized
+from aegaeon.serve.errors import error_response
+from aegaeon.serve.rate_limit import RateLimiter
 
 
 def rate_limit(limiter: RateLimiter) -> Callable[[Request], Coroutine[Any, Any, None]]:
@@ -29,12 +22,9 @@ def rate_limit(limiter: RateLimiter) -> Callable[[Request], Coroutine[Any, Any, 
         wait_s = limiter.take(client)
         if wait_s > 0:
             rpm = int(limiter.capacity)
-            raise APIError(
-                STATUS_TOO_MANY_REQUESTS,
+            raise RateLimited(
                 f"rate limit of {rpm} requests per minute reached; retry in {wait_s:.1f} s",
-                RATE_LIMIT,
-                code=RATE_LIMIT_EXCEEDED,
-                headers={"Retry-After": retry_after_header(wait_s)},
+                retry_after_s=wait_s,
             )
 
     return within_rate
@@ -48,11 +38,7 @@ def bearer_auth(api_keys: Sequence[str]) -> Callable[[Request], Coroutine[Any, A
         # Every key is compared, in constant time each: how long this takes says nothing of the keys.
         matches = [hmac.compare_digest(given, key) for key in expected]
         if not any(matches):
-            raise APIError(
-                401,
-                "invalid or missing API key: send the header 'Authorization: Bearer <key>'",
-                code=INVALID_API_KEY,
-            )
+            raise Unauthorized("invalid or missing API key: send the header 'Authorization: Bearer <key>'")
 
     return require_key
 
@@ -60,19 +46,17 @@ def bearer_auth(api_keys: Sequence[str]) -> Callable[[Request], Coroutine[Any, A
 class BodyTooLarge(StarletteHTTPException):
     """Raised from `receive` once a body grows past the limit; FastAPI's body reader re-raises it."""
 
-    def __init__(self, error: APIError):
-        super().__init__(error.status_code, error.message)
+    def __init__(self, error: RequestTooLarge):
+        super().__init__(error.status, error.message)
         self.error = error
 
 
-def _body_too_large(max_bytes: int, declared: int | None = None) -> APIError:
+def _body_too_large(max_bytes: int, declared: int | None = None) -> RequestTooLarge:
     """The 413; `declared`: the body's Content-Length, if it had one."""
     size = f"{declared} bytes, " if declared is not None else ""
-    return APIError(
-        STATUS_REQUEST_TOO_LARGE,
+    return RequestTooLarge(
         f"the request body is {size}over this server's limit of {max_bytes} bytes (max_body_bytes); "
-        "send a smaller request",
-        code=REQUEST_TOO_LARGE,
+        "send a smaller request"
     )
 
 
@@ -93,7 +77,7 @@ class BodyLimit:
             return
         declared = _content_length(scope)
         if declared is not None and declared > self.max_bytes:
-            response = _body_too_large(self.max_bytes, declared).response()
+            response = error_response(_body_too_large(self.max_bytes, declared))
             await response(scope, receive, send)
             return
         received = 0

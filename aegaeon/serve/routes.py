@@ -2,12 +2,15 @@
 
 Every request is checked (model, parameters, prompt length) and submitted before its response
 starts, so a bad request always gets a clean OpenAI-format error and never a broken stream.
+Tokenizing and chat templating run in worker threads, so a long prompt holds up no other request.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from http import HTTPStatus
 from typing import Any
 
 from fastapi import Request
@@ -17,19 +20,9 @@ from jinja2 import TemplateError
 from aegaeon.config import ApiLimits
 from aegaeon.engine.sampling_params import SamplingParams
 from aegaeon.engine.tokenizer import Tokenizer
-from aegaeon.instance.admission import Overloaded
-from aegaeon.serve.backend import ClusterBackend, ModelInfo
-from aegaeon.serve.errors import (
-    CONTEXT_LENGTH_EXCEEDED,
-    RATE_LIMIT,
-    RATE_LIMIT_EXCEEDED,
-    SERVICE_UNAVAILABLE,
-    STATUS_TOO_MANY_REQUESTS,
-    APIError,
-    bad_request,
-    error_body,
-    model_not_found,
-)
+from aegaeon.errors import SERVICE_UNAVAILABLE, ContextLengthExceeded, InvalidRequest
+from aegaeon.serve.backend import Backend, ModelInfo
+from aegaeon.serve.errors import error_body
 from aegaeon.serve.logprobs import chat_logprobs, completion_logprobs
 from aegaeon.serve.protocol import (
     ChatChoice,
@@ -61,56 +54,59 @@ CHAT_ID_PREFIX = "chatcmpl"
 class Routes:
     """The route handlers; they talk to the backend only."""
 
-    def __init__(self, backend: ClusterBackend, limits: ApiLimits):
+    def __init__(self, backend: Backend, limits: ApiLimits):
         self.backend = backend
         self.limits = limits
 
     # models, health, tokenizer tools
 
     async def list_models(self) -> ModelList:
-        return ModelList(data=[_card(info) for info in self.backend.models()])
+        return ModelList(data=[_card(info) for info in await self.backend.models()])
 
     async def get_model(self, model_id: str) -> ModelCard:
-        return _card(self._model(model_id))
+        return _card(await self.backend.model(model_id))
 
     async def health(self) -> JSONResponse:
-        health = self.backend.health()
+        health = await self.backend.health()
         if not health.ok:
             body = {"status": "unavailable", **error_body(health.error or "unavailable", SERVICE_UNAVAILABLE)}
-            return JSONResponse(body, status_code=503)
-        models = [info.name for info in self.backend.models()]
+            return JSONResponse(body, status_code=HTTPStatus.SERVICE_UNAVAILABLE)
+        models = [info.name for info in await self.backend.models()]
         return JSONResponse({"status": "ok", "models": models, "live_requests": health.live_requests})
 
     async def tokenize(self, body: TokenizeRequest) -> TokenizeResponse:
-        info = self._model(body.model)
-        tokenizer = self._tokenizer(info)
+        info = await self.backend.model(body.model)
+        tokenizer = await self.backend.tokenizer(info.name)
         if body.messages is not None:
             messages = [message.for_template() for message in body.messages]
-            tokens = self._apply_chat_template(tokenizer, messages, body.add_generation_prompt)
+            tokens = await _apply_chat_template(tokenizer, messages, body.add_generation_prompt)
         else:
-            tokens = tokenizer.encode(body.prompt or "", add_special_tokens=body.add_special_tokens)
+            prompt = body.prompt or ""
+            tokens = await asyncio.to_thread(
+                tokenizer.encode, prompt, add_special_tokens=body.add_special_tokens
+            )
         return TokenizeResponse(tokens=tokens, count=len(tokens), max_model_len=info.max_model_len)
 
     async def detokenize(self, body: DetokenizeRequest) -> DetokenizeResponse:
-        info = self._model(body.model)
-        tokenizer = self._tokenizer(info)
+        info = await self.backend.model(body.model)
+        tokenizer = await self.backend.tokenizer(info.name)
         vocab = tokenizer.vocab_size
         for index, token in enumerate(body.tokens):
             if token >= vocab:
-                raise bad_request(
+                raise InvalidRequest(
                     f"tokens[{index}]: token id {token} is outside the vocabulary of model {info.name!r} "
                     f"[0, {vocab})",
-                    f"tokens[{index}]",
+                    param=f"tokens[{index}]",
                 )
-        return DetokenizeResponse(prompt=tokenizer.decode(body.tokens))
+        return DetokenizeResponse(prompt=await asyncio.to_thread(tokenizer.decode, body.tokens))
 
     # generation
 
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
-        info = self._model(body.model)
+        info = await self.backend.model(body.model)
         params = self._params(body)
-        tokenizer = self._tokenizer(info)
-        prompt_ids = self._prompt_ids(tokenizer, body.prompt)
+        tokenizer = await self.backend.tokenizer(info.name)
+        prompt_ids = await _prompt_ids(tokenizer, body.prompt)
         live = await self._submit(
             info, tokenizer, prompt_ids, params, COMPLETION_ID_PREFIX, body.include_usage, "prompt"
         )
@@ -135,10 +131,10 @@ class Routes:
         return JSONResponse(response.model_dump())
 
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
-        info = self._model(body.model)
+        info = await self.backend.model(body.model)
         params = self._params(body)
-        tokenizer = self._tokenizer(info)
-        prompt_ids = self._apply_chat_template(tokenizer, body.template_messages(), True)
+        tokenizer = await self.backend.tokenizer(info.name)
+        prompt_ids = await _apply_chat_template(tokenizer, body.template_messages(), True)
         live = await self._submit(
             info, tokenizer, prompt_ids, params, CHAT_ID_PREFIX, body.include_usage, "messages"
         )
@@ -208,57 +204,31 @@ class Routes:
 
     # helpers
 
-    def _model(self, name: str) -> ModelInfo:
-        info = self.backend.model(name)
-        if info is None:
-            raise model_not_found(name, [m.name for m in self.backend.models()])
-        return info
-
-    def _tokenizer(self, info: ModelInfo) -> Tokenizer:
-        try:
-            return self.backend.tokenizer(info.name)
-        except KeyError:  # its last node left since the model was looked up
-            raise model_not_found(info.name, [m.name for m in self.backend.models()]) from None
-
     def _params(self, body: CompletionRequest | ChatCompletionRequest) -> SamplingParams:
         """The request's SamplingParams within this server's limits on `n` and output tokens."""
         limits = self.limits
         if body.n > limits.max_n:
-            raise bad_request(
+            raise InvalidRequest(
                 f"n is {body.n}, over this server's limit of {limits.max_n} choices per request (max_n); "
                 f"ask for at most {limits.max_n}",
-                "n",
+                param="n",
             )
-        params = _params(body)
+        params = body.sampling_params()  # InvalidRequest naming the field on a value out of range
         cap = limits.max_output_tokens
         if cap is None:
             return params
         length_field = body.length_field()
         requested = getattr(body, length_field) if length_field in body.model_fields_set else None
         if requested is not None and requested > cap:
-            raise bad_request(
+            raise InvalidRequest(
                 f"{length_field} is {requested}, over this server's limit of {cap} tokens per choice "
                 f"(max_output_tokens); ask for at most {cap}",
-                length_field,
+                param=length_field,
             )
         # A length not given, or null ("until the context is full"): the server's limit applies.
         if params.max_tokens is not None and params.max_tokens <= cap:
             return params
         return replace(params, max_tokens=cap)
-
-    def _prompt_ids(self, tokenizer: Tokenizer, prompt: Prompt) -> list[int]:
-        if isinstance(prompt, str):
-            return tokenizer.encode(prompt)
-        return list(prompt)
-
-    def _apply_chat_template(
-        self, tokenizer: Tokenizer, messages: list[dict[str, Any]], add_generation_prompt: bool
-    ) -> list[int]:
-        try:
-            return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
-        except (ValueError, TemplateError) as error:
-            message = f"the messages do not fit the model's chat template: {error}"
-            raise bad_request(message, "messages") from None
 
     async def _submit(
         self,
@@ -272,40 +242,23 @@ class Routes:
     ) -> LiveRequest:
         """Check the prompt against the model and submit it; every failure here is a clean error."""
         if not prompt_ids:
-            raise bad_request(f"the {param} is empty", param)
+            raise InvalidRequest(f"the {param} is empty", param=param)
         most = self.limits.max_prompt_tokens
         if most is not None and len(prompt_ids) > most and most < info.max_model_len - 1:
-            raise bad_request(
+            raise ContextLengthExceeded(
                 f"the {param} has {len(prompt_ids)} tokens, over this server's limit of {most} prompt "
                 f"tokens per request (max_prompt_tokens); shorten the {param}",
-                param,
-                CONTEXT_LENGTH_EXCEEDED,
+                param=param,
             )
         if len(prompt_ids) >= info.max_model_len:
-            raise bad_request(
+            raise ContextLengthExceeded(
                 f"the {param} has {len(prompt_ids)} tokens, but model {info.name!r} accepts at most "
                 f"{info.max_model_len - 1} prompt tokens (its context, max_model_len, is "
                 f"{info.max_model_len} tokens); shorten the {param}",
-                param,
-                CONTEXT_LENGTH_EXCEEDED,
+                param=param,
             )
         request_id = new_id(id_prefix)
-        try:
-            stream = await self.backend.generate(info.name, prompt_ids, params, request_id)
-        except KeyError as error:
-            raise model_not_found(info.name, [m.name for m in self.backend.models()]) from error
-        except ValueError as error:
-            raise bad_request(str(error), param) from None
-        except Overloaded as error:
-            raise APIError(
-                STATUS_TOO_MANY_REQUESTS,
-                str(error),
-                RATE_LIMIT,
-                code=RATE_LIMIT_EXCEEDED,
-                headers={"Retry-After": str(error.retry_after_s)},
-            ) from None
-        except RuntimeError as error:
-            raise APIError(503, str(error), SERVICE_UNAVAILABLE, code=SERVICE_UNAVAILABLE) from None
+        stream = await self.backend.generate(info.name, prompt_ids, params, request_id)
         return LiveRequest(
             request_id, info.name, now_s(), len(prompt_ids), params.n, include_usage, tokenizer, stream
         )
@@ -315,14 +268,19 @@ def _card(info: ModelInfo) -> ModelCard:
     return ModelCard(id=info.name, created=info.created, max_model_len=info.max_model_len)
 
 
-_SAMPLING_FIELDS = frozenset(f for f in SamplingParams.__dataclass_fields__)
+async def _prompt_ids(tokenizer: Tokenizer, prompt: Prompt) -> list[int]:
+    if isinstance(prompt, str):
+        return await asyncio.to_thread(tokenizer.encode, prompt)
+    return list(prompt)
 
 
-def _params(body: CompletionRequest | ChatCompletionRequest) -> SamplingParams:
-    """The request's SamplingParams; a value out of range is a 400 naming the field."""
+async def _apply_chat_template(
+    tokenizer: Tokenizer, messages: list[dict[str, Any]], add_generation_prompt: bool
+) -> list[int]:
     try:
-        return body.sampling_params()
-    except ValueError as error:
-        message = str(error)
-        name = message.split(" ", 1)[0]
-        raise bad_request(message, name if name in _SAMPLING_FIELDS else None) from None
+        return await asyncio.to_thread(
+            tokenizer.apply_chat_template, messages, add_generation_prompt=add_generation_prompt
+        )
+    except (ValueError, TemplateError) as error:  # the tokenizer's word on messages it cannot render
+        message = f"the messages do not fit the model's chat template: {error}"
+        raise InvalidRequest(message, param="messages") from None

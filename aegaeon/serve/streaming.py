@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,12 +18,11 @@ from fastapi.responses import StreamingResponse
 from aegaeon.engine.outputs import RequestOutput
 from aegaeon.engine.sampler import TokenLogprobs
 from aegaeon.engine.tokenizer import Tokenizer
-from aegaeon.instance.admission import Shed
+from aegaeon.errors import AegaeonError
 from aegaeon.serve.backend import RequestStream
-from aegaeon.serve.errors import SERVER_ERROR, SERVICE_UNAVAILABLE, APIError
+from aegaeon.serve.error_handlers import internal_error
+from aegaeon.serve.errors import body_of
 from aegaeon.serve.protocol import Usage
-
-logger = logging.getLogger(__name__)
 
 SSE_MEDIA_TYPE = "text/event-stream"
 SSE_DONE = "data: [DONE]\n\n"
@@ -151,7 +149,7 @@ async def sse_stream(
         if live.include_usage:
             yield render_usage(live.usage(last))
     except Exception as error:  # noqa: BLE001 - too late for an HTTP status: report it in the stream
-        yield sse_event(_generation_error(error).body())
+        yield sse_event(body_of(_generation_error(error, live.id)))
     finally:
         live.stream.close()
     yield SSE_DONE
@@ -175,19 +173,15 @@ async def collect(stream: RequestStream, request: Request) -> RequestOutput | No
         try:
             return collecting.result()
         except Exception as error:
-            raise _generation_error(error) from None
+            raise _generation_error(error, stream.request_id) from None
     finally:
         watching.cancel()
         collecting.cancel()
         stream.close()
 
 
-def _generation_error(error: BaseException) -> APIError:
-    """An error the node reported for a running request, as the client should see it."""
-    if isinstance(error, Shed):  # the node is overloaded: the request may succeed later
-        return APIError(503, f"the request was shed: {error}", SERVICE_UNAVAILABLE, code=SERVICE_UNAVAILABLE)
-    if isinstance(error, RuntimeError):
-        # The node's own failures ("does not fit the KV memory ...") say what happened.
-        return APIError(500, f"the request failed: {error}", SERVER_ERROR)
-    logger.error("generation failed", exc_info=error)
-    return APIError(500, "the request failed with an internal error; see the server log", SERVER_ERROR)
+def _generation_error(error: BaseException, request_id: str) -> AegaeonError:
+    """An error reported for a running request, as the client should see it."""
+    if isinstance(error, AegaeonError):  # the node's own word: shed, failed, no longer answering
+        return error
+    return internal_error(error, request_id, "generation")
