@@ -47,6 +47,7 @@ from aegaeon.engine.weights import (
     parse_dtype,
     resolve_model_dir,
 )
+from aegaeon.errors import InvalidRequest, ModelNotFound
 from aegaeon.memory.arena import DeviceArena, align
 from aegaeon.memory.copies import Copy, CopyStream
 from aegaeon.memory.kv_pool import HostKVPool, KVShape
@@ -254,9 +255,11 @@ class LLMEngine:
                 return next(iter(self.models.values()))
             if self.active is not None:
                 return self.active
-            raise ValueError(f"several models are served ({', '.join(self.models)}): name one")
+            raise InvalidRequest(
+                f"several models are served ({', '.join(self.models)}): name one", param="model"
+            )
         if name not in self.models:
-            raise KeyError(f"model {name!r} is not served here; served: {', '.join(self.models)}")
+            raise ModelNotFound(f"model {name!r} is not served here; served: {', '.join(self.models)}")
         return self.models[name]
 
     # The single-model view (what the offline API and its tests look at).

@@ -31,6 +31,7 @@ from aegaeon.engine.prompt import PreparedPrompt, prepare_prompt
 from aegaeon.engine.sampling_params import SamplingParams
 from aegaeon.engine.tokenizer import Tokenizer
 from aegaeon.engine.weights import parse_dtype, resolve_model_dir
+from aegaeon.errors import InvalidRequest, ModelNotFound, RequestFailed, Unavailable
 from aegaeon.instance.admission import Overloaded, Shed, retry_after_s
 from aegaeon.instance.instance import DECODING, Abort, Instance
 from aegaeon.instance.remote import RemoteEngine, worker_address
@@ -235,7 +236,7 @@ class Node:
     ) -> str:
         """Accept a request (ValueError/KeyError on bad input, before anything is queued); its id."""
         if self.error is not None:
-            raise RuntimeError(f"the node has failed: {self.error}")
+            raise Unavailable(f"the node has failed: {self.error}")
         prepared = self.prepare_prompt(prompt, params, model)
         request_id = request_id or f"req-{next(self._ids)}"
         sched = SchedRequest(
@@ -282,11 +283,13 @@ class Node:
         """Tokenize and check a prompt for `model` (ValueError / KeyError saying what is wrong)."""
         if model is None:
             if len(self.models) > 1:
-                raise ValueError(f"several models are served ({', '.join(self.models)}): name one")
+                raise InvalidRequest(
+                    f"several models are served ({', '.join(self.models)}): name one", param="model"
+                )
             model = next(iter(self.models))
         facts = self.models.get(model)
         if facts is None:
-            raise KeyError(f"model {model!r} is not served here; served: {', '.join(self.models)}")
+            raise ModelNotFound(f"model {model!r} is not served here; served: {', '.join(self.models)}")
         return prepare_prompt(
             model, self.tokenizers[model], facts.vocab_size, facts.max_model_len, prompt, params
         )
@@ -356,7 +359,7 @@ class Node:
         elif placement is None:
             instance.engine.abort_request(request.request_id)
             message = f"request {request.request_id} does not fit the KV memory of any decode instance"
-            self._fail(request.request_id, RuntimeError(message))
+            self._fail(request.request_id, RequestFailed(message))
 
     def _fail(self, request_id: str, error: BaseException) -> None:
         with self.lock:
@@ -421,7 +424,7 @@ class Node:
         if holder is None:
             placement = self.decode.dispatch(request)
             if placement is None:
-                raise RuntimeError(f"request {request.request_id} fits no decode instance after a restart")
+                raise RequestFailed(f"request {request.request_id} fits no decode instance after a restart")
             holder = self.decode.instances[placement.instance]
         target = self._by_name[holder.name]
         live.holder, live.in_transit = target.instance_name, True

@@ -21,6 +21,7 @@ import zmq
 from aegaeon.engine.engine import RequestHandoff
 from aegaeon.engine.outputs import RequestOutput
 from aegaeon.engine.sampling_params import SamplingParams
+from aegaeon.errors import RequestFailed
 from aegaeon.instance.worker import Call, Reply, SwitchResult, WorkerInfo, WorkerSpec
 from aegaeon.scheduler.predictor import Profile
 
@@ -30,7 +31,7 @@ LIVENESS_POLL_MS = 200
 SHUTDOWN_GRACE_S = 10.0
 
 
-class InstanceDied(RuntimeError):
+class InstanceDied(RequestFailed):
     """The instance process exited (crashed, killed) while the node still needed it."""
 
 

@@ -132,7 +132,7 @@ class _SamplingRequest(_Strict):
         return self.stream_options is not None and self.stream_options.include_usage
 
     def _sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
-        """The engine's parameters; ValueError (naming the field) on a value out of range."""
+        """The engine's parameters; InvalidRequest (naming the field) on a value out of range."""
         given = {
             name: getattr(self, name)
             for name in (
