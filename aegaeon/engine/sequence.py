@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 import torch
 
 from aegaeon.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
-from aegaeon.engine.sampler import TokenLogprobs
 from aegaeon.engine.sampling_params import SamplingParams
 
 
@@ -29,7 +28,10 @@ class FinishReason(str, enum.Enum):
 
 @dataclass(eq=False)
 class Sequence:
-    """A sequence being generated; `token_ids` is the prompt followed by the output so far."""
+    """A sequence being generated; `token_ids` is the prompt followed by the output so far.
+
+    Its text and logprobs are not kept: each step hands them out as deltas.
+    """
 
     seq_id: int
     request_id: str
@@ -48,8 +50,6 @@ class Sequence:
     kv_arrival: object | None = None
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: FinishReason | None = None
-    text: str = ""
-    logprobs: list[TokenLogprobs] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -66,3 +66,16 @@ class Sequence:
     @property
     def finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
+
+
+@dataclass
+class Request:
+    """A request inside an engine: its model, prompt and `n` sequences."""
+
+    model: str
+    prompt_token_ids: list[int]
+    seqs: list[Sequence]
+
+    @property
+    def finished(self) -> bool:
+        return all(seq.finished for seq in self.seqs)

@@ -23,8 +23,8 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from aegaeon.engine.engine import RequestHandoff
-from aegaeon.engine.outputs import RequestOutput
+from aegaeon.engine.handoff import RequestHandoff
+from aegaeon.engine.outputs import RequestDelta
 from aegaeon.instance.remote import InstanceDied, RemoteEngine
 from aegaeon.scheduler.decode import DecodeInstance, DecodeTurn, RoundPlan
 from aegaeon.scheduler.prefill import PrefillQueue
@@ -278,7 +278,7 @@ class Instance(threading.Thread):
             detail = "loaded" if switched.loaded else "resident"
             self.timeline.record(EventKind.SWITCH, model, start, self.node.now(), detail=detail)
 
-    def _deliver(self, outputs: list[RequestOutput]) -> None:
+    def _deliver(self, outputs: list[RequestDelta]) -> None:
         now = self.node.now()
         for output in outputs:
             self.node.deliver(output, now)

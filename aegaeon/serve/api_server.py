@@ -2,8 +2,8 @@
 
 Every request is checked (model, parameters, prompt length) and submitted before its response
 starts, so a bad request always gets a clean OpenAI-format error and never a broken stream.
-Streams are built here from the node's cumulative outputs: each chunk carries what the client has
-not seen yet.
+Streams are built here from the node's outputs, each of which holds only what is new; a
+non-streaming response adds them up.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from aegaeon.config import ApiLimits
-from aegaeon.engine.outputs import RequestOutput
+from aegaeon.engine.outputs import RequestDelta, RequestOutput
 from aegaeon.engine.sampler import TokenLogprobs
 from aegaeon.engine.sampling_params import SamplingParams
 from aegaeon.engine.tokenizer import Tokenizer
@@ -380,8 +380,6 @@ def _content_length(scope: Scope) -> int | None:
 class _Cursor:
     """How much of one choice the client has been sent."""
 
-    text: int = 0
-    tokens: int = 0
     text_offset: int = 0  # completions logprobs: where the next token's text starts
     finished: bool = False
 
@@ -408,34 +406,30 @@ class _Request:
     tokenizer: Tokenizer
     stream: RequestStream
     cursors: list[_Cursor] = field(default_factory=list)
+    generated: int = 0  # output tokens so far, all choices
 
     def __post_init__(self) -> None:
         self.cursors = [_Cursor() for _ in range(self.n)]
 
-    def deltas(self, output: RequestOutput, with_logprobs: bool) -> list[_Delta]:
-        """What is new in `output` per choice since the last call; choices with nothing new are left out."""
+    def deltas(self, output: RequestDelta, with_logprobs: bool) -> list[_Delta]:
+        """What `output` adds to each choice not yet finished; choices with nothing new are left out."""
         deltas = []
         for choice in output.outputs:
+            self.generated += len(choice.token_ids)
             cursor = self.cursors[choice.index]
             if cursor.finished:
                 continue
-            text = choice.text[cursor.text :]
-            logprobs = choice.logprobs[cursor.tokens :] if choice.logprobs is not None else None
-            new_tokens = len(choice.token_ids) - cursor.tokens
-            finish = choice.finish_reason
-            if not text and finish is None and not (with_logprobs and new_tokens):
+            text, logprobs, finish = choice.text, choice.logprobs, choice.finish_reason
+            if not text and finish is None and not (with_logprobs and choice.token_ids):
                 continue
             deltas.append(_Delta(choice.index, text, logprobs, finish, cursor.text_offset))
-            cursor.text = len(choice.text)
-            cursor.tokens = len(choice.token_ids)
             if logprobs:
                 cursor.text_offset += sum(len(self.tokenizer.token_text(lp.token_id)) for lp in logprobs)
             cursor.finished = finish is not None
         return deltas
 
-    def usage(self, output: RequestOutput | None) -> Usage:
-        generated = sum(len(choice.token_ids) for choice in output.outputs) if output is not None else 0
-        return Usage.of(self.prompt_tokens, generated)
+    def usage(self) -> Usage:
+        return Usage.of(self.prompt_tokens, self.generated)
 
 
 def _logprob(value: float) -> float:
@@ -551,7 +545,7 @@ class _Serving:
         with_logprobs = body.logprobs is not None
         if body.stream:
             return _streaming(self._completion_chunks(live, with_logprobs))
-        final = await _collect(live.stream, request)
+        final = await _collect(live, request)
         if final is None:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         choices = [
@@ -564,7 +558,7 @@ class _Serving:
             for choice in final.outputs
         ]
         response = CompletionResponse(
-            id=live.id, created=live.created, model=live.model, choices=choices, usage=live.usage(final)
+            id=live.id, created=live.created, model=live.model, choices=choices, usage=live.usage()
         )
         return JSONResponse(response.model_dump())
 
@@ -578,7 +572,7 @@ class _Serving:
         )
         if body.stream:
             return _streaming(self._chat_chunks(live, body.logprobs))
-        final = await _collect(live.stream, request)
+        final = await _collect(live, request)
         if final is None:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         choices = [
@@ -591,7 +585,7 @@ class _Serving:
             for choice in final.outputs
         ]
         response = ChatCompletionResponse(
-            id=live.id, created=live.created, model=live.model, choices=choices, usage=live.usage(final)
+            id=live.id, created=live.created, model=live.model, choices=choices, usage=live.usage()
         )
         return JSONResponse(response.model_dump())
 
@@ -792,16 +786,14 @@ async def _sse_stream(
     A failure after the response started becomes an in-band error event (as vLLM does). Closing
     the body early (the client went away: Starlette cancels it) aborts the request on the node.
     """
-    last: RequestOutput | None = None
     try:
         for chunk in opening:
             yield chunk
         async for output in live.stream:
-            last = output
             for delta in live.deltas(output, with_logprobs):
                 yield render(delta)
         if live.include_usage:
-            yield render_usage(live.usage(last))
+            yield render_usage(live.usage())
     except Exception as error:  # noqa: BLE001 - too late for an HTTP status: report it in the stream
         yield sse_event(_generation_error(error).body())
     finally:
@@ -809,13 +801,15 @@ async def _sse_stream(
     yield SSE_DONE
 
 
-async def _collect(stream: RequestStream, request: Request) -> RequestOutput | None:
-    """The request's final output; None if the client disconnected first (the request is aborted)."""
+async def _collect(live: _Request, request: Request) -> RequestOutput | None:
+    """The request's whole output; None if the client disconnected first (the request is aborted)."""
+    stream = live.stream
 
-    async def last() -> RequestOutput | None:
-        final = None
+    async def last() -> RequestOutput:
+        final = RequestOutput(live.id, None, [])
         async for output in stream:
-            final = output
+            final.add(output)
+            live.generated += sum(len(choice.token_ids) for choice in output.outputs)
         return final
 
     collecting = asyncio.ensure_future(last())
