@@ -16,7 +16,6 @@ import torch
 
 from aegaeon.config import EngineConfig, MemoryConfig, default_model_name
 from aegaeon.engine import handoff
-from aegaeon.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from aegaeon.engine.handoff import RequestHandoff
 from aegaeon.engine.kv_cache import blocks_for_tokens
 from aegaeon.engine.kv_mover import KVMover
@@ -155,32 +154,12 @@ class LLMEngine:
         )
 
     def _new_sequence(
-        self,
-        served: ServedModel,
-        request_id: str,
-        index: int,
-        token_ids: list[int],
-        params: SamplingParams,
-        max_tokens: int,
+        self, served: ServedModel, request_id: str, index: int, token_ids: list[int], params, max_tokens: int
     ) -> Sequence:
-        matcher = StopStringMatcher(params.stop, params.include_stop_str_in_output) if params.stop else None
-        # Each of a request's n samples gets its own seeded stream, so they differ yet stay reproducible.
-        generator = (
-            torch.Generator(device=self.device).manual_seed(params.seed + index)
-            if params.seed is not None
-            else None
-        )
-        return Sequence(
-            seq_id=next(self._seq_ids),
-            request_id=request_id,
-            index=index,
-            prompt_token_ids=list(token_ids),
-            params=params,
-            max_tokens=max_tokens,
-            detokenizer=IncrementalDetokenizer(served.tokenizer, token_ids, params.skip_special_tokens),
-            stop_matcher=matcher,
-            generator=generator,
-        )
+        seq_id = next(self._seq_ids)
+        tokenizer = served.tokenizer
+        device = self.device
+        return Sequence.start(seq_id, request_id, index, token_ids, params, max_tokens, tokenizer, device)
 
     def export_request(self, request_id: str) -> RequestHandoff:
         """Hand a request over to another engine: swapped out here, it leaves this engine entirely."""
