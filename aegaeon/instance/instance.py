@@ -19,8 +19,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
-from aegaeon.engine.engine import RequestHandoff
-from aegaeon.engine.outputs import RequestOutput
+from aegaeon.engine.handoff import RequestHandoff
+from aegaeon.engine.outputs import RequestDelta
 from aegaeon.engine.sampling_params import SamplingParams
 from aegaeon.instance.remote import InstanceDied, RemoteEngine
 from aegaeon.memory.kv_pool import HostKVPool
@@ -78,7 +78,7 @@ class NodeServices(Protocol):
 
     def wait_for_work(self) -> None: ...
 
-    def deliver(self, output: RequestOutput, now: float) -> None: ...
+    def deliver(self, output: RequestDelta, now: float) -> None: ...
 
     def shed_if_late(self, request: SchedRequest) -> bool: ...
 
@@ -260,7 +260,7 @@ class Instance(threading.Thread):
         self.resident = self.engine.resident_models()
         return switched.loaded
 
-    def _deliver(self, outputs: list[RequestOutput]) -> None:
+    def _deliver(self, outputs: list[RequestDelta]) -> None:
         now = self.node.now()
         for output in outputs:
             self.node.deliver(output, now)

@@ -35,7 +35,7 @@ from aegaeon.serve.metadata import DEFAULT_ALIVE_WITHIN_S, MetadataStore, Reques
 from aegaeon.serve.wire import Abort, Accepted, Failed, Output, Rejected, Submit
 
 if TYPE_CHECKING:
-    from aegaeon.engine.outputs import RequestOutput
+    from aegaeon.engine.outputs import RequestDelta
     from aegaeon.engine.sampling_params import SamplingParams
     from aegaeon.engine.tokenizer import Tokenizer
 
@@ -102,16 +102,16 @@ def model_not_found(name: str, served: Iterable[str]) -> ModelNotFound:
 
 
 class RequestStream:
-    """A request's cumulative outputs, in order, as an async iterator; errors are raised from it.
+    """A request's outputs (what is new since the one before), in order, as an async iterator.
 
-    When several outputs are waiting, `__anext__` returns only the newest: each output holds all the
-    text and tokens so far, so the ones before it add nothing.
+    When several outputs are waiting, `__anext__` returns them merged into one. Errors are raised
+    from it.
     """
 
     def __init__(
         self,
         request_id: str,
-        queue: asyncio.Queue[RequestOutput | BaseException],
+        queue: asyncio.Queue[RequestDelta | BaseException],
         abort: Callable[[str], None],
     ):
         self.request_id = request_id
@@ -122,12 +122,13 @@ class RequestStream:
     def __aiter__(self) -> RequestStream:
         return self
 
-    async def __anext__(self) -> RequestOutput:
+    async def __anext__(self) -> RequestDelta:
         if self.finished:
             raise StopAsyncIteration
         item = await self._queue.get()
         while not isinstance(item, BaseException) and not item.finished and not self._queue.empty():
-            item = self._queue.get_nowait()
+            later = self._queue.get_nowait()
+            item = later if isinstance(later, BaseException) else item.merge(later)
         if isinstance(item, BaseException):
             self.finished = True
             raise item
@@ -158,6 +159,7 @@ class _InFlight:
     queue: asyncio.Queue
     accepted: asyncio.Future
     started: float = field(default_factory=time.monotonic)
+    output_tokens: int = 0
 
 
 class _NodeLink:
@@ -349,10 +351,10 @@ class ClusterBackend:
                 flight.accepted.set_result(message)
         elif isinstance(message, Output):
             flight.queue.put_nowait(message.output)
+            flight.output_tokens += sum(len(choice.token_ids) for choice in message.output.outputs)
             if message.output.finished:
                 del self._in_flight[message.request_id]
-                tokens = sum(len(choice.token_ids) for choice in message.output.outputs)
-                self._log_end(message.request_id, flight, "finished", output_tokens=tokens)
+                self._log_end(message.request_id, flight, "finished", output_tokens=flight.output_tokens)
         elif isinstance(message, Failed):
             flight.queue.put_nowait(message.error)
             del self._in_flight[message.request_id]

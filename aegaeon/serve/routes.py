@@ -113,7 +113,7 @@ class Routes:
         with_logprobs = body.logprobs is not None
         if body.stream:
             return streaming_response(self._completion_chunks(live, with_logprobs))
-        final = await collect(live.stream, request)
+        final = await collect(live, request)
         if final is None:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         choices = [
@@ -126,7 +126,7 @@ class Routes:
             for choice in final.outputs
         ]
         response = CompletionResponse(
-            id=live.id, created=live.created, model=live.model, choices=choices, usage=live.usage(final)
+            id=live.id, created=live.created, model=live.model, choices=choices, usage=live.usage()
         )
         return JSONResponse(response.model_dump())
 
@@ -140,7 +140,7 @@ class Routes:
         )
         if body.stream:
             return streaming_response(self._chat_chunks(live, body.logprobs))
-        final = await collect(live.stream, request)
+        final = await collect(live, request)
         if final is None:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         choices = [
@@ -153,7 +153,7 @@ class Routes:
             for choice in final.outputs
         ]
         response = ChatCompletionResponse(
-            id=live.id, created=live.created, model=live.model, choices=choices, usage=live.usage(final)
+            id=live.id, created=live.created, model=live.model, choices=choices, usage=live.usage()
         )
         return JSONResponse(response.model_dump())
 

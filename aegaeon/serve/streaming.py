@@ -1,7 +1,7 @@
 """A submitted request's responses: what each choice has sent so far, SSE bodies, and the final output.
 
-Streams are built from the node's cumulative outputs: each chunk carries what the client has not
-seen yet.
+The node's outputs hold only what is new: a stream sends each as it comes, a non-streaming
+response adds them up.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from aegaeon.engine.outputs import RequestOutput
+from aegaeon.engine.outputs import RequestDelta, RequestOutput
 from aegaeon.engine.sampler import TokenLogprobs
 from aegaeon.engine.tokenizer import Tokenizer
 from aegaeon.errors import AegaeonError
@@ -33,8 +33,6 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 class _Cursor:
     """How much of one choice the client has been sent."""
 
-    text: int = 0
-    tokens: int = 0
     text_offset: int = 0  # completions logprobs: where the next token's text starts
     finished: bool = False
 
@@ -61,34 +59,30 @@ class LiveRequest:
     tokenizer: Tokenizer
     stream: RequestStream
     cursors: list[_Cursor] = field(default_factory=list)
+    generated: int = 0  # output tokens so far, all choices
 
     def __post_init__(self) -> None:
         self.cursors = [_Cursor() for _ in range(self.n)]
 
-    def deltas(self, output: RequestOutput, with_logprobs: bool) -> list[Delta]:
-        """What is new in `output` per choice since the last call; choices with nothing new are left out."""
+    def deltas(self, output: RequestDelta, with_logprobs: bool) -> list[Delta]:
+        """What `output` adds to each choice not yet finished; choices with nothing new are left out."""
         deltas = []
         for choice in output.outputs:
+            self.generated += len(choice.token_ids)
             cursor = self.cursors[choice.index]
             if cursor.finished:
                 continue
-            text = choice.text[cursor.text :]
-            logprobs = choice.logprobs[cursor.tokens :] if choice.logprobs is not None else None
-            new_tokens = len(choice.token_ids) - cursor.tokens
-            finish = choice.finish_reason
-            if not text and finish is None and not (with_logprobs and new_tokens):
+            text, logprobs, finish = choice.text, choice.logprobs, choice.finish_reason
+            if not text and finish is None and not (with_logprobs and choice.token_ids):
                 continue
             deltas.append(Delta(choice.index, text, logprobs, finish, cursor.text_offset))
-            cursor.text = len(choice.text)
-            cursor.tokens = len(choice.token_ids)
             if logprobs:
                 cursor.text_offset += sum(len(self.tokenizer.token_text(lp.token_id)) for lp in logprobs)
             cursor.finished = finish is not None
         return deltas
 
-    def usage(self, output: RequestOutput | None) -> Usage:
-        generated = sum(len(choice.token_ids) for choice in output.outputs) if output is not None else 0
-        return Usage.of(self.prompt_tokens, generated)
+    def usage(self) -> Usage:
+        return Usage.of(self.prompt_tokens, self.generated)
 
 
 # JSON may carry these three raw, but a reader that splits lines the way str.splitlines does (httpx's
@@ -138,16 +132,14 @@ async def sse_stream(
     A failure after the response started becomes an in-band error event (as vLLM does). Closing
     the body early (the client went away: Starlette cancels it) aborts the request on the node.
     """
-    last: RequestOutput | None = None
     try:
         for chunk in opening:
             yield chunk
         async for output in live.stream:
-            last = output
             for delta in live.deltas(output, with_logprobs):
                 yield render(delta)
         if live.include_usage:
-            yield render_usage(live.usage(last))
+            yield render_usage(live.usage())
     except Exception as error:  # noqa: BLE001 - too late for an HTTP status: report it in the stream
         yield sse_event(body_of(_generation_error(error, live.id)))
     finally:
@@ -155,13 +147,15 @@ async def sse_stream(
     yield SSE_DONE
 
 
-async def collect(stream: RequestStream, request: Request) -> RequestOutput | None:
-    """The request's final output; None if the client disconnected first (the request is aborted)."""
+async def collect(live: LiveRequest, request: Request) -> RequestOutput | None:
+    """The request's whole output; None if the client disconnected first (the request is aborted)."""
+    stream = live.stream
 
-    async def last() -> RequestOutput | None:
-        final = None
+    async def last() -> RequestOutput:
+        final = RequestOutput(live.id, None, [])
         async for output in stream:
-            final = output
+            final.add(output)
+            live.generated += sum(len(choice.token_ids) for choice in output.outputs)
         return final
 
     collecting = asyncio.ensure_future(last())

@@ -2,14 +2,14 @@
 
 An api server sends `Submit` and `Abort`; the node answers each `Submit` with `Accepted` or
 `Rejected` (bad input the node caught, with the error to raise), then sends the request's
-cumulative `Output`s and, if it fails after acceptance, `Failed`.
+`Output`s (each holds what is new since the previous one) and, if it fails after acceptance, `Failed`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from aegaeon.engine.outputs import RequestOutput
+from aegaeon.engine.outputs import RequestDelta
 from aegaeon.engine.sampling_params import SamplingParams
 
 
@@ -41,7 +41,7 @@ class Rejected:
 
 @dataclass(frozen=True)
 class Output:
-    output: RequestOutput
+    output: RequestDelta
 
     @property
     def request_id(self) -> str:
