@@ -573,6 +573,54 @@ def test_a_stray_key_error_is_a_500_with_a_request_id_not_a_404(backend, caplog)
         assert http.get("/v1/models").status_code == 200  # the server keeps serving
 
 
+class BreaksAfterFirstOutput:
+    """A request's real stream that raises a bare KeyError after its first output (a fault injected)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.request_id = stream.request_id
+        self.outputs = 0
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        if self.outputs:
+            raise KeyError("secret internals")
+        self.outputs += 1
+        return await self.stream.__anext__()
+
+    def close(self) -> None:
+        self.stream.close()
+
+
+class MidStreamFailureBackend(FailingBackend):
+    async def generate(self, *args, **kwargs):
+        return BreaksAfterFirstOutput(await self.backend.generate(*args, **kwargs))
+
+
+def test_a_stray_key_error_mid_stream_is_an_in_band_500_naming_the_request(backend, engine, caplog):
+    app = build_app(MidStreamFailureBackend(backend, KeyError()))
+    body = {"model": "llama", "prompt": "x", "max_tokens": 8, "stream": True, "ignore_eos": True}
+    with (
+        ServerThread(app, log_level="critical") as server,
+        httpx.Client(base_url=server.url) as http,
+        http.stream("POST", "/v1/completions", json=body) as response,
+    ):
+        assert response.status_code == 200
+        events = sse_events(response.iter_lines())
+    *chunks, failure, done = events
+    assert done == "[DONE]" and chunks and all("error" not in chunk for chunk in chunks)
+    request_id = chunks[0]["id"]
+    assert failure["error"]["type"] == "server_error" and request_id in failure["error"]["message"]
+    assert "secret" not in json.dumps(failure)
+    assert any(request_id in r.getMessage() and r.exc_info for r in caplog.records)
+    deadline = time.monotonic() + DRAIN_TIMEOUT_S
+    while engine.has_unfinished_requests() and time.monotonic() < deadline:
+        time.sleep(POLL_S)
+    assert not engine.has_unfinished_requests()  # the failed request was aborted, not left running
+
+
 def test_an_internal_error_in_a_route_is_a_500_with_a_request_id(backend, caplog):
     app = build_app(backend)
 
