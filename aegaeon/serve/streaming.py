@@ -30,6 +30,7 @@ SSE_DONE = "data: [DONE]\n\n"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
+@dataclass
 class _Cursor:
     """How much of one choice the client has been sent."""
 

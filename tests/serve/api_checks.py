@@ -71,3 +71,17 @@ def check_concurrent_requests(client, model_dirs, tokenizers, hf_greedy) -> None
         )
         assert text == expected_text(model_dirs, tokenizers, hf_greedy, model, ids), (kind, model)
         assert (prompt_tokens, completion_tokens) == (len(ids), TOKENS)
+
+
+def check_model_list(client, http, max_model_lens: list[int]) -> None:
+    """/v1/models lists MODELS with these contexts, in the OpenAI shape; an unknown one is a 404."""
+    listed = client.models.list()
+    assert [m.id for m in listed.data] == list(MODELS)
+    assert all(m.object == "model" and m.owned_by == "aegaeon" and m.created > 0 for m in listed.data)
+    raw = http.get("/v1/models").json()
+    assert raw["object"] == "list"
+    assert [m["max_model_len"] for m in raw["data"]] == max_model_lens
+    assert client.models.retrieve("qwen2").id == "qwen2"
+    missing = http.get("/v1/models/gpt-9")
+    assert missing.status_code == 404
+    assert missing.json()["error"]["code"] == "model_not_found"

@@ -20,13 +20,19 @@ import openai
 import pytest
 
 from aegaeon.config import MIB, EngineConfig, NodeConfig
-from aegaeon.engine.tokenizer import Tokenizer
 from aegaeon.instance.node import Node
 from aegaeon.serve.api_server import build_app
 from aegaeon.serve.backend import ClusterBackend
 from aegaeon.serve.metadata import MemoryStore, RedisStore, RequestState
 from aegaeon.serve.node_server import NodeServer
-from tests.serve.api_checks import GREEDY, MODELS, TOKENS, check_concurrent_requests, expected_text
+from tests.serve.api_checks import (
+    GREEDY,
+    MODELS,
+    TOKENS,
+    check_concurrent_requests,
+    check_model_list,
+    expected_text,
+)
 from tests.serve.http_server import ServerThread
 from tests.serve.redis_server import RedisServer
 
@@ -38,11 +44,6 @@ POLL_S = 0.02
 @pytest.fixture(scope="module")
 def model_dirs(five_model_dirs):
     return {name: five_model_dirs[name] for name in MODELS}
-
-
-@pytest.fixture(scope="module")
-def tokenizers(model_dirs) -> dict[str, Tokenizer]:
-    return {name: Tokenizer.from_pretrained(path) for name, path in model_dirs.items()}
 
 
 @pytest.fixture(scope="module")
@@ -118,16 +119,7 @@ def wait_idle(node: Node) -> None:
 
 
 def test_models_are_listed_with_their_context(client, http, node):
-    listed = client.models.list()
-    assert [m.id for m in listed.data] == list(MODELS)
-    assert all(m.object == "model" and m.owned_by == "aegaeon" and m.created > 0 for m in listed.data)
-    raw = http.get("/v1/models").json()
-    assert raw["object"] == "list"
-    assert [m["max_model_len"] for m in raw["data"]] == [node.models[name].max_model_len for name in MODELS]
-    assert client.models.retrieve("qwen2").id == "qwen2"
-    missing = http.get("/v1/models/gpt-9")
-    assert missing.status_code == 404
-    assert missing.json()["error"]["code"] == "model_not_found"
+    check_model_list(client, http, [node.models[name].max_model_len for name in MODELS])
 
 
 def test_without_a_live_node_the_api_is_unhealthy_and_says_why():

@@ -21,8 +21,6 @@ import httpx
 import openai
 import pytest
 
-from aegaeon.config import MIB, EngineConfig
-from aegaeon.engine.engine import LLMEngine
 from aegaeon.engine.tokenizer import Tokenizer
 from aegaeon.serve.api_server import build_app
 from aegaeon.serve.engine_backend import EngineBackend
@@ -33,12 +31,12 @@ from tests.serve.api_checks import (
     MODELS,
     TOKENS,
     check_concurrent_requests,
+    check_model_list,
     expected_text,
     sse_events,
 )
 from tests.serve.http_server import ServerThread
 
-KV_BYTES = 4 * MIB
 API_KEY = "test-key-0123"
 OTHER_KEY = "test-key-4567"
 DRAIN_TIMEOUT_S = 20.0
@@ -48,23 +46,6 @@ POLL_S = 0.02
 @pytest.fixture(scope="module")
 def model_dirs(five_model_dirs):
     return {name: five_model_dirs[name] for name in MODELS}
-
-
-@pytest.fixture(scope="module")
-def tokenizers(model_dirs) -> dict[str, Tokenizer]:
-    return {name: Tokenizer.from_pretrained(path) for name, path in model_dirs.items()}
-
-
-@pytest.fixture(scope="module")
-def engine(model_dirs) -> LLMEngine:
-    return LLMEngine(models=model_dirs, config=EngineConfig(kv_cache_bytes=KV_BYTES), progress=False)
-
-
-@pytest.fixture(scope="module")
-def backend(engine):
-    backend = EngineBackend(engine)
-    yield backend
-    backend.close()
 
 
 @pytest.fixture(scope="module")
@@ -99,16 +80,7 @@ def wait_idle(http: httpx.Client) -> None:
 
 
 def test_models_are_listed_with_their_context(client, http, engine):
-    listed = client.models.list()
-    assert [m.id for m in listed.data] == list(MODELS)
-    assert all(m.object == "model" and m.owned_by == "aegaeon" and m.created > 0 for m in listed.data)
-    raw = http.get("/v1/models").json()
-    assert raw["object"] == "list"
-    assert [m["max_model_len"] for m in raw["data"]] == [engine.models[name].max_model_len for name in MODELS]
-    assert client.models.retrieve("qwen2").id == "qwen2"
-    missing = http.get("/v1/models/gpt-9")
-    assert missing.status_code == 404
-    assert missing.json()["error"]["code"] == "model_not_found"
+    check_model_list(client, http, [engine.models[name].max_model_len for name in MODELS])
 
 
 def test_health(http):
@@ -571,6 +543,54 @@ def test_a_stray_key_error_is_a_500_with_a_request_id_not_a_404(backend, caplog)
             == 500
         )
         assert http.get("/v1/models").status_code == 200  # the server keeps serving
+
+
+class BreaksAfterFirstOutput:
+    """A request's real stream that raises a bare KeyError after its first output (a fault injected)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.request_id = stream.request_id
+        self.outputs = 0
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        if self.outputs:
+            raise KeyError("secret internals")
+        self.outputs += 1
+        return await self.stream.__anext__()
+
+    def close(self) -> None:
+        self.stream.close()
+
+
+class MidStreamFailureBackend(FailingBackend):
+    async def generate(self, *args, **kwargs):
+        return BreaksAfterFirstOutput(await self.backend.generate(*args, **kwargs))
+
+
+def test_a_stray_key_error_mid_stream_is_an_in_band_500_naming_the_request(backend, engine, caplog):
+    app = build_app(MidStreamFailureBackend(backend, KeyError()))
+    body = {"model": "llama", "prompt": "x", "max_tokens": 8, "stream": True, "ignore_eos": True}
+    with (
+        ServerThread(app, log_level="critical") as server,
+        httpx.Client(base_url=server.url) as http,
+        http.stream("POST", "/v1/completions", json=body) as response,
+    ):
+        assert response.status_code == 200
+        events = sse_events(response.iter_lines())
+    *chunks, failure, done = events
+    assert done == "[DONE]" and chunks and all("error" not in chunk for chunk in chunks)
+    request_id = chunks[0]["id"]
+    assert failure["error"]["type"] == "server_error" and request_id in failure["error"]["message"]
+    assert "secret" not in json.dumps(failure)
+    assert any(request_id in r.getMessage() and r.exc_info for r in caplog.records)
+    deadline = time.monotonic() + DRAIN_TIMEOUT_S
+    while engine.has_unfinished_requests() and time.monotonic() < deadline:
+        time.sleep(POLL_S)
+    assert not engine.has_unfinished_requests()  # the failed request was aborted, not left running
 
 
 def test_an_internal_error_in_a_route_is_a_500_with_a_request_id(backend, caplog):

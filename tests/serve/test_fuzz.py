@@ -23,16 +23,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from aegaeon.config import MIB, ApiLimits, EngineConfig
-from aegaeon.engine.engine import LLMEngine
+from aegaeon.config import ApiLimits
 from aegaeon.engine.tokenizer import Tokenizer
 from aegaeon.serve.api_server import build_app
-from aegaeon.serve.engine_backend import EngineBackend
 from aegaeon.serve.protocol import CHAT_ROLES
 from tests.serve.http_server import ServerThread
 
 MODELS = ("llama", "qwen2")
-KV_BYTES = 4 * MIB
 MAX_N = 2
 MAX_OUTPUT_TOKENS = 4
 MAX_BODY_BYTES = 64 * 1024
@@ -75,18 +72,6 @@ FUZZ_SETTINGS = dict(
 @pytest.fixture(scope="module")
 def model_dirs(five_model_dirs):
     return {name: five_model_dirs[name] for name in MODELS}
-
-
-@pytest.fixture(scope="module")
-def engine(model_dirs) -> LLMEngine:
-    return LLMEngine(models=model_dirs, config=EngineConfig(kv_cache_bytes=KV_BYTES), progress=False)
-
-
-@pytest.fixture(scope="module")
-def backend(engine):
-    backend = EngineBackend(engine)
-    yield backend
-    backend.close()
 
 
 @pytest.fixture(scope="module")

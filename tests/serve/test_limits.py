@@ -15,14 +15,12 @@ import httpx
 import openai
 import pytest
 
-from aegaeon.config import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_N, MIB, ApiLimits, EngineConfig
+from aegaeon.config import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_N, ApiLimits
 from aegaeon.engine.engine import LLMEngine
 from aegaeon.serve.api_server import build_app
-from aegaeon.serve.engine_backend import EngineBackend
 from tests.serve.http_server import ServerThread
 
 MODEL = "llama"
-KV_BYTES = 4 * MIB
 MAX_BODY_BYTES = 16 * 1024
 MAX_N = 3
 MAX_PROMPT_TOKENS = 32
@@ -44,16 +42,8 @@ MESSAGES = [{"role": "user", "content": "Name a river."}]
 
 
 @pytest.fixture(scope="module")
-def engine(five_model_dirs) -> LLMEngine:
-    config = EngineConfig(kv_cache_bytes=KV_BYTES)
-    return LLMEngine(models={MODEL: five_model_dirs[MODEL]}, config=config, progress=False)
-
-
-@pytest.fixture(scope="module")
-def backend(engine):
-    backend = EngineBackend(engine)
-    yield backend
-    backend.close()
+def model_dirs(five_model_dirs):
+    return {MODEL: five_model_dirs[MODEL]}
 
 
 @pytest.fixture(scope="module")
