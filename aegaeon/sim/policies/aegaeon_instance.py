@@ -19,6 +19,7 @@ from aegaeon.scheduler.timeline import EventKind
 from aegaeon.scheduler.turn_loop import (
     Adopt,
     Claim,
+    Command,
     HandOff,
     Place,
     Prefetch,
@@ -134,7 +135,8 @@ class SimInstance:
             else:
                 idle_passes = 0
 
-    def _execute(self, command) -> Process:
+    def _execute(self, command: Command) -> Process:
+        """Carry out one command (a decode step is carried out in `run`); its result."""
         match command:
             case Adopt():
                 return self._adopt_handoffs()
