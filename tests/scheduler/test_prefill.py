@@ -99,9 +99,9 @@ def test_fcfs_across_models_by_head_arrival() -> None:
     d.submit(req("a1", "a", 1.0))
     d.submit(req("a2", "a", 3.0))
     d.submit(req("c1", "c", 1.5))
-    assert d.waiting() == 4
+    assert sum(len(q) for q in d.instances) == 0  # nothing is placed before `dispatch`
     assert [p.request.request_id for p in d.dispatch(now=5.0)] == ["a1", "c1", "b1", "a2"]
-    assert d.waiting() == 0
+    assert sum(len(q) for q in d.instances) == 4
     # a2 joined a1's group although b and c groups were queued after it.
     assert [g.model for g in d.instances[0].groups] == ["a", "c", "b"]
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from aegaeon.scheduler.timeline import EventKind, Timeline, merged_events
+from aegaeon.scheduler.timeline import EventKind, Timeline
 
 
 def _interleaved_timeline() -> Timeline:
@@ -19,10 +19,6 @@ def _interleaved_timeline() -> Timeline:
     t.record(EventKind.DECODE_TURN, "a", 2.1, 2.5, request_ids=["a1"], tokens=10, detail="finished a1")
     t.record(EventKind.IDLE, None, 2.5, 3.0)
     return t
-
-
-def test_models_run_collapses_repeats() -> None:
-    assert _interleaved_timeline().models_run() == ["a", "b", "a"]
 
 
 def test_interleaving_detected_only_when_a_request_resumes_after_another_model() -> None:
@@ -59,10 +55,3 @@ def test_helpers_and_validation() -> None:
     with pytest.raises(ValueError):
         t.record("nap", "a", 0.0, 1.0)
 
-
-def test_merged_events_orders_instances_by_time() -> None:
-    a, b = Timeline("x"), Timeline("y")
-    a.record("prefill", "m", 1.0, 2.0)
-    b.record("prefill", "m", 0.5, 1.0)
-    a.record("prefill", "m", 3.0, 4.0)
-    assert [(e.instance, e.start_s) for e in merged_events([a, b])] == [("y", 0.5), ("x", 1.0), ("x", 3.0)]

@@ -19,6 +19,7 @@ from aegaeon.scheduler.timeline import EventKind
 from aegaeon.scheduler.turn_loop import (
     Adopt,
     Claim,
+    Command,
     HandOff,
     Place,
     Prefetch,
@@ -28,7 +29,6 @@ from aegaeon.scheduler.turn_loop import (
     SwapOut,
     Switch,
     TurnLoop,
-    Turns,
 )
 from aegaeon.sim.device import ResidentWeights, has_copy_engine
 from aegaeon.sim.events import Process
@@ -100,38 +100,44 @@ class SimInstance:
     # -- the loop ------------------------------------------------------------------------------------
 
     def run(self) -> Process:
+        """Pass after pass of the turn loop, each command carried out on the clock; between passes
+        that found nothing to do, wait for work."""
         idle_passes = 0
+        loop, on_device, decode_s = self.loop, self.on_device, self.models.predictor.decode_s
         while True:
-            start = self.loop.now
-            if not (yield from self._drive(self.turns.work())):
+            start = loop.now
+            turns = self.turns.work()
+            result = None
+            while True:
+                try:
+                    command = turns.send(result)
+                except StopIteration as done:
+                    worked = done.value
+                    break
+                if type(command) is Step:
+                    # Here rather than in `_execute`: a run is mostly decode steps.
+                    requests = command.requests
+                    end = loop.now + decode_s(command.model, [r.context_len for r in requests])
+                    yield end
+                    for request in requests:
+                        request.record_token(end)
+                        if request.done:
+                            on_device.pop(request, None)
+                    result = None
+                else:
+                    result = yield from self._execute(command)
+            if not worked:
                 yield self.node.work
-            elif self.loop.now == start:
+            elif loop.now == start:
                 idle_passes += 1
                 if idle_passes > MAX_IDLE_PASSES:
                     raise RuntimeError(f"{self.name}: {MAX_IDLE_PASSES} passes at {start} s without progress")
             else:
                 idle_passes = 0
 
-    def _drive(self, turns: Turns):
-        """Carry out the loop's commands on the clock; the loop's return value."""
-        result = None
-        while True:
-            try:
-                command = turns.send(result)
-            except StopIteration as done:
-                return done.value
-            result = yield from self._execute(command)
-
-    def _execute(self, command) -> Process:
+    def _execute(self, command: Command) -> Process:
+        """Carry out one command (a decode step is carried out in `run`); its result."""
         match command:
-            case Step(model=model, requests=requests):
-                end = self.loop.now + self.models.predictor.decode_s(model, [r.context_len for r in requests])
-                yield end
-                for request in requests:
-                    request.record_token(end)
-                    if request.done:
-                        self.on_device.pop(request, None)
-                return None
             case Adopt():
                 return self._adopt_handoffs()
             case Switch(model=model):

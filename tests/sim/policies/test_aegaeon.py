@@ -51,8 +51,8 @@ def test_decode_turns_follow_the_round_quota() -> None:
     assert len(steady) > 50
     assert all(abs(tokens - expected) <= 1 for tokens in steady), (expected, steady[:10])
     # Token-level interleaving: the models alternate turn by turn, each switched in with a full load.
-    models_run = decode.timeline.models_run()
-    assert models_run[2:12] == ["a", "b"] * 5
+    models = [t.model for t in turns[40:-2]]
+    assert set(models) == {"a", "b"} and all(x != y for x, y in zip(models, models[1:], strict=False))
     assert decode.timeline.interleaved("a") and decode.timeline.interleaved("b")
     loads = [e for e in decode.timeline.of_kind(EventKind.SWITCH) if e.detail == "loaded"]
     assert all(e.duration_s == pytest.approx(SWITCH_S) for e in loads[2:])
