@@ -362,11 +362,8 @@ class LLMEngine:
             if seq.status is SequenceStatus.SWAPPED:
                 self._reap_moves()
                 blocks = served.batcher.swap_in(seq)
-                pairs = [
-                    (served.runner.kv_cache[block], self.kv_pool.view(handle, served.kv_shape))
-                    for block, handle in zip(blocks, seq.host_blocks, strict=True)
-                ]
-                copy = self.copies.copy(pairs)
+                kv = served.runner.kv_cache
+                copy = self.kv_pool.copy_to_device(self.copies, seq.host_blocks, kv, blocks)
                 host_blocks, seq.host_blocks = seq.host_blocks, []
                 seq.kv_arrival = copy
                 self._moves.append((copy, lambda blocks=host_blocks: self.kv_pool.free(blocks)))
@@ -379,11 +376,7 @@ class LLMEngine:
             seq.kv_arrival.wait()
             seq.kv_arrival = None
         handles = self.kv_pool.allocate(served.kv_shape, len(seq.block_table))
-        pairs = [
-            (self.kv_pool.view(handle, served.kv_shape), served.runner.kv_cache[block])
-            for handle, block in zip(handles, seq.block_table, strict=True)
-        ]
-        copy = self.copies.copy(pairs)
+        copy = self.kv_pool.copy_from_device(self.copies, handles, served.runner.kv_cache, seq.block_table)
         blocks = served.batcher.swap_out(seq)
         seq.host_blocks = handles
         # The device blocks are reused only once the copy that reads them has completed.
