@@ -14,11 +14,17 @@ from __future__ import annotations
 import ctypes
 import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from aegaeon.config import MIB
+
 CopyPairs = Sequence[tuple[torch.Tensor, torch.Tensor]]  # (target, source)
 Run = tuple[int, int, int]  # (target offset, source offset, bytes)
+# A CPU copy of fewer bytes runs on the calling thread alone: handing a share of it to another
+# thread would cost more than it saves.
+PARALLEL_COPY_MIN_BYTES = 4 * MIB
 
 
 def block_runs(targets: Sequence[int], sources: Sequence[int], block_bytes: int) -> list[Run]:
@@ -38,19 +44,25 @@ def block_runs(targets: Sequence[int], sources: Sequence[int], block_bytes: int)
     return [(target, source, nbytes) for target, source, nbytes in runs]
 
 
-def copy_on_cpu(pairs: CopyPairs) -> None:
-    """`target.copy_(source)` for each pair, a plain memmove where both are the same contiguous bytes.
+def split_ranges(ranges: list[Run], parts: int) -> list[list[Run]]:
+    """`ranges` of (target, source, bytes) cut into `parts` shares of about equal bytes, in order."""
+    share = -(-sum(nbytes for _, _, nbytes in ranges) // parts)
+    shares: list[list[Run]] = [[]]
+    room = share
+    for target, source, nbytes in ranges:
+        while nbytes:
+            if room == 0:
+                shares.append([])
+                room = share
+            take = min(nbytes, room)
+            shares[-1].append((target, source, take))
+            target, source, nbytes, room = target + take, source + take, nbytes - take, room - take
+    return shares
 
-    torch spreads one copy over its thread pool; on a busy host every such copy waits for the pool's
-    threads to be scheduled, which made a batch of megabyte copies several times slower than one
-    memcpy of the same bytes. A memmove runs on the calling thread (and releases the GIL).
-    """
-    for target, source in pairs:
-        plain = target.device.type == source.device.type == "cpu" and target.dtype == source.dtype
-        if plain and target.shape == source.shape and target.is_contiguous() and source.is_contiguous():
-            ctypes.memmove(target.data_ptr(), source.data_ptr(), target.nbytes)
-        else:
-            target.copy_(source)
+
+def memmove_all(ranges: list[Run]) -> None:
+    for target, source, nbytes in ranges:
+        ctypes.memmove(target, source, nbytes)
 
 
 class Copy:
@@ -89,6 +101,12 @@ class CopyStream:
     def __init__(self, device: torch.device):
         self.device = device
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._threads = torch.get_num_threads() if self.stream is None else 1
+        self._helpers = (
+            ThreadPoolExecutor(self._threads - 1, thread_name_prefix="aegaeon-copy")
+            if self._threads > 1
+            else None
+        )
 
     def copy(self, pairs: CopyPairs, background: bool = False) -> Copy:
         """Start `target.copy_(source)` for each pair; on the CPU inline unless `background`."""
@@ -103,15 +121,41 @@ class CopyStream:
             return Copy(event, self.device)
         copy = Copy()
         if not background:
-            copy_on_cpu(pairs)
+            self._copy_on_cpu(pairs)
             return copy
 
         def run() -> None:
             try:
-                copy_on_cpu(pairs)
+                self._copy_on_cpu(pairs)
             except BaseException as error:  # noqa: BLE001 - raised again by Copy.wait in the caller
                 copy._error = error
 
         copy._thread = threading.Thread(target=run, name="aegaeon-copy", daemon=True)
         copy._thread.start()
         return copy
+
+    def _copy_on_cpu(self, pairs: CopyPairs) -> None:
+        """`target.copy_(source)` for each pair; memmoves shared among threads where both are the same
+        contiguous bytes.
+
+        torch spreads each copy over its thread pool, and on a busy host every copy then waits for
+        the pool's threads to be scheduled: a batch of megabyte copies ran several times slower than
+        one memcpy of the same bytes. Here the whole batch is one split among `torch.get_num_threads()`
+        threads (a memmove releases the GIL).
+        """
+        ranges: list[Run] = []
+        for target, source in pairs:
+            plain = target.device.type == source.device.type == "cpu" and target.dtype == source.dtype
+            if plain and target.shape == source.shape and target.is_contiguous() and source.is_contiguous():
+                ranges.append((target.data_ptr(), source.data_ptr(), target.nbytes))
+            else:
+                target.copy_(source)
+        total = sum(nbytes for _, _, nbytes in ranges)
+        if self._helpers is None or total < PARALLEL_COPY_MIN_BYTES:
+            memmove_all(ranges)
+            return
+        first, *rest = split_ranges(ranges, self._threads)
+        helping = [self._helpers.submit(memmove_all, share) for share in rest]
+        memmove_all(first)
+        for done in helping:
+            done.result()
