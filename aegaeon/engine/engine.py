@@ -52,8 +52,9 @@ from aegaeon.memory.copies import Copy, CopyStream
 from aegaeon.memory.kv_pool import HostKVPool, KVShape
 from aegaeon.memory.loader import ModelLoader, ResidentModels
 from aegaeon.memory.model_cache import CachedModel, HostModelCache, plan_layout
+from aegaeon.memory.placement import slot_size
 
-# The arena of a CPU engine holds the KV region and this many copies of its largest model: the
+# The arena of a CPU engine holds the KV region and this many slots for its largest model: the
 # active one and a prefetched next one.
 DEFAULT_RESIDENT_MODELS = 2
 
@@ -175,7 +176,7 @@ class LLMEngine:
             self.models[name] = self._register(name, model_dir, arch, kv_bytes, progress)
 
         self.arena = DeviceArena.for_device(
-            self.device, self.memory, cpu_bytes=kv_bytes + DEFAULT_RESIDENT_MODELS * largest
+            self.device, self.memory, cpu_bytes=kv_bytes + DEFAULT_RESIDENT_MODELS * slot_size(largest)
         )
         self.kv_offset = self.arena.allocate(kv_bytes)
         self.kv_bytes = kv_bytes
@@ -187,7 +188,7 @@ class LLMEngine:
             ModelLoader(self.arena, model_cache, self.copies, self.memory.load_chunk_bytes),
             largest=largest,
         )
-        if largest > self.residents.capacity():
+        if self.residents.slots < 1:
             raise ValueError(
                 f"the largest model needs {largest} bytes but the device arena leaves "
                 f"{self.residents.capacity()} for weights after {kv_bytes} of KV "
