@@ -81,6 +81,7 @@ def run(shm_dir: str) -> None:
     # Room for the batch twice on each side: a swap-in never waits for the swap-out's blocks.
     pool = HostKVPool.create(shm_dir, "kv-pool", nbytes=2 * batch_bytes, slab_bytes=64 * MIB)
     if device.type == "cuda":
+        torch.cuda.set_device(device)  # the pool is pinned from the current device's context
         pool.pin()
     engine = LLMEngine(
         model_dir,

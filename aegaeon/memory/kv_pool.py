@@ -497,9 +497,9 @@ class HostKVPool:
                 if blocks != self.slab_bytes // row[_BLOCK_BYTES]:
                     raise RuntimeError(f"slab {slab} of {self.path} has a wrong block count: {row}")
 
-    def pin(self) -> None:
-        """Page-lock the region for asynchronous copies to and from devices (CUDA only)."""
-        self.region.pin()
+    def pin(self, device: torch.device | str | None = None) -> None:
+        """Page-lock the region for asynchronous copies to and from devices (see SharedRegion.pin)."""
+        self.region.pin(device)
 
     def close(self) -> None:
         """Unmap the pool; the owner (the creator) also removes its file. Views of blocks must be gone."""
