@@ -26,7 +26,7 @@ from aegaeon.config import MEMORY_ALIGNMENT
 from aegaeon.memory.arena import DeviceArena
 from aegaeon.memory.copies import Copy, CopyStream
 from aegaeon.memory.model_cache import CachedModel, HostModelCache, tensor_views
-from aegaeon.memory.placement import SLOT_SPLITS, slot_offsets, slot_place, slot_room, slot_size
+from aegaeon.memory.placement import slot_offsets, slot_place, slot_room, slot_size
 
 
 class ModelLoader:
@@ -78,8 +78,8 @@ class ResidentModels:
         self.end = arena.capacity
         if self.end > self.base:
             arena.allocate(self.end - self.base)  # the weight region, managed here from now on
-        unit = MEMORY_ALIGNMENT << SLOT_SPLITS
-        self.slot_bytes = slot_size(largest) if largest is not None else self.capacity() // 2 // unit * unit
+        half = self.capacity() // 2 // MEMORY_ALIGNMENT * MEMORY_ALIGNMENT
+        self.slot_bytes = slot_size(largest) if largest is not None else half
         self.slots = self.capacity() // self.slot_bytes if self.slot_bytes else 0
         self.entries: list[Resident] = []
         self._last_used: dict[str, int] = {}

@@ -31,16 +31,16 @@ SLOT_SPLITS = 2
 
 
 def slot_size(largest: int) -> int:
-    """The bytes of a slot for models of up to `largest` bytes (its quarters stay aligned)."""
-    unit = MEMORY_ALIGNMENT << SLOT_SPLITS
-    return max(-(-largest // unit), 1) * unit
+    """The bytes of a slot for models of up to `largest` bytes."""
+    return max(-(-largest // MEMORY_ALIGNMENT), 1) * MEMORY_ALIGNMENT
 
 
 def slot_part(nbytes: int, slot_bytes: int) -> int:
-    """The part of a slot a model of `nbytes` takes: the slot, or its half or quarter if that holds it."""
+    """The part of a slot a model of `nbytes` takes: the slot, or its half or quarter if that holds
+    it (and stays aligned)."""
     part = slot_bytes
     for _ in range(SLOT_SPLITS):
-        if part // 2 < nbytes:
+        if part % (2 * MEMORY_ALIGNMENT) or part // 2 < nbytes:
             break
         part //= 2
     return part

@@ -74,6 +74,18 @@ def allocated_bytes_while(action) -> int:
     return sum(event.cpu_memory_usage for event in prof.events() if event.cpu_memory_usage > 0)
 
 
+def step_active_model(engine: LLMEngine, finished: dict[str, list[int]]) -> None:
+    """Swap the active model's requests in, run one step (recording what finished), swap them out."""
+    name = engine.active.name
+    for request_id in engine.requests_of(name):
+        engine.swap_in(request_id)
+    for output in engine.step():
+        if output.finished:
+            finished[output.request_id] = output.token_ids
+    for request_id in engine.requests_of(name):
+        engine.swap_out(request_id)
+
+
 def test_random_switches_keep_outputs_exact_and_memory_flat(model_dirs, prompts, references, kv_pool):
     engine = make_engine(model_dirs, kv_pool)
     names = list(model_dirs)
@@ -98,13 +110,7 @@ def test_random_switches_keep_outputs_exact_and_memory_flat(model_dirs, prompts,
         keep_two_requests_per_model()
         name = rng.choice(names)
         outside.append(allocated_bytes_while(lambda name=name: engine.switch_to(name)))
-        for request_id in engine.requests_of(name):
-            engine.swap_in(request_id)
-        for output in engine.step():
-            if output.finished:
-                finished[output.request_id] = output.token_ids
-        for request_id in engine.requests_of(name):
-            engine.swap_out(request_id)
+        step_active_model(engine, finished)
         if switch == len(names) * 4:  # every model has been loaded and evicted by now
             high_water = engine.arena.stats().high_water
     assert engine.switches > RANDOM_SWITCHES // 2
@@ -238,13 +244,7 @@ def test_models_bind_at_fixed_addresses_through_random_switches_and_prefetches(
             expected[f"{name}-{step}"] = references[name][index]
         engine.switch_to(name)
         check_addresses()
-        for request_id in engine.requests_of(name):
-            engine.swap_in(request_id)
-        for output in engine.step():
-            if output.finished:
-                finished[output.request_id] = output.token_ids
-        for request_id in engine.requests_of(name):
-            engine.swap_out(request_id)
+        step_active_model(engine, finished)
     assert residents.slots == 2 and residents.evictions > 30
     assert all(1 <= len(offsets) <= 2 << SLOT_SPLITS for offsets in seen.values()), seen
     assert any(len(offsets) > 1 for offsets in seen.values())  # models did move between slots

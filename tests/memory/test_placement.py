@@ -89,13 +89,15 @@ def test_slot_room_is_exactly_the_largest_model_slot_place_finds_an_offset_for()
 
 
 def test_slot_offsets_are_few_and_aligned() -> None:
-    slot_bytes = slot_size(1000)
-    assert slot_bytes >= 1000 and slot_bytes % (MEMORY_ALIGNMENT << SLOT_SPLITS) == 0
+    slot_bytes = slot_size(1020)
+    assert slot_bytes == 1024 and slot_size(1024) == 1024 and slot_size(1025) == 1040
     size = 3 * slot_bytes + 10
     assert slot_offsets(1000, size, slot_bytes) == [0, slot_bytes, 2 * slot_bytes]
     assert len(slot_offsets(slot_bytes // 2, size, slot_bytes)) == 6
     assert len(slot_offsets(1, size, slot_bytes)) == 3 << SLOT_SPLITS  # quarters at most
     assert all(offset % MEMORY_ALIGNMENT == 0 for offset in slot_offsets(1, size, slot_bytes))
+    # A slot whose halves would not be aligned is not split.
+    assert slot_offsets(1, 3 * 1040, 1040) == [0, 1040, 2080]
 
 
 def test_in_two_slots_any_model_fits_beside_any_placed_one() -> None:
