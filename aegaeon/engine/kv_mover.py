@@ -32,11 +32,7 @@ class KVMover:
             seq.kv_arrival.wait()
             seq.kv_arrival = None
         handles = self.kv_pool.allocate(served.kv_shape, len(seq.block_table))
-        pairs = [
-            (self.kv_pool.view(handle, served.kv_shape), served.runner.kv_cache[block])
-            for handle, block in zip(handles, seq.block_table, strict=True)
-        ]
-        copy = self.copies.copy(pairs)
+        copy = self.kv_pool.copy_from_device(self.copies, handles, served.runner.kv_cache, seq.block_table)
         blocks = served.batcher.swap_out(seq)
         seq.host_blocks = handles
         # The device blocks are reused only once the copy that reads them has completed.
@@ -46,11 +42,7 @@ class KVMover:
         """Start copying a swapped-out sequence's KV back; a step runs it once `kv_arrival` is done."""
         self.reap()
         blocks = served.batcher.swap_in(seq)
-        pairs = [
-            (served.runner.kv_cache[block], self.kv_pool.view(handle, served.kv_shape))
-            for block, handle in zip(blocks, seq.host_blocks, strict=True)
-        ]
-        copy = self.copies.copy(pairs)
+        copy = self.kv_pool.copy_to_device(self.copies, seq.host_blocks, served.runner.kv_cache, blocks)
         host_blocks, seq.host_blocks = seq.host_blocks, []
         seq.kv_arrival = copy
         self._moves.append((copy, lambda: self.kv_pool.free(host_blocks)))

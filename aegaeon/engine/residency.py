@@ -29,8 +29,9 @@ from aegaeon.memory.copies import CopyStream
 from aegaeon.memory.kv_pool import KVShape
 from aegaeon.memory.loader import ModelLoader, ResidentModels
 from aegaeon.memory.model_cache import CachedModel, HostModelCache, plan_layout
+from aegaeon.memory.placement import slot_size
 
-# The arena of a CPU engine holds the KV region and this many copies of its largest model: the
+# The arena of a CPU engine holds the KV region and this many slots for its largest model: the
 # active one and a prefetched next one.
 DEFAULT_RESIDENT_MODELS = 2
 
@@ -97,7 +98,7 @@ class Residency:
             for name, (model_dir, arch, _) in specs.items()
         }
         self.arena = DeviceArena.for_device(
-            device, memory, cpu_bytes=kv_bytes + DEFAULT_RESIDENT_MODELS * largest
+            device, memory, cpu_bytes=kv_bytes + DEFAULT_RESIDENT_MODELS * slot_size(largest)
         )
         self.kv_offset = self.arena.allocate(kv_bytes)
         self.kv_bytes = kv_bytes
@@ -109,7 +110,7 @@ class Residency:
             ModelLoader(self.arena, model_cache, self.copies, memory.load_chunk_bytes),
             largest=largest,
         )
-        if largest > self.residents.capacity():
+        if self.residents.slots < 1:
             raise ValueError(
                 f"the largest model needs {largest} bytes but the device arena leaves "
                 f"{self.residents.capacity()} for weights after {kv_bytes} of KV "

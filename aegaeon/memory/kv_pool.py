@@ -33,6 +33,10 @@ shape's fullest slab first, then the next fullest, and only then a free slab: ne
 slabs that are almost full while the emptiest ones receive nothing, drain, and are returned. That
 keeps the pool's utilisation (bytes of allocated blocks / bytes of slabs in use) high under churn.
 
+A KV move (`copy_from_device`, `copy_to_device`) copies all of a sequence's blocks between the
+device's KV region and the pool in one call: the handles are checked under one lock, and blocks
+consecutive in both places go in one copy (handles are byte offsets, so a run is plain arithmetic).
+
 A process that dies while holding the lock releases it (the kernel drops the flock), but a write it
 had half done stays half done; `validate()` recounts everything and says what is inconsistent.
 """
@@ -53,6 +57,7 @@ import numpy as np
 import torch
 
 from aegaeon.config import BLOCK_SIZE, MEMORY_ALIGNMENT
+from aegaeon.memory.copies import Copy, CopyStream, block_runs
 from aegaeon.memory.shm import SharedRegion
 
 # Tokens per KV block (the engine's BLOCK_SIZE; fixed by the block-major cache layout).
@@ -114,7 +119,7 @@ class KVShape:
 
     @property
     def block_bytes(self) -> int:
-        return math.prod(self.block_shape) * torch.empty(0, dtype=self.torch_dtype).element_size()
+        return math.prod(self.block_shape) * self.torch_dtype.itemsize
 
     @property
     def key(self) -> int:
@@ -365,18 +370,80 @@ class HostKVPool:
         All handles are checked first: a foreign, repeated or already freed one raises ValueError and
         frees nothing.
         """
-        handles = [int(handle) for handle in handles]
-        if len(set(handles)) != len(handles):
+        handles = np.fromiter(handles, dtype=np.int64)
+        if len(np.unique(handles)) != len(handles):
             raise ValueError("the same block handle appears twice in one free()")
         with self._locked():
-            located = [self._locate(handle) for handle in handles]
-            for slab, block in located:
-                self._bitmaps[slab, block >> 3] &= np.uint8(~(1 << (block & 7)) & 0xFF)
-                self._table[slab, _USED] -= 1
-            for slab in {slab for slab, _ in located}:
-                if self._table[slab, _USED] == 0:  # the slab is empty: give it back
-                    self._bitmaps[slab, : -(-int(self._table[slab, _BLOCKS]) // 8)] = 0
-                    self._table[slab] = 0
+            slabs, blocks = self._locate_all(handles)
+            np.bitwise_and.at(self._bitmaps, (slabs, blocks >> 3), ~(1 << (blocks & 7)).astype(np.uint8))
+            touched, counts = np.unique(slabs, return_counts=True)
+            self._table[touched, _USED] -= counts
+            for slab in touched[self._table[touched, _USED] == 0].tolist():  # empty: give it back
+                self._bitmaps[slab, : -(-int(self._table[slab, _BLOCKS]) // 8)] = 0
+                self._table[slab] = 0
+
+    def _locate_all(self, handles: np.ndarray, shape: KVShape | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(slabs, block indices) of allocated blocks (of `shape`, if given); ValueError naming the
+        first handle that is anything else. The lock is held."""
+        offsets = handles - self._data_offset
+        inside = (offsets >= 0) & (offsets < self.capacity_bytes)
+        slabs, within = np.divmod(np.where(inside, offsets, 0), self.slab_bytes)
+        rows = self._table[slabs]
+        block_bytes = np.maximum(rows[:, _BLOCK_BYTES], 1)  # a free slab's row is all zero
+        blocks, misalign = np.divmod(within, block_bytes)
+        good = inside & (rows[:, _KEY] != 0) & (misalign == 0) & (blocks < rows[:, _BLOCKS])
+        blocks = np.where(good, blocks, 0)
+        good &= ((self._bitmaps[slabs, blocks >> 3] >> (blocks & 7)) & 1) == 1
+        if shape is not None:
+            good &= rows[:, _KEY] == shape.key
+        if not good.all():
+            bad = int(handles[np.argmin(good)])
+            self._locate(bad)  # raises for anything but an allocated block of another shape
+            raise ValueError(f"block {bad} of the host KV pool does not have shape {shape}")
+        return slabs, blocks
+
+    def _move_plan(
+        self, handles: list[int], kv: torch.Tensor, blocks: list[int]
+    ) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
+        """The device KV region's bytes and the runs pairing its `blocks` with the pool's `handles`."""
+        if kv.dim() != 6 or kv.shape[2:4] != (2, KV_BLOCK_TOKENS) or not kv.is_contiguous():
+            raise ValueError(
+                f"a KV region is a contiguous [blocks, layers, 2, {KV_BLOCK_TOKENS}, kv_heads, head_dim] "
+                f"tensor, got {tuple(kv.shape)}"
+            )
+        shape = KVShape(kv.shape[1], kv.shape[4], kv.shape[5], kv.dtype)
+        if len(handles) != len(blocks):
+            raise ValueError(f"{len(handles)} host KV blocks for {len(blocks)} device blocks")
+        if len(set(handles)) != len(handles) or len(set(blocks)) != len(blocks):
+            raise ValueError("a KV move names the same block twice")
+        if blocks and not (0 <= min(blocks) and max(blocks) < kv.shape[0]):
+            raise ValueError(f"device KV blocks {blocks} are not all below {kv.shape[0]}")
+        with self._locked():
+            self._locate_all(np.array(handles, dtype=np.int64), shape)
+        block_bytes = shape.block_bytes
+        runs = block_runs(handles, [block * block_bytes for block in blocks], block_bytes)
+        return kv.view(-1).view(torch.uint8), runs
+
+    def copy_from_device(
+        self, copies: CopyStream, handles: list[int], kv: torch.Tensor, blocks: list[int]
+    ) -> Copy:
+        """Start copying device KV blocks `kv[blocks[i]]` into pool blocks `handles[i]`.
+
+        `kv` is the device's KV region, `[blocks, layers, 2, 16, kv_heads, head_dim]`; the handles
+        must be allocated blocks of its shape. One copy per run of blocks consecutive on both sides;
+        the pool's lock is taken once, to check the handles.
+        """
+        device, runs = self._move_plan(handles, kv, blocks)
+        pool = self.region.tensor
+        return copies.copy([(pool[h : h + n], device[d : d + n]) for h, d, n in runs])
+
+    def copy_to_device(
+        self, copies: CopyStream, handles: list[int], kv: torch.Tensor, blocks: list[int]
+    ) -> Copy:
+        """Start copying pool blocks `handles[i]` into device KV blocks `kv[blocks[i]]` (see above)."""
+        device, runs = self._move_plan(handles, kv, blocks)
+        pool = self.region.tensor
+        return copies.copy([(device[d : d + n], pool[h : h + n]) for h, d, n in runs])
 
     def view(self, handle: int, shape: KVShape) -> torch.Tensor:
         """The block as a `[layers, 2, 16, kv_heads, head_dim]` tensor of its dtype (a view, no copy)."""
@@ -430,9 +497,9 @@ class HostKVPool:
                 if blocks != self.slab_bytes // row[_BLOCK_BYTES]:
                     raise RuntimeError(f"slab {slab} of {self.path} has a wrong block count: {row}")
 
-    def pin(self) -> None:
-        """Page-lock the region for asynchronous copies to and from devices (CUDA only)."""
-        self.region.pin()
+    def pin(self, device: torch.device | str | None = None) -> None:
+        """Page-lock the region for asynchronous copies to and from devices (see SharedRegion.pin)."""
+        self.region.pin(device)
 
     def close(self) -> None:
         """Unmap the pool; the owner (the creator) also removes its file. Views of blocks must be gone."""

@@ -6,14 +6,14 @@ model (a prefetch); an event marks its end. On the CPU a prefetch runs the same 
 background thread (a tensor copy releases the GIL).
 
 `ResidentModels` keeps the models whose weights are in the arena. It takes the whole weight region
-above the KV region from the arena once (so the arena's high-water mark never moves) and places each
-model by the rule of `aegaeon.memory.placement`: every model leaves, beside itself, a free span the
-size of the largest model, so with room for two copies of the largest model a prefetch beside the
-active model always fits (first-fit did not: with models of several sizes the active one could sit
-where no gap beside it held the next). Among the placements that keep the rule it takes the lowest
-free one, and only when there is none evicts models it may evict until there is. The victim is the
-most recently used model it may evict: the decode rounds visit models cyclically, so the model used
-last is the one needed again last.
+above the KV region from the arena once (so the arena's high-water mark never moves), cuts it into
+slots the size of the largest model and places each model at the start of a free slot, or of a free
+half or quarter of one when the model fits that (`aegaeon.memory.placement.slot_place`). A model's
+weights therefore always start at one of a few fixed addresses (`addresses`), so what is captured
+against them (CUDA graphs of decode steps) can be kept per (model, address) and replayed after any
+switch; with two slots a prefetch beside the active model always fits. When no part is free it
+evicts models it may evict until one is. The victim is the most recently used model it may evict:
+the decode rounds visit models cyclically, so the model used last is the one needed again last.
 """
 
 from __future__ import annotations
@@ -22,10 +22,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from aegaeon.config import MEMORY_ALIGNMENT
 from aegaeon.memory.arena import DeviceArena
 from aegaeon.memory.copies import Copy, CopyStream
 from aegaeon.memory.model_cache import CachedModel, HostModelCache, tensor_views
-from aegaeon.memory.placement import place, room
+from aegaeon.memory.placement import slot_offsets, slot_place, slot_room, slot_size
 
 
 class ModelLoader:
@@ -60,15 +61,14 @@ class Resident:
 
 
 class ResidentModels:
-    """The models held in the arena's weight region, placed so that the next one always fits.
+    """The models held in the arena's weight region, each at one of a few fixed addresses.
 
-    Each model is placed where, kept alone, it would leave a free span of `largest` bytes beside it
-    (aegaeon.memory.placement); the lowest such free offset is taken, else the most recently used
-    models not kept are evicted until one is free. With a weight region of two copies of the largest
-    model, evicting everything but the active model therefore always makes room for any other
-    (`room_keeping` of the active model is at least `largest`), while smaller models stay resident
-    together where they fit. `largest`: the largest model it will hold (the engine passes it); None,
-    half the weight region, which is that size in an arena of KV plus two copies of the largest model.
+    The region is cut into slots of `slot_size(largest)` bytes (aegaeon.memory.placement); a model
+    takes the lowest free slot, or half or quarter of one if it fits that, else the most recently
+    used models not kept are evicted until one is free. With two slots, evicting everything but the
+    active model therefore always makes room for any other (`room_keeping` of the active model is a
+    whole slot), while small models share slots. `largest`: the largest model it will hold (the
+    engine passes it); None, half the weight region (two slots).
     """
 
     def __init__(self, arena: DeviceArena, loader: ModelLoader, largest: int | None = None):
@@ -78,7 +78,9 @@ class ResidentModels:
         self.end = arena.capacity
         if self.end > self.base:
             arena.allocate(self.end - self.base)  # the weight region, managed here from now on
-        self.largest = largest if largest is not None else self.capacity() // 2
+        half = self.capacity() // 2 // MEMORY_ALIGNMENT * MEMORY_ALIGNMENT
+        self.slot_bytes = slot_size(largest) if largest is not None else half
+        self.slots = self.capacity() // self.slot_bytes if self.slot_bytes else 0
         self.entries: list[Resident] = []
         self._last_used: dict[str, int] = {}
         self._clock = 0
@@ -91,6 +93,10 @@ class ResidentModels:
     def capacity(self) -> int:
         """Bytes available to model weights in all."""
         return self.end - self.base
+
+    def addresses(self, nbytes: int) -> list[int]:
+        """The arena offsets where a model of `nbytes` can ever be placed (a small fixed set)."""
+        return [self.base + offset for offset in slot_offsets(nbytes, self.capacity(), self.slot_bytes)]
 
     def use(self, model: CachedModel) -> Resident:
         """The model, resident (loaded if it was not), marked as the most recently used."""
@@ -108,10 +114,11 @@ class ResidentModels:
         entry = self.get(model.key)
         if entry is not None:
             return entry
-        if model.nbytes > self.capacity():
+        if model.nbytes > self.slot_bytes or self.slots == 0:
             raise RuntimeError(
-                f"model {model.key} needs {model.nbytes} bytes but the arena has {self.capacity()} for "
-                "weights (raise cpu_arena_bytes or device_memory_fraction, or lower kv_cache_bytes)"
+                f"model {model.key} needs {model.nbytes} bytes but the arena's weight slots hold "
+                f"{self.slot_bytes} ({self.slots} of them in {self.capacity()} bytes for weights; raise "
+                "cpu_arena_bytes or device_memory_fraction, or lower kv_cache_bytes)"
             )
         while (offset := self._place(model.nbytes)) is None:
             victims = [e for e in self.entries if e.key not in keep]
@@ -127,10 +134,12 @@ class ResidentModels:
 
     def room_keeping(self, keep: frozenset[str]) -> int:
         """The largest model that could be placed once every model not in `keep` is evicted."""
-        return room(self._taken([e for e in self.entries if e.key in keep]), self.capacity(), self.largest)
+        return slot_room(
+            self._taken([e for e in self.entries if e.key in keep]), self.capacity(), self.slot_bytes
+        )
 
     def _place(self, nbytes: int) -> int | None:
-        offset = place(nbytes, self._taken(self.entries), self.capacity(), self.largest)
+        offset = slot_place(nbytes, self._taken(self.entries), self.capacity(), self.slot_bytes)
         return None if offset is None else self.base + offset
 
     def _taken(self, entries: list[Resident]) -> list[tuple[int, int]]:

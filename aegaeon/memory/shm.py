@@ -17,6 +17,8 @@ SHM_FILE_MODE = 0o600
 # Regions a node creates are named `aegaeon-<kind>-<owner pid>-<tag>` (plus sidecar files), so the
 # regions of a node that was killed (no chance to remove them) can be found and removed later.
 NODE_REGION = re.compile(r"^aegaeon-[a-z]+-(\d+)-")
+# cudaHostRegisterPortable: the pages count as pinned in every CUDA context, not only the current one.
+HOST_REGISTER_PORTABLE = 1
 
 
 def node_region_name(kind: str, tag: str) -> str:
@@ -80,11 +82,19 @@ class SharedRegion:
         descriptor = os.open(path, os.O_RDWR)
         return cls(path, descriptor, os.fstat(descriptor).st_size, owner=False)
 
-    def pin(self) -> None:
-        """Page-lock the region for fast, asynchronous host-to-device copies (CUDA only)."""
-        if self._pinned or not torch.cuda.is_available():
+    def pin(self, device: torch.device | str | None = None) -> None:
+        """Page-lock the region for fast, asynchronous host-to-device copies (CUDA only).
+
+        Registered portable, so copies on any device's streams treat it as pinned; the registration
+        itself runs in `device`'s context (default: the current device), which it creates if needed.
+        A CPU `device` pins nothing.
+        """
+        on_cpu = device is not None and torch.device(device).type != "cuda"
+        if self._pinned or on_cpu or not torch.cuda.is_available():
             return
-        error = torch.cuda.cudart().cudaHostRegister(self.tensor.data_ptr(), self.nbytes, 0)
+        with torch.cuda.device(device):
+            cudart = torch.cuda.cudart()
+            error = cudart.cudaHostRegister(self.tensor.data_ptr(), self.nbytes, HOST_REGISTER_PORTABLE)
         if int(error) != 0:
             raise RuntimeError(f"cudaHostRegister of {self.path} ({self.nbytes} bytes) failed: {error}")
         self._pinned = True

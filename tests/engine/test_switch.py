@@ -17,6 +17,7 @@ from aegaeon.config import MIB, EngineConfig, MemoryConfig
 from aegaeon.engine.engine import LLMEngine
 from aegaeon.engine.sampling_params import SamplingParams
 from aegaeon.memory.kv_pool import HostKVPool
+from aegaeon.memory.placement import SLOT_SPLITS
 
 RANDOM_SWITCHES = 1000
 OUTPUT_TOKENS = 24
@@ -73,6 +74,19 @@ def allocated_bytes_while(action) -> int:
     return sum(event.cpu_memory_usage for event in prof.events() if event.cpu_memory_usage > 0)
 
 
+def step_active_model(
+    engine: LLMEngine, generated: dict[str, list[int]], finished: dict[str, list[int]]
+) -> None:
+    """Swap the active model's requests in, run one step (recording what finished), swap them out."""
+    name = engine.active.name
+    for request_id in engine.requests_of(name):
+        engine.swap_in(request_id)
+    for request_id in step(engine, generated):
+        finished[request_id] = generated[request_id]
+    for request_id in engine.requests_of(name):
+        engine.swap_out(request_id)
+
+
 def test_random_switches_keep_outputs_exact_and_memory_flat(model_dirs, prompts, references, kv_pool):
     engine = make_engine(model_dirs, kv_pool)
     names = list(model_dirs)
@@ -98,12 +112,7 @@ def test_random_switches_keep_outputs_exact_and_memory_flat(model_dirs, prompts,
         keep_two_requests_per_model()
         name = rng.choice(names)
         outside.append(allocated_bytes_while(lambda name=name: engine.switch_to(name)))
-        for request_id in engine.requests_of(name):
-            engine.swap_in(request_id)
-        for request_id in step(engine, generated):
-            finished[request_id] = generated[request_id]
-        for request_id in engine.requests_of(name):
-            engine.swap_out(request_id)
+        step_active_model(engine, generated, finished)
         if switch == len(names) * 4:  # every model has been loaded and evicted by now
             high_water = engine.residency.arena.stats().high_water
     assert engine.residency.switches > RANDOM_SWITCHES // 2
@@ -212,3 +221,49 @@ def test_a_model_larger_than_the_arena_is_refused_clearly(model_dirs):
             memory=memory,
             progress=False,
         )
+
+
+def test_models_bind_at_fixed_addresses_through_random_switches_and_prefetches(
+    model_dirs, prompts, references, kv_pool
+):
+    """Whatever was switched in or prefetched before, a model's weights start at one of a few fixed
+    device addresses (what a captured CUDA graph of it needs to replay), and outputs stay exact."""
+    names = ["llama", "mistral", "qwen2", "llama-wide"]  # four sizes
+    engine = make_engine({name: model_dirs[name] for name in names}, kv_pool, resident_models=2.2)
+    residents = engine.residency.residents
+    base = engine.residency.arena.buffer.data_ptr()
+    rng = random.Random(5)
+    seen: dict[str, set[int]] = {name: set() for name in names}
+    generated: dict[str, list[int]] = {}
+    finished: dict[str, list[int]] = {}
+    expected: dict[str, list[int]] = {}
+
+    def check_addresses() -> None:
+        for entry in residents.entries:
+            name = next(n for n in names if engine.models[n].cache_key == entry.key)
+            start = min(tensor.data_ptr() for tensor in entry.tensors.values()) - base
+            assert start == entry.offset and entry.offset in residents.addresses(entry.nbytes), name
+            seen[name].add(entry.offset)
+        bound = [matrix.data_ptr() - base for matrix in engine.active.runner.weights.matrices()]
+        active = residents.get(engine.active.cache_key)
+        assert all(active.offset <= ptr < active.offset + active.nbytes for ptr in bound)
+
+    for step in range(300):
+        name = rng.choice(names)
+        if rng.random() < 0.3 and engine.active is not None:
+            engine.prefetch(name)
+            check_addresses()
+            continue
+        if len(engine.requests_of(name)) < PROMPTS_PER_MODEL:
+            index = step % PROMPTS_PER_MODEL
+            engine.add_request(f"{name}-{step}", prompts[index], greedy(), model=name)
+            expected[f"{name}-{step}"] = references[name][index]
+        engine.switch_to(name)
+        check_addresses()
+        step_active_model(engine, generated, finished)
+    assert residents.slots == 2 and residents.evictions > 30
+    assert all(1 <= len(offsets) <= 2 << SLOT_SPLITS for offsets in seen.values()), seen
+    assert any(len(offsets) > 1 for offsets in seen.values())  # models did move between slots
+    assert len(finished) > 2 * len(names)
+    for request_id, tokens in finished.items():
+        assert tokens == expected[request_id], request_id

@@ -3,13 +3,14 @@
 What the engine relies on: a model is loaded byte for byte; with room for two models, a prefetch
 beside the active model succeeds whatever order the models were loaded in (the victim is whichever
 other model is there, and whatever the models' sizes); the active model is never evicted by a
-prefetch; smaller models stay resident together where they fit; the arena's high-water mark never
-moves.
+prefetch; smaller models stay resident together where they fit; a model's weights only ever start
+at one of a few fixed addresses; the arena's high-water mark never moves.
 """
 
 from __future__ import annotations
 
 import itertools
+import random
 
 import pytest
 import torch
@@ -35,7 +36,8 @@ def residents_for(tmp_path, models: int) -> tuple[ResidentModels, dict]:
     }
     arena = DeviceArena(KV_BYTES + models * MODEL_BYTES, "cpu")
     arena.allocate(KV_BYTES)
-    return ResidentModels(arena, ModelLoader(arena, cache, CopyStream(arena.device), MODEL_BYTES)), cached
+    loader = ModelLoader(arena, cache, CopyStream(arena.device), MODEL_BYTES)
+    return ResidentModels(arena, loader, largest=MODEL_BYTES), cached
 
 
 def test_a_loaded_model_holds_its_weights(tmp_path):
@@ -83,7 +85,8 @@ def sized_residents_for(tmp_path) -> tuple[ResidentModels, dict]:
     }
     arena = DeviceArena(KV_BYTES + 2 * max(nbytes.values()), "cpu")
     arena.allocate(KV_BYTES)
-    return ResidentModels(arena, ModelLoader(arena, cache, CopyStream(arena.device), MODEL_BYTES)), cached
+    loader = ModelLoader(arena, cache, CopyStream(arena.device), MODEL_BYTES)
+    return ResidentModels(arena, loader, largest=max(nbytes.values())), cached
 
 
 def value_of(key: str) -> float:
@@ -108,7 +111,33 @@ def test_small_models_stay_resident_together(tmp_path):
     residents, cached = sized_residents_for(tmp_path)
     for key in ("s1", "s2", "s3", "m1"):
         residents.use(cached[key]).copy.wait()
-    # Four models in room for two copies of the largest; fixed slots would hold two.
+    # Four models in two slots of the largest: each of them takes half a slot.
     assert sorted(entry.key for entry in residents.entries) == ["m1", "s1", "s2", "s3"]
     assert residents.evictions == 0
     assert residents.room_keeping(frozenset({"m1"})) >= cached["b1"].nbytes
+
+
+def test_models_only_ever_start_at_fixed_addresses_and_keep_their_weights(tmp_path):
+    residents, cached = sized_residents_for(tmp_path)
+    rng = random.Random(5)
+    seen: dict[str, set[int]] = {key: set() for key in ROWS}
+    active = None
+    for _ in range(300):
+        key = rng.choice(list(ROWS))
+        if active is not None and rng.random() < 0.5:  # a prefetch beside the active model
+            keep = frozenset({active})
+            residents.load(cached[key], keep, background=True).copy.wait()
+        else:
+            residents.use(cached[key]).copy.wait()
+            active = key
+        for entry in residents.entries:
+            fixed = residents.addresses(entry.nbytes)
+            assert entry.offset in fixed
+            start = entry.tensors["w"].data_ptr() - residents.arena.buffer.data_ptr()
+            assert start == entry.offset
+            assert torch.equal(entry.tensors["w"], torch.full((ROWS[entry.key], 16), value_of(entry.key)))
+            seen[entry.key].add(entry.offset)
+    assert residents.evictions > 50
+    # Two slots: a model of a whole slot has two addresses, one of a half four (any of them used).
+    assert all(len(addresses) <= 4 for addresses in seen.values())
+    assert len(seen["b1"]) == 2 and max(len(addresses) for addresses in seen.values()) == 4
