@@ -145,8 +145,9 @@ class Instance(threading.Thread):
                 self.timeline.record(EventKind.PREFETCH, next_model, self.node.now(), self.node.now())
             start = self.node.now()
             self.engine.add_request(request.request_id, live.prompt_token_ids, live.params, request.model)
-            # A step runs the new prompt (it is admitted first); loop in case KV was short for it.
-            while not request.token_times and self.engine.has_unfinished_requests():
+            # A step runs the new prompt (it is admitted first); loop in case KV was short for it,
+            # but not past an abort (the inbox then drops the request from the engine).
+            while not request.token_times and not request.done and self.engine.has_unfinished_requests():
                 self._deliver(self.engine.step())
             self.timeline.record(
                 EventKind.PREFILL, request.model, start, self.node.now(), [request.request_id], tokens=1
