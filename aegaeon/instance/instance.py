@@ -221,8 +221,9 @@ class Instance(threading.Thread):
     def _prefill(self, request: SchedRequest) -> None:
         token_ids, params = self._claimed
         self.engine.add_request(request.request_id, token_ids, params, request.model)
-        # A step runs the new prompt (it is admitted first); loop in case KV was short for it.
-        while not request.token_times and self.engine.has_unfinished_requests():
+        # A step runs the new prompt (it is admitted first); loop in case KV was short for it,
+        # but not past an abort (the inbox then drops the request from the engine).
+        while not request.token_times and not request.done and self.engine.has_unfinished_requests():
             self._deliver(self.engine.step())
         self.prefilling, self._claimed = None, None
 
