@@ -72,7 +72,7 @@ class Instance(threading.Thread):
         self.node = node
         self.prefill_queue = prefill_queue
         self.decode = decode
-        self.timeline = Timeline(name)
+        self.timeline = Timeline(name, max_events=node.config.timeline_events)
         # Requests handed over by prefill instances, and aborts: applied to the engine by this thread.
         self.inbox: queue.SimpleQueue[RequestHandoff | Abort] = queue.SimpleQueue()
         self.error: BaseException | None = None

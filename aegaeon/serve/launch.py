@@ -48,18 +48,18 @@ def example_curl(url: str, model: str, api_key: str | None) -> str:
 
 def node_summary(node: Node, node_id: str, address: str) -> list[str]:
     """What a node runs, in a few lines, for the terminal."""
+    snapshot = node.snapshot()
     lines = [f"  node {node_id} takes requests at {address}"]
-    for name, facts in node.models.items():
-        params = facts.num_parameters / 1e6
-        lines.append(f"  model {name:<24} {params:8.1f}M params  context {facts.max_model_len}")
-    for instance in node.instances:
-        info = instance.engine.info
-        arena, kv = info.arena_bytes / MIB, info.kv_bytes / MIB
-        where = f"{instance.instance_name:<14} {info.device:<6} pid {info.pid:<8}"
+    for model in snapshot.models:
+        params = model.num_parameters / 1e6
+        lines.append(f"  model {model.name:<24} {params:8.1f}M params  context {model.max_model_len}")
+    for instance in snapshot.instances:
+        arena, kv = instance.arena_bytes / MIB, instance.kv_capacity_bytes / MIB
+        where = f"{instance.name:<14} {instance.device:<6} pid {instance.pid:<8}"
         lines.append(f"  instance {where} arena {arena:.0f} MiB (KV {kv:.0f} MiB)")
     lines.append(
-        f"  host model cache {node.model_cache.region.nbytes / MIB:.0f} MiB, "
-        f"host KV pool {node.kv_pool.capacity_bytes / MIB:.0f} MiB"
+        f"  host model cache {snapshot.model_cache.capacity / MIB:.0f} MiB, "
+        f"host KV pool {snapshot.kv_pool.capacity_bytes / MIB:.0f} MiB"
     )
     return lines
 
@@ -126,8 +126,9 @@ def _run_all(config: ServeConfig, store: MetadataStore) -> None:
         app.include_router(observability_router(NodeMetrics(node)))
         lines = ["aegaeon is serving", *node_summary(node, server.node_id, server.address)]
         lines.append(f"  dashboard at {url}/dashboard   Prometheus metrics at {url}/metrics")
+        first_model = config.models[0].name
         print(
-            "\n".join([*lines, *api_summary(url, next(iter(node.models)), _first(config.api_keys))]),
+            "\n".join([*lines, *api_summary(url, first_model, _first(config.api_keys))]),
             flush=True,
         )
         # uvicorn re-raises SIGTERM/SIGINT once it has shut down: release the node before that.
@@ -175,10 +176,12 @@ def _run_node(config: ServeConfig, store: MetadataStore) -> None:
             )
         print("\n".join(lines), flush=True)
         stopped.wait()
-        print(f"draining: finishing {len(node.live)} request(s) in flight, taking no new ones", flush=True)
+        live = node.snapshot().live
+        print(f"draining: finishing {live} request(s) in flight, taking no new ones", flush=True)
         if not server.drain(config.drain_timeout_s):
+            left = node.snapshot().live
             print(
-                f"{len(node.live)} request(s) still running after {config.drain_timeout_s:g} s; stopping",
+                f"{left} request(s) still running after {config.drain_timeout_s:g} s; stopping",
                 flush=True,
             )
     finally:

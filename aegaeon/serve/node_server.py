@@ -31,7 +31,6 @@ from aegaeon.engine.outputs import RequestOutput
 from aegaeon.instance.admission import Draining
 from aegaeon.instance.node import Node
 from aegaeon.portable import portable
-from aegaeon.scheduler.decode import kv_bytes_needed
 from aegaeon.serve.metadata import (
     LOAD_KV_USAGE,
     LOAD_RUNNING,
@@ -51,6 +50,9 @@ HEARTBEAT_INTERVAL_S = 1.0
 IDLE_POLL_MS = 500
 ANY_ADDRESS = ("0.0.0.0", "", "*")
 DRAIN_POLL_S = 0.05
+# Closing waits this long for each thread: the socket thread looks up every IDLE_POLL_MS, and a
+# heartbeat stuck on an unreachable store gives up after the store's own retries (about 5 s).
+JOIN_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -119,53 +121,43 @@ class NodeServer:
     # -- registration and heartbeats -------------------------------------------------------------------
 
     def _register(self) -> None:
-        node = self.node
+        snapshot = self.node.snapshot()
         self.store.register_node(
             NodeInfo(
                 node_id=self.node_id,
                 address=self.address,
-                models=list(node.models),
-                model_dirs={name: facts.model_dir for name, facts in node.models.items()},
-                max_model_lens={name: facts.max_model_len for name, facts in node.models.items()},
-                devices=len(node.instances),
-                host_cache_bytes=node.model_cache.region.nbytes,
+                models=[model.name for model in snapshot.models],
+                model_dirs={model.name: model.model_dir for model in snapshot.models},
+                max_model_lens={model.name: model.max_model_len for model in snapshot.models},
+                devices=len(snapshot.instances),
+                host_cache_bytes=snapshot.model_cache.capacity,
             )
         )
-        for model in node.models:
-            self.store.place_model(model, self.node_id)
-        for instance in node.instances:
+        for model in snapshot.models:
+            self.store.place_model(model.name, self.node_id)
+        for instance in snapshot.instances:
             self.store.register_instance(
                 InstanceInfo(
-                    instance_id=self.instance_id(instance.instance_name),
+                    instance_id=self.instance_id(instance.name),
                     node_id=self.node_id,
                     role=instance.role,
-                    device=node.config.device,
-                    address=instance.engine.spec.address,
+                    device=snapshot.device,
+                    address=instance.address,
                 )
             )
 
     def _heartbeats(self) -> None:
         while not self._stopping.wait(HEARTBEAT_INTERVAL_S):
-            for instance in self.node.instances:
+            for instance in self.node.snapshot().instances:
+                load = {
+                    LOAD_WAITING: instance.waiting,
+                    LOAD_RUNNING: instance.running,
+                    LOAD_KV_USAGE: instance.kv_usage_ratio,
+                }
                 try:
-                    self.store.heartbeat(
-                        self.instance_id(instance.instance_name), self._load(instance), instance.resident
-                    )
+                    self.store.heartbeat(self.instance_id(instance.name), load, instance.resident)
                 except MetadataStoreError as error:
-                    logger.warning("heartbeat of %s failed: %s", instance.instance_name, error)
-
-    def _load(self, instance) -> dict[str, float]:
-        with self.node.lock:
-            waiting = len(instance.prefill_queue) if instance.prefill_queue is not None else 0
-            running, kv_usage = 0, 0.0
-            if instance.decode is not None:
-                batches = instance.decode.batches
-                running = sum(len(batch) for batch in batches)
-                used = sum(
-                    kv_bytes_needed(self.node.specs[b.model], b.requests, 0) for b in batches if b.requests
-                )
-                kv_usage = used / instance.decode.kv_capacity_bytes
-        return {LOAD_WAITING: waiting, LOAD_RUNNING: running, LOAD_KV_USAGE: kv_usage}
+                    logger.warning("heartbeat of %s failed: %s", instance.name, error)
 
     # -- the socket thread -------------------------------------------------------------------------------
 
@@ -312,9 +304,9 @@ class NodeServer:
         except MetadataStoreError as error:
             logger.warning("could not deregister node %s: %s", self.node_id, error)
         deadline = time.monotonic() + timeout_s
-        while self.node.live and time.monotonic() < deadline:
+        while self.node.snapshot().live and time.monotonic() < deadline:
             time.sleep(DRAIN_POLL_S)
-        return not self.node.live
+        return not self.node.snapshot().live
 
     def close(self) -> None:
         """Stop serving and leave the store (the node's instances and placements with it)."""
@@ -323,14 +315,18 @@ class NodeServer:
         self._stopping.set()
         os.write(self._wake_write, b"\0")
         for thread in self._threads:
-            thread.join()
+            thread.join(JOIN_TIMEOUT_S)
+            if thread.is_alive():
+                logger.warning("%s did not stop within %g s; closing anyway", thread.name, JOIN_TIMEOUT_S)
         self.node.on_state = None
         try:
-            for instance in self.node.instances:
-                self.store.remove_instance(self.instance_id(instance.instance_name))
+            for instance in self.node.snapshot().instances:
+                self.store.remove_instance(self.instance_id(instance.name))
             self.store.remove_node(self.node_id)
         except MetadataStoreError as error:
             logger.warning("could not deregister node %s: %s", self.node_id, error)
+        if self._threads[0].is_alive():
+            return  # a ZeroMQ socket must not be closed under the thread using it: the process exit frees it
         self._socket.close(linger=0)
         os.close(self._wake_read)
         os.close(self._wake_write)
