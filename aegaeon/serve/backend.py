@@ -289,9 +289,13 @@ class ClusterBackend:
             node = await asyncio.to_thread(self.store.get_node, node_id)
             if node is None:
                 raise RuntimeError(f"node {node_id} left the cluster; retry")
-            if self._context is None:
-                self._context = zmq.asyncio.Context()
-            link = self._links[node_id] = _NodeLink(node_id, node.address, self._context, self._deliver)
+            # Another request of a burst may have linked the node while this one read the store: one
+            # link per node (a second socket would be left open, and would hold up closing).
+            link = self._links.get(node_id)
+            if link is None:
+                if self._context is None:
+                    self._context = zmq.asyncio.Context()
+                link = self._links[node_id] = _NodeLink(node_id, node.address, self._context, self._deliver)
         return link
 
     def _deliver(self, message: Accepted | Rejected | Output | Failed) -> None:
@@ -370,10 +374,14 @@ class ClusterBackend:
                         flight.queue.put_nowait(error)
 
     def close(self) -> None:
-        """Drop the node connections (call after the HTTP server stopped: its streams are closed by then)."""
+        """Drop the node connections (call after the HTTP server stopped: its streams are closed by then).
+
+        Bounded whatever state the nodes are in: every socket of the context is closed without linger
+        (what is unsent is dropped: its requests are over), so terminating the context cannot wait.
+        """
         for link in self._links.values():
             link.close()
         self._links.clear()
         if self._context is not None:
-            self._context.term()
+            self._context.destroy(linger=0)
             self._context = None
