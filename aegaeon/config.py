@@ -279,6 +279,11 @@ class ServeConfig:
     metrics_port: int | None = None
     # "text" lines, or one JSON object per line (with request ids) for log pipelines.
     log_format: str = "text"
+    # The directory of the cluster's CURVE keys (`aegaeon keys DIR`; else $AEGAEON_CLUSTER_KEYS): nodes
+    # encrypt their port and admit only api servers holding the api key.
+    cluster_keys: str | None = None
+    # A node without keys listens on loopback only, unless this says the network is trusted.
+    insecure: bool = False
     node: NodeConfig = NodeConfig()
 
     def __post_init__(self) -> None:
@@ -326,6 +331,8 @@ _NODE_KEYS = (
     "profile_path",
     "max_waiting_per_model",
     "shed_waiting_after_s",
+    "ended_history",
+    "timeline_events",
 )
 _SLO_KEYS = ("ttft_s", "tbt_s")
 _SCHEDULER_KEYS = ("max_group_size", "qmax_s", "alpha_floor", "kv_lookahead_tokens")
@@ -340,6 +347,8 @@ _SERVE_FIELD_KEYS = (
     "drain_timeout_s",
     "metrics_port",
     "log_format",
+    "cluster_keys",
+    "insecure",
 )
 # ... and those read into other fields: the model entries, the API keys.
 _SERVE_KEYS = ("models", "api_key", "api_key_file", *_SERVE_FIELD_KEYS)

@@ -18,11 +18,13 @@ from aegaeon.config import MIB, ServeConfig
 from aegaeon.instance.node import Node
 from aegaeon.logs import configure_logging
 from aegaeon.serve.dashboard import ObservabilityServer, observability_router
+from aegaeon.serve.keys import ClusterKeys, keys_from_env_or
 from aegaeon.serve.metadata import MetadataStore, open_store
 from aegaeon.serve.metrics import NodeMetrics
 
 # The curl line printed at start asks for this few tokens, so it answers at once even on a CPU.
 EXAMPLE_MAX_TOKENS = 16
+LOOPBACK = "127.0.0.1"
 
 
 def free_port(host: str) -> int:
@@ -79,50 +81,58 @@ def _first(keys: tuple[str, ...]) -> str | None:
 def run_server(config: ServeConfig) -> None:
     """Serve until interrupted; shared memory and store registrations are released on the way out."""
     configure_logging(config.log_format)
+    try:
+        keys = keys_from_env_or(config.cluster_keys)
+    except ValueError as error:
+        raise SystemExit(f"aegaeon serve: {error}") from None
     store = open_store(config.redis_url)
     try:
         if config.role == "api":
-            _run_api(config, store)
+            _run_api(config, store, keys)
         elif config.role == "node":
-            _run_node(config, store)
+            _run_node(config, store, keys)
         else:
-            _run_all(config, store)
+            _run_all(config, store, keys)
     finally:
         store.close()
 
 
-def _start_node(config: ServeConfig, store: MetadataStore):
+def _start_node(config: ServeConfig, store: MetadataStore, keys: ClusterKeys | None):
     from aegaeon.serve.node_server import NodeServer
 
+    # With the api server in this process, the node port only needs to be reachable from here.
+    host = config.host if config.role == "node" else LOOPBACK
     node = Node({m.name: m.path for m in config.models}, config.node)
     try:
-        return node, NodeServer(node, store, host=config.host, port=config.node_port)
+        return node, NodeServer(
+            node, store, host=host, port=config.node_port, keys=keys, insecure=config.insecure
+        )
     except BaseException:
         node.close()
         raise
 
 
-def _http(config: ServeConfig, store: MetadataStore):
+def _http(config: ServeConfig, store: MetadataStore, keys: ClusterKeys | None):
     from aegaeon.serve.api_server import build_app
     from aegaeon.serve.backend import ClusterBackend
 
     port = config.port or free_port(config.host)
-    backend = ClusterBackend(store)
+    backend = ClusterBackend(store, keys=keys)
     app = build_app(backend, api_keys=config.api_keys, limits=config.limits)
     return backend, app, f"http://{config.host}:{port}", port
 
 
-def _run_all(config: ServeConfig, store: MetadataStore) -> None:
+def _run_all(config: ServeConfig, store: MetadataStore, keys: ClusterKeys | None) -> None:
     from aegaeon.serve.api_server import serve_http
 
-    node, server = _start_node(config, store)
+    node, server = _start_node(config, store, keys)
 
     def stop() -> None:
         server.close()
         node.close()
 
     try:
-        backend, app, url, port = _http(config, store)
+        backend, app, url, port = _http(config, store, keys)
         app.include_router(observability_router(NodeMetrics(node)))
         lines = ["aegaeon is serving", *node_summary(node, server.node_id, server.address)]
         lines.append(f"  dashboard at {url}/dashboard   Prometheus metrics at {url}/metrics")
@@ -143,10 +153,10 @@ def _run_all(config: ServeConfig, store: MetadataStore) -> None:
         stop()
 
 
-def _run_api(config: ServeConfig, store: MetadataStore) -> None:
+def _run_api(config: ServeConfig, store: MetadataStore, keys: ClusterKeys | None) -> None:
     from aegaeon.serve.api_server import serve_http
 
-    backend, app, url, port = _http(config, store)
+    backend, app, url, port = _http(config, store, keys)
     models = [info.name for info in backend.models()]
     lines = [f"aegaeon api server {backend.api_server_id} (metadata in {config.redis_url})"]
     lines.append(f"  models of the live nodes now: {', '.join(models) or 'none yet'}")
@@ -157,8 +167,8 @@ def _run_api(config: ServeConfig, store: MetadataStore) -> None:
     serve_http(app, config.host, port, on_shutdown=backend.close, drain_timeout_s=config.drain_timeout_s)
 
 
-def _run_node(config: ServeConfig, store: MetadataStore) -> None:
-    node, server = _start_node(config, store)
+def _run_node(config: ServeConfig, store: MetadataStore, keys: ClusterKeys | None) -> None:
+    node, server = _start_node(config, store, keys)
     stopped = threading.Event()
     observability = None
     try:
