@@ -36,6 +36,10 @@ class EngineConfig:
 
 # --- memory (device arena, host model cache, host KV pool) ---------------------------------------
 
+# Tokens per KV block: a block holds K and V of all layers for this many tokens, contiguous (the
+# engine's cache, the host KV pool and the scheduler's KV sums all count in these blocks).
+BLOCK_SIZE = 16
+
 GIB = 1 << 30
 # Every tensor in the arena and the host caches starts on this boundary (vector loads, DMA).
 MEMORY_ALIGNMENT = 16

@@ -17,7 +17,7 @@ import torch
 
 from aegaeon.config import EngineConfig, NodeConfig
 from aegaeon.engine.engine import LLMEngine
-from aegaeon.engine.outputs import RequestOutput
+from aegaeon.engine.outputs import RequestDelta, RequestOutput
 from aegaeon.engine.sampling_params import SamplingParams
 
 Prompt = str | list[int]
@@ -88,31 +88,41 @@ class LLM:
         if model is not None:
             raise ValueError("model= picks among several models; this LLM serves one")
         request_ids = [f"offline-{next(self._ids)}" for _ in prompts]
+        outputs: dict[str, RequestOutput] = {}
         try:
             for request_id, prompt, sampling in zip(request_ids, prompts, params, strict=True):
-                self.engine.add_request(request_id, prompt, sampling)
+                prepared = self.engine.add_request(request_id, prompt, sampling)
+                outputs[request_id] = RequestOutput(request_id, prepared.text, prepared.token_ids)
         except ValueError:
             for request_id in request_ids:
                 self.engine.abort_request(request_id)
             raise
-        finished: dict[str, RequestOutput] = {}
         while self.engine.has_unfinished_requests():
-            for output in self.engine.step():
-                if output.finished:
-                    finished[output.request_id] = output
-        return [finished[request_id] for request_id in request_ids]
+            for delta in self.engine.step():
+                outputs[delta.request_id].add(delta)
+        return [outputs[request_id] for request_id in request_ids]
 
     def _generate_on_node(
         self, prompts: list[Prompt], params: list[SamplingParams], models: list[str | None]
     ) -> list[RequestOutput]:
-        finished: dict[str, RequestOutput] = {}
         errors: list[BaseException] = []
         all_done = threading.Event()
         request_ids = [f"offline-{next(self._ids)}" for _ in prompts]
+        # Check every prompt before queueing any, so a bad one leaves nothing running.
+        prepared = [
+            self.node.prepare_prompt(prompt, sampling, name)
+            for prompt, sampling, name in zip(prompts, params, models, strict=True)
+        ]
+        outputs = {
+            request_id: RequestOutput(request_id, ready.text, ready.token_ids)
+            for request_id, ready in zip(request_ids, prepared, strict=True)
+        }
+        finished: set[str] = set()
 
-        def on_output(output: RequestOutput) -> None:
-            if output.finished:
-                finished[output.request_id] = output
+        def on_output(delta: RequestDelta) -> None:
+            outputs[delta.request_id].add(delta)
+            if delta.finished:
+                finished.add(delta.request_id)
                 if len(finished) + len(errors) == len(request_ids):
                     all_done.set()
 
@@ -120,15 +130,12 @@ class LLM:
             errors.append(error)
             all_done.set()
 
-        # Check every prompt before queueing any, so a bad one leaves nothing running.
-        for prompt, sampling, name in zip(prompts, params, models, strict=True):
-            self.node.prepare_prompt(prompt, sampling, name)
         for request_id, prompt, sampling, name in zip(request_ids, prompts, params, models, strict=True):
             self.node.submit(prompt, sampling, name, on_output, on_error, request_id=request_id)
         all_done.wait()
         if errors:
             raise RuntimeError(f"generation failed: {errors[0]}") from errors[0]
-        return [finished[request_id] for request_id in request_ids]
+        return [outputs[request_id] for request_id in request_ids]
 
     def chat(
         self, messages: list[dict], params: SamplingParams | None = None, model: str | None = None

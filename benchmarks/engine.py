@@ -74,7 +74,7 @@ def aegaeon_decode_rate(engine: LLMEngine, requests: list[Request], batch_size: 
         # With `batch_size` (= max_num_seqs) sequences running nothing can be admitted, so the step
         # decodes them all, whether or not requests wait for a slot; it is counted when it returned
         # one token per sequence (a preemption would have shrunk it).
-        full = len(engine.batcher.running) == batch_size
+        full = len(engine.model().batcher.running) == batch_size
         start = time.perf_counter()
         outputs = engine.step()
         elapsed = time.perf_counter() - start

@@ -45,8 +45,8 @@ from live_workload import (
 
 from aegaeon.config import MIB, EngineConfig, MemoryConfig, NodeConfig, SchedulerConfig
 from aegaeon.engine.architecture import Architecture
-from aegaeon.engine.engine import weight_bytes
 from aegaeon.engine.kv_cache import kv_block_bytes
+from aegaeon.engine.residency import weight_bytes
 from aegaeon.engine.sampling_params import SamplingParams
 from aegaeon.engine.weights import parse_dtype
 from aegaeon.instance.node import Node
@@ -107,8 +107,9 @@ def run_real(
 
             def on_output(output, record: SchedRequest = record) -> None:
                 now = clock()
-                while not record.done and record.generated < len(output.token_ids):
-                    record.record_token(now)
+                for _ in output.outputs[0].token_ids if output.outputs else []:
+                    if not record.done:
+                        record.record_token(now)
                 if output.finished:
                     record.finish(now)
                     done.release()

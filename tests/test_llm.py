@@ -40,7 +40,7 @@ def hf_generate(hf_model, prompt: list[int], max_new_tokens: int) -> list[int]:
 @pytest.fixture(scope="module")
 def prompts(llm) -> list[list[int]]:
     rng = random.Random(2)
-    vocab = llm.engine.arch.vocab_size
+    vocab = llm.engine.model().arch.vocab_size
     return [[rng.randrange(3, vocab) for _ in range(n)] for n in (9, 1, 30, 4)]
 
 

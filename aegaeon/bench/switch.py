@@ -24,7 +24,8 @@ import torch
 from aegaeon.config import MIB, EngineConfig, MemoryConfig
 from aegaeon.demo import ensure_benchmark_model
 from aegaeon.engine.architecture import Architecture
-from aegaeon.engine.engine import LLMEngine, weight_bytes
+from aegaeon.engine.engine import LLMEngine
+from aegaeon.engine.residency import weight_bytes
 from aegaeon.engine.sampling_params import SamplingParams
 from aegaeon.memory.arena import align
 from aegaeon.memory.kv_pool import HostKVPool
@@ -86,9 +87,9 @@ def measure_switches(paths: dict[str, Path], device: torch.device, repeats: int)
             engine.swap_out(name)
             _sync(device)
             swapped_out = time.perf_counter() - started
-            if turn and engine.last_switch.loaded:
+            if turn and engine.residency.last_switch.loaded:
                 totals.append(elapsed)
-                phases.append(engine.last_switch)
+                phases.append(engine.residency.last_switch)
                 swap_in.append(swapped_in)
                 swap_out.append(swapped_out)
         for name in names:

@@ -11,10 +11,8 @@ except ImportError:  # CPU-only installs run the torch path and never call the k
     triton = None
     tl = None
 
-from aegaeon.engine.kv_cache import BLOCK_SIZE
+from aegaeon.engine.kv_cache import BLOCK_SIZE, K_INDEX, V_INDEX
 from aegaeon.engine.paged_decode import check_paged_decode_inputs, rotate_decode_inputs, store_new_kv
-
-_K_INDEX, _V_INDEX = 0, 1
 
 # From this many (padded) query heads per KV head on, tl.dot (tensor cores) beats a broadcast
 # multiply-reduce, whose [group, block, head_dim] fp32 temporary would spill registers.
@@ -124,8 +122,8 @@ def paged_decode_attention(
     if batch == 0:
         return out
     # Views, not copies: the kernel reads one layer's K and V straight out of the shared cache.
-    k_cache = kv_cache[:, layer, _K_INDEX]
-    v_cache = kv_cache[:, layer, _V_INDEX]
+    k_cache = kv_cache[:, layer, K_INDEX]
+    v_cache = kv_cache[:, layer, V_INDEX]
     _paged_decode_kernel[(batch, num_kv_heads)](
         out, q, k_cache, v_cache, block_tables, context_lens,
         scale * _LOG2E, sliding_window or 0,

@@ -13,9 +13,11 @@ from collections import deque
 
 import torch
 
+from aegaeon.config import BLOCK_SIZE
 from aegaeon.engine.architecture import Architecture
 
-BLOCK_SIZE = 16
+# Where K and V sit in a block: [layers, 2 (K and V), BLOCK_SIZE, kv_heads, head_dim].
+K_INDEX, V_INDEX = 0, 1
 
 
 class OutOfBlocksError(RuntimeError):

@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import torch
 
-from aegaeon.engine.kv_cache import BLOCK_SIZE
+from aegaeon.engine.kv_cache import BLOCK_SIZE, K_INDEX, V_INDEX
 from aegaeon.engine.rope import apply_rotary
 
 KV_CACHE_NDIM = 6
-_K_INDEX, _V_INDEX = 0, 1
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -131,8 +130,8 @@ def paged_decode_attention_reference(
         # [num_blocks, 2, BLOCK_SIZE, kvh, d] -> [2, tokens, kvh, d], cut to the context
         kv = kv_cache[blocks, layer].transpose(0, 1)
         kv = kv.reshape(2, num_blocks * BLOCK_SIZE, num_kv_heads, head_dim)
-        k = kv[_K_INDEX, :ctx].float().repeat_interleave(group, dim=1)  # [ctx, num_q_heads, d]
-        v = kv[_V_INDEX, :ctx].float().repeat_interleave(group, dim=1)
+        k = kv[K_INDEX, :ctx].float().repeat_interleave(group, dim=1)  # [ctx, num_q_heads, d]
+        v = kv[V_INDEX, :ctx].float().repeat_interleave(group, dim=1)
         scores = torch.einsum("hd,thd->ht", q[b].float(), k) * scale
         if sliding_window is not None:
             positions = torch.arange(ctx, device=q.device)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from aegaeon.engine.sampling_params import SamplingParams
 from aegaeon.engine.tokenizer import Tokenizer
+from aegaeon.errors import ContextLengthExceeded, InvalidRequest
 
 
 @dataclass(frozen=True)
@@ -21,7 +22,7 @@ class PreparedPrompt:
 def prompt_token_ids(
     tokenizer: Tokenizer, vocab_size: int, prompt: str | list[int]
 ) -> tuple[str | None, list[int]]:
-    """The prompt's text (None when given as ids) and token ids; ValueError saying what is wrong."""
+    """The prompt's text (None when given as ids) and token ids; InvalidRequest saying what is wrong."""
     if isinstance(prompt, str):
         token_ids = tokenizer.encode(prompt)
         text: str | None = prompt
@@ -29,11 +30,12 @@ def prompt_token_ids(
         token_ids, text = list(prompt), None
         bad = [t for t in token_ids if not 0 <= t < vocab_size]
         if bad:
-            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
+            message = f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab_size})"
+            raise InvalidRequest(message, param="prompt")
     else:
-        raise ValueError("a prompt must be a string or a list of token ids")
+        raise InvalidRequest("a prompt must be a string or a list of token ids", param="prompt")
     if not token_ids:
-        raise ValueError("the prompt is empty")
+        raise InvalidRequest("the prompt is empty", param="prompt")
     return text, token_ids
 
 
@@ -49,9 +51,10 @@ def prepare_prompt(
     text, token_ids = prompt_token_ids(tokenizer, vocab_size, prompt)
     room = max_model_len - len(token_ids)
     if room < 1:
-        raise ValueError(
+        raise ContextLengthExceeded(
             f"the prompt has {len(token_ids)} tokens; this model accepts at most "
-            f"{max_model_len - 1} prompt tokens (max_model_len is {max_model_len})"
+            f"{max_model_len - 1} prompt tokens (max_model_len is {max_model_len})",
+            param="prompt",
         )
     max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
     return PreparedPrompt(model, text, token_ids, max_tokens)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from aegaeon.errors import InvalidRequest
+
 # OpenAI caps `top_logprobs` at 20; vLLM's default max_logprobs is also 20.
 MAX_LOGPROBS = 20
 # OpenAI's documented range for presence_penalty and frequency_penalty.
@@ -36,12 +38,12 @@ def _is_number(value: object) -> bool:
 
 def _require_bool(name: str, value: object) -> None:
     if value is not True and value is not False:
-        raise ValueError(f"{name} must be a bool, got {value!r}")
+        raise InvalidRequest(f"{name} must be a bool, got {value!r}", param=name)
 
 
 def _require_finite(name: str, value: object) -> float:
     if not _is_number(value) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
+        raise InvalidRequest(f"{name} must be a finite number, got {value!r}", param=name)
     return float(value)
 
 
@@ -81,48 +83,65 @@ class SamplingParams:
 
     def _validate_counts(self) -> None:
         if not _is_int(self.n) or self.n < 1:
-            raise ValueError(f"n must be an int >= 1, got {self.n!r}")
+            raise InvalidRequest(f"n must be an int >= 1, got {self.n!r}", param="n")
         if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
-            raise ValueError(f"max_tokens must be an int >= 1 or None, got {self.max_tokens!r}")
+            raise InvalidRequest(
+                f"max_tokens must be an int >= 1 or None, got {self.max_tokens!r}", param="max_tokens"
+            )
         if self.logprobs is not None and (
             not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS
         ):
-            raise ValueError(f"logprobs must be None or an int in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+            raise InvalidRequest(
+                f"logprobs must be None or an int in [0, {MAX_LOGPROBS}], got {self.logprobs!r}",
+                param="logprobs",
+            )
         if self.seed is not None and (not _is_int(self.seed) or not MIN_SEED <= self.seed <= MAX_SEED):
-            raise ValueError(f"seed must be None or an int that fits in 64 bits, got {self.seed!r}")
+            raise InvalidRequest(
+                f"seed must be None or an int that fits in 64 bits, got {self.seed!r}", param="seed"
+            )
 
     def _validate_sampling(self) -> None:
         self.temperature = _require_finite("temperature", self.temperature)
         if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature:g}")
+            raise InvalidRequest(f"temperature must be >= 0, got {self.temperature:g}", param="temperature")
         self.top_p = _require_finite("top_p", self.top_p)
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p:g}")
+            raise InvalidRequest(f"top_p must be in (0, 1], got {self.top_p:g}", param="top_p")
         if not _is_int(self.top_k) or (self.top_k < 0 and self.top_k != TOP_K_DISABLED):
-            raise ValueError(f"top_k must be an int >= 0, or -1 to disable, got {self.top_k!r}")
+            raise InvalidRequest(
+                f"top_k must be an int >= 0, or -1 to disable, got {self.top_k!r}", param="top_k"
+            )
         self.min_p = _require_finite("min_p", self.min_p)
         if not 0 <= self.min_p <= 1:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p:g}")
+            raise InvalidRequest(f"min_p must be in [0, 1], got {self.min_p:g}", param="min_p")
 
     def _validate_penalties(self) -> None:
         for name in ("presence_penalty", "frequency_penalty"):
             value = _require_finite(name, getattr(self, name))
             if not MIN_PENALTY <= value <= MAX_PENALTY:
-                raise ValueError(f"{name} must be in [{MIN_PENALTY:g}, {MAX_PENALTY:g}], got {value:g}")
+                raise InvalidRequest(
+                    f"{name} must be in [{MIN_PENALTY:g}, {MAX_PENALTY:g}], got {value:g}", param=name
+                )
             setattr(self, name, value)
         self.repetition_penalty = _require_finite("repetition_penalty", self.repetition_penalty)
         if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty:g}")
+            raise InvalidRequest(
+                f"repetition_penalty must be > 0, got {self.repetition_penalty:g}", param="repetition_penalty"
+            )
 
     def _validate_stops(self) -> None:
         stop = [] if self.stop is None else self.stop
         if isinstance(stop, str):
             stop = [stop]
         if not _is_sequence(stop) or not all(isinstance(s, str) and s for s in stop):
-            raise ValueError(f"stop must be a non-empty str or a list of non-empty str, got {stop!r}")
+            raise InvalidRequest(
+                f"stop must be a non-empty str or a list of non-empty str, got {stop!r}", param="stop"
+            )
         self.stop = list(stop)
 
         ids = [] if self.stop_token_ids is None else self.stop_token_ids
         if not _is_sequence(ids) or not all(_is_int(t) and t >= 0 for t in ids):
-            raise ValueError(f"stop_token_ids must be a list of ints >= 0, got {ids!r}")
+            raise InvalidRequest(
+                f"stop_token_ids must be a list of ints >= 0, got {ids!r}", param="stop_token_ids"
+            )
         self.stop_token_ids = list(ids)

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 import torch
 
 from aegaeon.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
-from aegaeon.engine.sampler import TokenLogprobs
 from aegaeon.engine.sampling_params import SamplingParams
+from aegaeon.engine.tokenizer import Tokenizer
 
 
 class SequenceStatus(enum.Enum):
@@ -29,7 +29,10 @@ class FinishReason(str, enum.Enum):
 
 @dataclass(eq=False)
 class Sequence:
-    """A sequence being generated; `token_ids` is the prompt followed by the output so far."""
+    """A sequence being generated; `token_ids` is the prompt followed by the output so far.
+
+    Its text and logprobs are not kept: each step hands them out as deltas.
+    """
 
     seq_id: int
     request_id: str
@@ -48,8 +51,36 @@ class Sequence:
     kv_arrival: object | None = None
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: FinishReason | None = None
-    text: str = ""
-    logprobs: list[TokenLogprobs] = field(default_factory=list)
+
+    @classmethod
+    def start(
+        cls,
+        seq_id: int,
+        request_id: str,
+        index: int,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        max_tokens: int,
+        tokenizer: Tokenizer,
+        device: torch.device,
+    ) -> Sequence:
+        """The `index`-th of a request's sequences, before its first token."""
+        matcher = StopStringMatcher(params.stop, params.include_stop_str_in_output) if params.stop else None
+        # Each of a request's n samples gets its own seeded stream, so they differ yet stay reproducible.
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device=device).manual_seed(params.seed + index)
+        return cls(
+            seq_id=seq_id,
+            request_id=request_id,
+            index=index,
+            prompt_token_ids=list(prompt_token_ids),
+            params=params,
+            max_tokens=max_tokens,
+            detokenizer=IncrementalDetokenizer(tokenizer, prompt_token_ids, params.skip_special_tokens),
+            stop_matcher=matcher,
+            generator=generator,
+        )
 
     @property
     def num_tokens(self) -> int:
@@ -66,3 +97,16 @@ class Sequence:
     @property
     def finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
+
+
+@dataclass
+class Request:
+    """A request inside an engine: its model, prompt and `n` sequences."""
+
+    model: str
+    prompt_token_ids: list[int]
+    seqs: list[Sequence]
+
+    @property
+    def finished(self) -> bool:
+        return all(seq.finished for seq in self.seqs)

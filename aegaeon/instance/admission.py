@@ -10,28 +10,10 @@ from __future__ import annotations
 
 import math
 
-# The shortest Retry-After a refusal suggests: a client should not hammer an overloaded node.
-MIN_RETRY_AFTER_S = 1
+# The errors live with the others a client can act on; imported here, where admission raises them.
+from aegaeon.errors import MIN_RETRY_AFTER_S, Draining, Overloaded, Shed
 
-
-class Overloaded(RuntimeError):
-    """The node refused a request: too many of its model's requests wait already (HTTP 429)."""
-
-    def __init__(self, message: str, retry_after_s: int = MIN_RETRY_AFTER_S):
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
-
-    def __reduce__(self):
-        # Crosses process boundaries (node -> api server) pickled: keep both fields.
-        return (type(self), (str(self), self.retry_after_s))
-
-
-class Draining(RuntimeError):
-    """The node is shutting down: it finishes what it has but takes nothing new (send it elsewhere)."""
-
-
-class Shed(RuntimeError):
-    """An accepted request was failed because it waited too long to start (overload shedding)."""
+__all__ = ["MIN_RETRY_AFTER_S", "Draining", "Overloaded", "Shed", "retry_after_s"]
 
 
 def retry_after_s(waiting_work_s: float) -> int:

@@ -19,21 +19,23 @@ import uuid
 import weakref
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from aegaeon.config import DEFAULT_ATTAINMENT_TARGET, NodeConfig
 from aegaeon.engine.architecture import Architecture
-from aegaeon.engine.engine import RequestHandoff, SequenceHandoff, weight_bytes
-from aegaeon.engine.outputs import RequestOutput
+from aegaeon.engine.handoff import RequestHandoff, SequenceHandoff
+from aegaeon.engine.outputs import RequestDelta
 from aegaeon.engine.prompt import PreparedPrompt, prepare_prompt
+from aegaeon.engine.residency import weight_bytes
 from aegaeon.engine.sampling_params import SamplingParams
 from aegaeon.engine.tokenizer import Tokenizer
 from aegaeon.engine.weights import parse_dtype, resolve_model_dir
+from aegaeon.errors import InvalidRequest, ModelNotFound, RequestFailed, Unavailable
 from aegaeon.instance.admission import Overloaded, Shed, retry_after_s
-from aegaeon.instance.instance import COLOCATED, DECODE, DECODING, PREFILL, Abort, Instance
+from aegaeon.instance.instance import DECODING, Abort, Instance
 from aegaeon.instance.remote import RemoteEngine, worker_address
 from aegaeon.instance.request_level import RequestLevelInstance
 from aegaeon.instance.snapshot import ModelTotals, NodeSnapshot, read_node
@@ -48,6 +50,7 @@ from aegaeon.scheduler.prefill import PrefillDispatcher, PrefillQueue
 from aegaeon.scheduler.request import SchedRequest
 from aegaeon.scheduler.slo import request_score
 from aegaeon.scheduler.timeline import EventKind
+from aegaeon.scheduler.turn_loop import COLOCATED, DECODE, PREFILL
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +59,7 @@ logger = logging.getLogger(__name__)
 MAX_RESTARTS = 3
 RESTART_WINDOW_S = 60.0
 
-OutputCallback = Callable[[RequestOutput], None]
+OutputCallback = Callable[[RequestDelta], None]
 ErrorCallback = Callable[[BaseException], None]
 # (request id, state, instance name): a request started prefilling on, or joined a decode batch of, an
 # instance (PREFILLING, DECODING).
@@ -72,10 +75,12 @@ class LiveRequest:
     params: SamplingParams
     on_output: OutputCallback
     on_error: ErrorCallback | None
-    # The instance whose engine holds (or is about to receive) the request, and its newest output:
-    # what resumes it if that instance's process dies.
+    # The instance whose engine holds (or is about to receive) the request, and the tokens each of
+    # its sequences generated so far (by index) with those that finished: what resumes it if that
+    # instance's process dies.
     holder: str | None = None
-    last_output: RequestOutput | None = None
+    token_ids: dict[int, list[int]] = field(default_factory=dict)
+    finish_reasons: dict[int, str] = field(default_factory=dict)
     # Its handoff (KV in the host pool) waits in the holder's inbox: it survives the holder's process.
     in_transit: bool = False
 
@@ -242,7 +247,7 @@ class Node:
     ) -> str:
         """Accept a request (ValueError/KeyError on bad input, before anything is queued); its id."""
         if self.error is not None:
-            raise RuntimeError(f"the node has failed: {self.error}")
+            raise Unavailable(f"the node has failed: {self.error}")
         prepared = self.prepare_prompt(prompt, params, model)
         request_id = request_id or f"req-{next(self._ids)}"
         sched = SchedRequest(
@@ -289,17 +294,19 @@ class Node:
         """Tokenize and check a prompt for `model` (ValueError / KeyError saying what is wrong)."""
         if model is None:
             if len(self.models) > 1:
-                raise ValueError(f"several models are served ({', '.join(self.models)}): name one")
+                raise InvalidRequest(
+                    f"several models are served ({', '.join(self.models)}): name one", param="model"
+                )
             model = next(iter(self.models))
         facts = self.models.get(model)
         if facts is None:
-            raise KeyError(f"model {model!r} is not served here; served: {', '.join(self.models)}")
+            raise ModelNotFound(f"model {model!r} is not served here; served: {', '.join(self.models)}")
         return prepare_prompt(
             model, self.tokenizers[model], facts.vocab_size, facts.max_model_len, prompt, params
         )
 
-    def deliver(self, output: RequestOutput, now: float) -> None:
-        """An engine step advanced a request: account for its token and pass the output on."""
+    def deliver(self, output: RequestDelta, now: float) -> None:
+        """An engine step advanced a request: account for its token and pass what is new on."""
         live = self.live.get(output.request_id)
         if live is None:
             return
@@ -310,7 +317,10 @@ class Node:
                 live.sched.record_token(now)
             if output.finished and not live.sched.done:
                 live.sched.finish(now)
-            live.last_output = output
+            for seq in output.outputs:
+                live.token_ids.setdefault(seq.index, []).extend(seq.token_ids)
+                if seq.finish_reason is not None:
+                    live.finish_reasons[seq.index] = seq.finish_reason
             if output.finished:
                 del self.live[output.request_id]
                 self.request_ended(live.sched)
@@ -363,7 +373,7 @@ class Node:
         elif placement is None:
             instance.engine.abort_request(request.request_id)
             message = f"request {request.request_id} does not fit the KV memory of any decode instance"
-            self._fail(request.request_id, RuntimeError(message))
+            self._fail(request.request_id, RequestFailed(message))
 
     def _fail(self, request_id: str, error: BaseException) -> None:
         with self.lock:
@@ -417,7 +427,7 @@ class Node:
     def _resume(self, live: LiveRequest) -> None:
         """Send a request whose KV was lost where it continues (under the node's lock)."""
         request = live.sched
-        if live.last_output is None:  # no token yet: prefill it again, first in line
+        if not live.token_ids:  # no token yet: prefill it again, first in line
             live.holder = None
             for queue in self.prefill.instances:
                 queue.remove(request)
@@ -428,7 +438,7 @@ class Node:
         if holder is None:
             placement = self.decode.dispatch(request)
             if placement is None:
-                raise RuntimeError(f"request {request.request_id} fits no decode instance after a restart")
+                raise RequestFailed(f"request {request.request_id} fits no decode instance after a restart")
             holder = self.decode.instances[placement.instance]
         target = self._by_name[holder.name]
         live.holder, live.in_transit = target.instance_name, True
@@ -490,26 +500,22 @@ class Node:
 
 def resume_handoff(live: LiveRequest) -> RequestHandoff:
     """A request handed over without KV: its output so far, to be recomputed and continued."""
-    output = live.last_output
     return RequestHandoff(
-        request_id=output.request_id,
+        request_id=live.sched.request_id,
         model=live.sched.model,
-        prompt=output.prompt,
         prompt_token_ids=list(live.prompt_token_ids),
         params=live.params,
         max_tokens=live.sched.max_tokens,
         seqs=[
             SequenceHandoff(
-                index=seq.index,
-                output_token_ids=list(seq.token_ids),
-                logprobs=list(seq.logprobs or []),
+                index=index,
+                output_token_ids=list(live.token_ids.get(index, [])),
                 host_blocks=[],
                 # Lost with the process: a seeded sampled request continues with a fresh stream.
                 generator_state=None,
-                finish_reason=seq.finish_reason,
-                text=seq.text,
+                finish_reason=live.finish_reasons.get(index),
             )
-            for seq in output.outputs
+            for index in range(live.params.n)
         ],
     )
 

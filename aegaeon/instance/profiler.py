@@ -14,7 +14,8 @@ import time
 import torch
 from tqdm import tqdm
 
-from aegaeon.engine.engine import LLMEngine, ServedModel
+from aegaeon.engine.engine import LLMEngine
+from aegaeon.engine.residency import ServedModel
 from aegaeon.engine.sampling_params import SamplingParams
 from aegaeon.scheduler.predictor import Profile, fit_profile
 
@@ -50,8 +51,8 @@ def _prompt(rng: random.Random, served: ServedModel, length: int) -> list[int]:
 
 def measure_switch_s(engine: LLMEngine, served: ServedModel) -> float:
     """Median time to copy the model's bytes from the host cache to this device."""
-    cached = engine.model_cache_entry(served)
-    source = engine.model_cache.buffer[cached.offset : cached.offset + cached.nbytes]
+    cached = served.cached
+    source = engine.residency.model_cache.buffer[cached.offset : cached.offset + cached.nbytes]
     target = torch.empty(cached.nbytes, dtype=torch.uint8, device=engine.device)
     times = []
     for _ in range(SWITCH_REPEATS + 1):

@@ -18,9 +18,10 @@ from pathlib import Path
 
 import zmq
 
-from aegaeon.engine.engine import RequestHandoff
-from aegaeon.engine.outputs import RequestOutput
+from aegaeon.engine.handoff import RequestHandoff
+from aegaeon.engine.outputs import RequestDelta
 from aegaeon.engine.sampling_params import SamplingParams
+from aegaeon.errors import RequestFailed
 from aegaeon.instance.worker import Call, Reply, SwitchResult, WorkerInfo, WorkerSpec
 from aegaeon.scheduler.predictor import Profile
 
@@ -30,7 +31,7 @@ LIVENESS_POLL_MS = 200
 SHUTDOWN_GRACE_S = 10.0
 
 
-class InstanceDied(RuntimeError):
+class InstanceDied(RequestFailed):
     """The instance process exited (crashed, killed) while the node still needed it."""
 
 
@@ -105,7 +106,7 @@ class RemoteEngine:
     def add_request(self, request_id: str, token_ids: list[int], params: SamplingParams, model: str) -> None:
         self._call("add_request", request_id, token_ids, params, model)
 
-    def step(self) -> list[RequestOutput]:
+    def step(self) -> list[RequestDelta]:
         return self._call("step")
 
     def has_unfinished_requests(self, model: str | None = None) -> bool:

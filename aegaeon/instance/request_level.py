@@ -40,7 +40,7 @@ class RequestLevelInstance(Instance):
         if not requests:
             return False
         model = requests[0].model
-        self._switch(model)
+        self._drive(self.turns.switch(model))
         start, steps = self.node.now(), 0
         while requests or self.engine.has_unfinished_requests(model):
             for request in requests:

@@ -121,8 +121,8 @@ class EngineService:
             device=str(engine.device),
             device_name=device_name(engine.device),
             dtype=str(engine.dtype).removeprefix("torch."),
-            arena_bytes=engine.arena.capacity,
-            kv_bytes=engine.kv_bytes,
+            arena_bytes=engine.residency.arena.capacity,
+            kv_bytes=engine.residency.kv_bytes,
             models=models,
         )
 
@@ -131,7 +131,7 @@ class EngineService:
         if self.engine.active is not None and self.engine.active.name == model:
             return None
         self.engine.switch_to(model)
-        return SwitchResult(loaded=self.engine.last_switch.loaded)
+        return SwitchResult(loaded=self.engine.residency.last_switch.loaded)
 
     def prefetch(self, model: str) -> bool:
         return self.engine.prefetch(model)

@@ -52,11 +52,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from aegaeon.config import MEMORY_ALIGNMENT
+from aegaeon.config import BLOCK_SIZE, MEMORY_ALIGNMENT
 from aegaeon.memory.shm import SharedRegion
 
 # Tokens per KV block (the engine's BLOCK_SIZE; fixed by the block-major cache layout).
-KV_BLOCK_TOKENS = 16
+KV_BLOCK_TOKENS = BLOCK_SIZE
 # The smallest block any shape can have: K and V of 16 tokens of one 1-byte element. The bitmaps
 # have one bit per this many bytes of slab.
 MIN_KV_BLOCK_BYTES = 2 * KV_BLOCK_TOKENS

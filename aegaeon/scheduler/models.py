@@ -5,9 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-# Tokens per KV block. Must equal `aegaeon.engine.kv_cache.BLOCK_SIZE`; it is restated here rather
-# than imported because the engine imports torch and the scheduler must not (a test checks they agree).
-BLOCK_SIZE = 16
+from aegaeon.config import BLOCK_SIZE
 
 
 def blocks_for_tokens(tokens: int) -> int:

@@ -9,7 +9,11 @@ before its request finished (a client went away, a handler was cancelled) aborts
 node that stops beating fails the requests it held, so no stream waits forever.
 
 Tokenizers are loaded from the model directories the nodes registered: an api server on another
-machine needs read access to them (the tokenizer files only).
+machine needs read access to them (the tokenizer files only). Store reads and tokenizer loading run
+in worker threads: the event loop only ever waits on them.
+
+`Backend` is what the api server's routes need; `ClusterBackend` is the one `aegaeon serve` runs,
+`aegaeon.serve.engine_backend.EngineBackend` serves from an engine in the api server's own process.
 """
 
 from __future__ import annotations
@@ -19,14 +23,14 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import zmq
 import zmq.asyncio
 
-from aegaeon.instance.admission import Draining
+from aegaeon.errors import Draining, ModelNotFound, Unavailable
 from aegaeon.serve.keys import ClusterKeys
 from aegaeon.serve.metadata import DEFAULT_ALIVE_WITHIN_S, MetadataStore, RequestRecord
 from aegaeon.serve.wire import (
@@ -45,7 +49,7 @@ from aegaeon.serve.wire import (
 )
 
 if TYPE_CHECKING:
-    from aegaeon.engine.outputs import RequestOutput
+    from aegaeon.engine.outputs import RequestDelta
     from aegaeon.engine.sampling_params import SamplingParams
     from aegaeon.engine.tokenizer import Tokenizer
 
@@ -79,17 +83,49 @@ class Health:
     live_requests: int
 
 
-class RequestStream:
-    """A request's cumulative outputs, in order, as an async iterator; errors are raised from it.
+class Backend(Protocol):
+    """What the api server's routes need of whatever serves the models."""
 
-    When several outputs are waiting, `__anext__` returns only the newest: each output holds all the
-    text and tokens so far, so the ones before it add nothing.
+    async def models(self) -> list[ModelInfo]:
+        """The served models."""
+        ...
+
+    async def model(self, name: str) -> ModelInfo:
+        """The served model called `name`; ModelNotFound if there is none."""
+        ...
+
+    async def tokenizer(self, name: str) -> Tokenizer:
+        """The model's tokenizer; ModelNotFound if no model is called `name`."""
+        ...
+
+    async def health(self) -> Health: ...
+
+    async def generate(
+        self, model: str, prompt_token_ids: list[int], params: SamplingParams, request_id: str
+    ) -> RequestStream:
+        """Submit a request; its output stream once it is accepted. A refusal raises an AegaeonError."""
+        ...
+
+    def close(self) -> None:
+        """Release what serving held (call after the HTTP server stopped)."""
+        ...
+
+
+def model_not_found(name: str, served: Iterable[str]) -> ModelNotFound:
+    return ModelNotFound(f"The model {name!r} does not exist; served models: {', '.join(served)}")
+
+
+class RequestStream:
+    """A request's outputs (what is new since the one before), in order, as an async iterator.
+
+    When several outputs are waiting, `__anext__` returns them merged into one. Errors are raised
+    from it.
     """
 
     def __init__(
         self,
         request_id: str,
-        queue: asyncio.Queue[RequestOutput | BaseException],
+        queue: asyncio.Queue[RequestDelta | BaseException],
         abort: Callable[[str], None],
     ):
         self.request_id = request_id
@@ -100,12 +136,13 @@ class RequestStream:
     def __aiter__(self) -> RequestStream:
         return self
 
-    async def __anext__(self) -> RequestOutput:
+    async def __anext__(self) -> RequestDelta:
         if self.finished:
             raise StopAsyncIteration
         item = await self._queue.get()
         while not isinstance(item, BaseException) and not item.finished and not self._queue.empty():
-            item = self._queue.get_nowait()
+            later = self._queue.get_nowait()
+            item = later if isinstance(later, BaseException) else item.merge(later)
         if isinstance(item, BaseException):
             self.finished = True
             raise item
@@ -136,6 +173,7 @@ class _InFlight:
     queue: asyncio.Queue
     accepted: asyncio.Future
     started: float = field(default_factory=time.monotonic)
+    output_tokens: int = 0
 
 
 class _NodeLink:
@@ -222,27 +260,35 @@ class ClusterBackend:
                     catalog[name] = (ModelInfo(name, length, created), node.model_dirs.get(name, ""))
         self._catalog, self._catalog_at = catalog, time.monotonic()
 
-    def models(self) -> list[ModelInfo]:
-        self._refresh()
-        return [info for info, _ in self._catalog.values()]
+    async def _fresh(self) -> dict[str, tuple[ModelInfo, str]]:
+        """The catalog, read again from the store (in a thread) once it is older than its TTL."""
+        if time.monotonic() - self._catalog_at >= CATALOG_TTL_S:
+            await asyncio.to_thread(self._refresh)
+        return self._catalog
 
-    def model(self, name: str) -> ModelInfo | None:
-        self._refresh()
-        entry = self._catalog.get(name)
-        return entry[0] if entry else None
+    async def models(self) -> list[ModelInfo]:
+        return [info for info, _ in (await self._fresh()).values()]
 
-    def tokenizer(self, name: str) -> Tokenizer:
-        """The model's tokenizer; KeyError if no live node serves the model."""
+    async def model(self, name: str) -> ModelInfo:
+        catalog = await self._fresh()
+        if name not in catalog:
+            raise model_not_found(name, catalog)
+        return catalog[name][0]
+
+    async def tokenizer(self, name: str) -> Tokenizer:
+        """The model's tokenizer, loaded once per model directory (in a thread)."""
         from aegaeon.engine.tokenizer import Tokenizer
 
-        self._refresh()
-        _, model_dir = self._catalog[name]
+        catalog = await self._fresh()
+        if name not in catalog:  # its last node left since the model was looked up
+            raise model_not_found(name, catalog)
+        _, model_dir = catalog[name]
         if model_dir not in self._tokenizers:
-            self._tokenizers[model_dir] = Tokenizer.from_pretrained(model_dir)
+            self._tokenizers[model_dir] = await asyncio.to_thread(Tokenizer.from_pretrained, model_dir)
         return self._tokenizers[model_dir]
 
-    def health(self) -> Health:
-        self._refresh()
+    async def health(self) -> Health:
+        await self._fresh()
         if not self._catalog:
             window = DEFAULT_ALIVE_WITHIN_S
             return Health(False, f"no node is serving (none sent a heartbeat in {window:.0f} s)", 0)
@@ -255,8 +301,9 @@ class ClusterBackend:
     ) -> RequestStream:
         """Route a request to a node, submit it, and return its output stream once the node accepted it.
 
-        Bad input raises here (ValueError; KeyError for an unknown model; RuntimeError when no node can
-        take it), before any output exists, so a caller can still answer with a clean error.
+        Bad input raises here (an AegaeonError: InvalidRequest, ModelNotFound, Overloaded, or
+        Unavailable when no node can take it), before any output exists, so a caller can still
+        answer with a clean error.
         """
         refused_by: set[str] = set()
         while True:
@@ -282,7 +329,7 @@ class ClusterBackend:
             in_flight[flight.node_id] = in_flight.get(flight.node_id, 0.0) + 1.0
         node_id = await asyncio.to_thread(self.store.pick_node, model, DEFAULT_ALIVE_WITHIN_S, in_flight)
         if node_id is None or node_id in avoid:
-            raise RuntimeError(f"no live node serves model {model!r} right now; retry shortly")
+            raise Unavailable(f"no live node serves model {model!r} right now; retry shortly")
         link = await self._link(node_id)
         record = RequestRecord(
             request_id,
@@ -300,7 +347,7 @@ class ClusterBackend:
             answer = await asyncio.wait_for(flight.accepted, ACCEPT_TIMEOUT_S)
         except TimeoutError:
             self._in_flight.pop(request_id, None)
-            raise RuntimeError(f"node {node_id} did not answer within {ACCEPT_TIMEOUT_S:.0f} s") from None
+            raise Unavailable(f"node {node_id} did not answer within {ACCEPT_TIMEOUT_S:.0f} s") from None
         except BaseException:
             self._in_flight.pop(request_id, None)
             raise
@@ -317,7 +364,7 @@ class ClusterBackend:
         if link is None:
             node = await asyncio.to_thread(self.store.get_node, node_id)
             if node is None:
-                raise RuntimeError(f"node {node_id} left the cluster; retry")
+                raise Unavailable(f"node {node_id} left the cluster; retry")
             # Another request of a burst may have linked the node while this one read the store: one
             # link per node (a second socket would be left open, and would hold up closing).
             link = self._links.get(node_id)
@@ -339,10 +386,10 @@ class ClusterBackend:
         elif isinstance(message, Output):
             output = request_output(message)
             flight.queue.put_nowait(output)
+            flight.output_tokens += sum(len(choice.token_ids) for choice in output.outputs)
             if output.finished:
                 del self._in_flight[message.request_id]
-                tokens = sum(len(choice.token_ids) for choice in output.outputs)
-                self._log_end(message.request_id, flight, "finished", output_tokens=tokens)
+                self._log_end(message.request_id, flight, "finished", output_tokens=flight.output_tokens)
         elif isinstance(message, Failed):
             error = raised_error(message.error)
             flight.queue.put_nowait(error)
@@ -399,7 +446,7 @@ class ClusterBackend:
             for request_id, flight in list(self._in_flight.items()):
                 if flight.node_id not in live:
                     del self._in_flight[request_id]
-                    error = RuntimeError(f"node {flight.node_id} stopped answering (no heartbeat)")
+                    error = Unavailable(f"node {flight.node_id} stopped answering (no heartbeat)")
                     if not flight.accepted.done():
                         flight.accepted.set_exception(error)
                     else:

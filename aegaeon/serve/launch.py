@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shlex
 import signal
@@ -157,7 +158,7 @@ def _run_api(config: ServeConfig, store: MetadataStore, keys: ClusterKeys | None
     from aegaeon.serve.api_server import serve_http
 
     backend, app, url, port = _http(config, store, keys)
-    models = [info.name for info in backend.models()]
+    models = [info.name for info in asyncio.run(backend.models())]
     lines = [f"aegaeon api server {backend.api_server_id} (metadata in {config.redis_url})"]
     lines.append(f"  models of the live nodes now: {', '.join(models) or 'none yet'}")
     print(

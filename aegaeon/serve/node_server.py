@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
-from aegaeon.engine.outputs import RequestOutput
+from aegaeon.engine.outputs import RequestDelta
 from aegaeon.instance.admission import Draining
 from aegaeon.instance.node import Node
 from aegaeon.serve.keys import ClusterKeys
@@ -131,7 +131,7 @@ class NodeServer:
             self._socket.curve_publickey = keys.node_public
             self._socket.curve_server = True
         # No high-water mark: past one, ZeroMQ would drop outputs (a final one would leave a stream
-        # waiting); outputs are coalesced per request, so a slow api server costs little memory.
+        # waiting, a lost delta would cut text out of it).
         self._socket.setsockopt(zmq.SNDHWM, 0)
         bind_host = "*" if host in ANY_ADDRESS else host
         if port == 0:
@@ -139,11 +139,12 @@ class NodeServer:
         else:
             self._socket.bind(f"tcp://{bind_host}:{port}")
         self.address = f"tcp://{advertised_host(host)}:{port}"
-        self._outbox: queue.SimpleQueue[RequestOutput | _Moved | _Failure] = queue.SimpleQueue()
+        self._outbox: queue.SimpleQueue[RequestDelta | _Moved | _Failure] = queue.SimpleQueue()
         self._wake_read, self._wake_write = os.pipe()
         os.set_blocking(self._wake_read, False)
         self._senders: dict[str, bytes] = {}  # request id -> identity of the api server that sent it
         self._recorded: dict[str, int] = {}  # request id -> output tokens already in its record
+        self._finish_reasons: dict[str, str] = {}  # request id -> why its first choice ended
         self._stopping = threading.Event()
         self._draining = threading.Event()
         node.on_state = lambda request_id, state, instance: self._post(_Moved(request_id, state, instance))
@@ -201,7 +202,7 @@ class NodeServer:
 
     # -- the socket thread -------------------------------------------------------------------------------
 
-    def _post(self, item: RequestOutput | _Moved | _Failure) -> None:
+    def _post(self, item: RequestDelta | _Moved | _Failure) -> None:
         """Hand an item to the socket thread (called from the node's instance threads)."""
         self._outbox.put(item)
         os.write(self._wake_write, b"\0")
@@ -267,17 +268,17 @@ class NodeServer:
         self._forget(request_id)
 
     def _flush(self) -> None:
-        """Send everything the outbox holds (only the newest output of each request), then record it."""
-        newest: dict[str, RequestOutput] = {}
+        """Send everything the outbox holds (one output per request: its deltas merged), then record it."""
+        newest: dict[str, RequestDelta] = {}
         others: list[_Moved | _Failure] = []
         while True:
             try:
                 item = self._outbox.get_nowait()
             except queue.Empty:
                 break
-            if isinstance(item, RequestOutput):
-                # Outputs are cumulative: a newer one carries everything an older one did.
-                newest[item.request_id] = item
+            if isinstance(item, RequestDelta):
+                earlier = newest.get(item.request_id)
+                newest[item.request_id] = item if earlier is None else earlier.merge(item)
             else:
                 others.append(item)
         for output in newest.values():
@@ -307,18 +308,19 @@ class NodeServer:
             # The api server is gone or not reading: its requests' outputs have nowhere to go.
             logger.warning("an api server is not reading; dropped a message for it")
 
-    def _record_output(self, output: RequestOutput) -> None:
+    def _record_output(self, output: RequestDelta) -> None:
         request_id = output.request_id
         done = self._recorded.get(request_id, 0)
-        token_ids = output.outputs[0].token_ids if output.outputs else []
+        first = next((seq for seq in output.outputs if seq.index == 0), None)  # records follow choice 0
+        token_ids = first.token_ids if first is not None else []
         now = time.time()
-        if len(token_ids) > done:
-            self._store_call(
-                self.store.append_output, request_id, token_ids[done:], now if done == 0 else None
-            )
-            self._recorded[request_id] = len(token_ids)
+        if token_ids:
+            self._store_call(self.store.append_output, request_id, token_ids, now if done == 0 else None)
+            self._recorded[request_id] = done + len(token_ids)
+        if first is not None and first.finish_reason is not None:
+            self._finish_reasons[request_id] = first.finish_reason
         if output.finished:
-            reason = output.outputs[0].finish_reason if output.outputs else None
+            reason = self._finish_reasons.get(request_id)
             self._record(request_id, state=RequestState.FINISHED, finished_s=now, finish_reason=reason)
             self._forget(request_id)
 
@@ -335,6 +337,7 @@ class NodeServer:
     def _forget(self, request_id: str) -> None:
         self._senders.pop(request_id, None)
         self._recorded.pop(request_id, None)
+        self._finish_reasons.pop(request_id, None)
 
     # -- lifecycle -----------------------------------------------------------------------------------
 

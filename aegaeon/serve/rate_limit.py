@@ -6,7 +6,6 @@ A client may send `requests_per_minute` generation requests in a burst, and one 
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from dataclasses import dataclass
@@ -43,8 +42,3 @@ class RateLimiter:
                 bucket.tokens -= 1.0
                 return 0.0
             return (1.0 - bucket.tokens) / self.refill_per_s
-
-
-def retry_after_header(wait_s: float) -> str:
-    """Retry-After in whole seconds, rounded up so a client that obeys it is let in."""
-    return str(max(1, math.ceil(wait_s)))

@@ -1,20 +1,20 @@
 """The typed messages between api servers and nodes (ZeroMQ DEALER -> ROUTER, msgpack via msgspec).
 
 An api server sends `Submit` and `Abort`; the node answers each `Submit` with `Accepted` or
-`Rejected` (bad input the node caught), then sends the request's cumulative `Output`s and, if it
-fails after acceptance, `Failed`. Decoding builds only these records (never arbitrary objects, as
-pickle would), so a peer can at worst send something the receiver drops. Errors travel as data, a
-class name from `ERROR_CLASSES` with a status, message and parameter, and are raised again on the
-receiving side as that class.
+`Rejected` (bad input the node caught), then sends the request's `Output`s (each holds what is new
+since the previous one) and, if it fails after acceptance, `Failed`. Decoding builds only these
+records (never arbitrary objects, as pickle would), so a peer can at worst send something the
+receiver drops. Errors travel as data, a class name from `ERROR_CLASSES` with a status, message,
+parameter, code and retry delay, and are raised again on the receiving side as that class.
 """
 
 from __future__ import annotations
 
 import msgspec
 
-from aegaeon.engine.outputs import RequestOutput
+from aegaeon import errors
+from aegaeon.engine.outputs import RequestDelta
 from aegaeon.engine.sampling_params import SamplingParams
-from aegaeon.instance.admission import Draining, Overloaded, Shed
 
 
 class Submit(msgspec.Struct, tag=True, frozen=True):
@@ -39,7 +39,8 @@ class WireError(msgspec.Struct, frozen=True):
     status: int
     message: str
     param: str | None = None
-    retry_after_s: int | None = None  # Overloaded: when to try again
+    code: str | None = None
+    retry_after_s: float | None = None  # a refusal that may pass: when to try again
 
 
 class Rejected(msgspec.Struct, tag=True, frozen=True):
@@ -50,10 +51,10 @@ class Rejected(msgspec.Struct, tag=True, frozen=True):
 
 
 class Output(msgspec.Struct, tag=True, frozen=True):
-    """A request's output after a step (`output_message` / `request_output` convert it)."""
+    """What a step added to a request (`output_message` / `request_output` convert it)."""
 
     request_id: str
-    output: RequestOutput
+    output: RequestDelta
 
 
 class Failed(msgspec.Struct, tag=True, frozen=True):
@@ -66,53 +67,71 @@ class Failed(msgspec.Struct, tag=True, frozen=True):
 ApiMessage = Submit | Abort
 NodeMessage = Accepted | Rejected | Output | Failed
 
-# The errors that may cross the wire, most specific first, with their HTTP status; any other error
-# travels as the first class it derives from (a RuntimeError at worst).
-ERROR_CLASSES: dict[str, tuple[type[BaseException], int]] = {
-    "Overloaded": (Overloaded, 429),
-    "Draining": (Draining, 503),
-    "Shed": (Shed, 503),
-    "KeyError": (KeyError, 404),
-    "ValueError": (ValueError, 400),
-    "RuntimeError": (RuntimeError, 500),
+# The errors that may cross the wire, most specific first; any other error travels as the first class
+# it derives from (a RuntimeError at worst). aegaeon's own errors carry their HTTP status.
+ERROR_CLASSES: dict[str, type[BaseException]] = {
+    cls.__name__: cls
+    for cls in (
+        errors.ContextLengthExceeded,
+        errors.InvalidRequest,
+        errors.ModelNotFound,
+        errors.NotFound,
+        errors.Overloaded,
+        errors.RateLimited,
+        errors.Draining,
+        errors.Shed,
+        errors.Unavailable,
+        errors.RequestFailed,
+        KeyError,
+        ValueError,
+        RuntimeError,
+    )
 }
+# The status of an error that is not one of aegaeon's own.
+BUILTIN_STATUS = {"KeyError": 404, "ValueError": 400, "RuntimeError": 500}
 
 
 class WireDecodeError(ValueError):
     """A payload that is not one of the expected messages."""
 
 
-def wire_error(error: BaseException, param: str | None = None) -> WireError:
+def wire_error(error: BaseException) -> WireError:
     """An error as it crosses the wire: its own class if allowed, else the first allowed one it derives
     from, its real class name then leading the message."""
-    kind, status = next(
-        ((name, status) for name, (cls, status) in ERROR_CLASSES.items() if isinstance(error, cls)),
-        ("RuntimeError", ERROR_CLASSES["RuntimeError"][1]),
-    )
-    # KeyError's str() quotes its message: send the message itself.
-    message = str(error.args[0]) if len(error.args) == 1 else str(error)
+    kind = next((name for name, cls in ERROR_CLASSES.items() if isinstance(error, cls)), "RuntimeError")
+    if isinstance(error, errors.AegaeonError):
+        message, status = error.message, int(error.status)
+        param, code, retry = error.param, error.code, error.retry_after_s
+    else:
+        # KeyError's str() quotes its message: send the message itself.
+        message = str(error.args[0]) if len(error.args) == 1 else str(error)
+        status, param, code, retry = BUILTIN_STATUS.get(kind, 500), None, None, None
     if type(error).__name__ != kind:
         message = f"{type(error).__name__}: {message}"
-    retry = error.retry_after_s if isinstance(error, Overloaded) else None
-    return WireError(kind, status, message, param, retry)
+    return WireError(kind, status, message, param, code, retry)
 
 
 def raised_error(error: WireError) -> BaseException:
     """The exception to raise for an error that came over the wire (RuntimeError for an unknown kind)."""
-    cls = ERROR_CLASSES.get(error.kind, (RuntimeError, 500))[0]
-    if cls is Overloaded and error.retry_after_s is not None:
-        return Overloaded(error.message, error.retry_after_s)
-    return cls(error.message)
+    cls = ERROR_CLASSES.get(error.kind, RuntimeError)
+    if not issubclass(cls, errors.AegaeonError):
+        return cls(error.message)
+    # Built as its class's own constructor would, whatever that constructor's signature.
+    raised = cls.__new__(cls)
+    Exception.__init__(raised, error.message)
+    raised.message, raised.param, raised.code = error.message, error.param, error.code
+    raised.retry_after_s = error.retry_after_s
+    return raised
 
 
 # -- the output record: converted in one place, so its shape can change in one place --------------------
 
 
-def output_message(output: RequestOutput) -> Output:
+def output_message(output: RequestDelta) -> Output:
     return Output(output.request_id, output)
 
 
-def request_output(message: Output) -> RequestOutput:
+def request_output(message: Output) -> RequestDelta:
     return message.output
 
 

@@ -89,7 +89,7 @@ def test_engine_decodes_the_same_with_and_without_the_kernel(demo_model_dirs, ar
     """The torch paths (used where no compiler exists) and the kernels give the same tokens and logprobs."""
     params = SamplingParams(temperature=0, max_tokens=GREEDY_TOKENS, ignore_eos=True, logprobs=2)
     llm = LLM(demo_model_dirs[arch])
-    runner = llm.engine.runner
+    runner = llm.engine.model().runner
     kernels = runner.model.cpu_kernels
     assert kernels is not None and runner.paged_decode == kernels.paged_decode
     with_kernel = llm.generate(PROMPTS, params)

@@ -18,6 +18,7 @@ from aegaeon.config import EngineConfig
 from aegaeon.demo import DEMO_ARCHITECTURES
 from aegaeon.engine.engine import LLMEngine
 from aegaeon.engine.kv_cache import blocks_for_tokens, kv_block_bytes
+from aegaeon.engine.outputs import RequestDelta, RequestOutput
 
 # Lengths cross the 16-token block boundary (15, 16, 17) and Mistral's 16-token sliding window;
 # 70 + 40 generated tokens also runs past llama3's original_max_position_embeddings (64).
@@ -64,7 +65,7 @@ def hf(model_dir, hf_causal_lm):
 @pytest.fixture(scope="module")
 def prompts(llm) -> list[list[int]]:
     rng = random.Random(0)
-    vocab = llm.engine.arch.vocab_size
+    vocab = llm.engine.model().arch.vocab_size
     return [[rng.randrange(FIRST_ORDINARY_TOKEN, vocab) for _ in range(n)] for n in PROMPT_LENS]
 
 
@@ -94,23 +95,27 @@ def run_engine(
     """Add all requests, step until done: the final RequestOutput of each, and the preempted ids."""
     for request_id, (prompt, params) in requests.items():
         engine.add_request(request_id, prompt, params)
-    finished = {}
+    outputs: dict[str, RequestOutput] = {}
     preempted: set[str] = set()
     while engine.has_unfinished_requests():
-        for output in engine.step():
-            if output.finished:
-                finished[output.request_id] = output
+        add_step(outputs, engine.step())
         # A sequence back in the waiting queue with tokens already generated was preempted
         # (only preemption puts a sequence that has run back there).
-        preempted |= {seq.request_id for seq in engine.batcher.waiting if seq.output_token_ids}
-    return finished, preempted
+        preempted |= {seq.request_id for seq in engine.model().batcher.waiting if seq.output_token_ids}
+    return {request_id: output for request_id, output in outputs.items() if output.finished}, preempted
+
+
+def add_step(outputs: dict[str, RequestOutput], deltas: list[RequestDelta]) -> None:
+    """Fold a step's deltas into each request's output so far."""
+    for delta in deltas:
+        outputs.setdefault(delta.request_id, RequestOutput(delta.request_id, None, [])).add(delta)
 
 
 def assert_engine_idle(engine: LLMEngine) -> None:
     """Nothing queued or running, and every KV block back in the free list."""
     assert not engine.has_unfinished_requests()
-    assert not engine.batcher.has_work
-    assert engine.batcher.allocator.num_free == engine.batcher.allocator.num_blocks
+    assert not engine.model().batcher.has_work
+    assert engine.model().batcher.allocator.num_free == engine.model().batcher.allocator.num_blocks
 
 
 # ---------------------------------------------------------------------------- correctness vs HF
@@ -128,7 +133,7 @@ def test_greedy_batch_matches_hf(llm, prompts, hf_greedy):
 def test_first_step_logits_match_hf(llm, hf, prompts):
     ours = llm.engine.next_token_logits(prompts)
     reference = hf_last_logits(hf, prompts)
-    assert ours.shape == reference.shape == (len(prompts), llm.engine.arch.vocab_size)
+    assert ours.shape == reference.shape == (len(prompts), llm.engine.model().arch.vocab_size)
     assert ours.dtype == torch.float32
     diff = (ours - reference).abs().max().item()
     assert diff <= FLOAT32_LOGIT_TOLERANCE, f"max |logit diff| {diff:.2e}"
@@ -138,7 +143,7 @@ def test_first_step_logits_match_hf(llm, hf, prompts):
 def test_bfloat16_logits_close_to_hf(model_dir, hf_causal_lm, prompts):
     """bfloat16 run of a float32 checkpoint, both sides; see BFLOAT16_LOGIT_TOLERANCE for the bound."""
     llm = LLM(model_dir, dtype="bfloat16")
-    assert llm.engine.runner.kv_cache.dtype == torch.bfloat16
+    assert llm.engine.model().runner.kv_cache.dtype == torch.bfloat16
     ours = llm.engine.next_token_logits(prompts)
     reference = hf_last_logits(hf_causal_lm(model_dir, torch.bfloat16), prompts)
     diff = (ours - reference).abs().max().item()
@@ -149,12 +154,11 @@ def test_request_joining_running_batch_gets_same_tokens(llm, prompts, hf_greedy)
     engine = llm.engine
     a, b = 6, 3  # a 40-token prompt already decoding, then a 15-token one joins
     engine.add_request("A", prompts[a], GREEDY)
-    outputs: dict[str, object] = {}
+    outputs: dict[str, RequestOutput] = {}
     for _ in range(4):  # prefill + 3 decode steps
-        for output in engine.step():
-            outputs[output.request_id] = output
+        add_step(outputs, engine.step())
     assert len(outputs["A"].token_ids) == 4 and not outputs["A"].finished
-    seq_a = engine.batcher.running[0]
+    seq_a = engine.model().batcher.running[0]
     assert seq_a.request_id == "A"
 
     engine.add_request("B", prompts[b], GREEDY)
@@ -162,8 +166,7 @@ def test_request_joining_running_batch_gets_same_tokens(llm, prompts, hf_greedy)
     while engine.has_unfinished_requests():
         step_outputs = engine.step()
         touched_together |= {o.request_id for o in step_outputs} == {"A", "B"}
-        for output in step_outputs:
-            outputs[output.request_id] = output
+        add_step(outputs, step_outputs)
     assert touched_together, "B never decoded in the same step as A"
     assert outputs["A"].token_ids == hf_greedy[a]
     assert outputs["B"].token_ids == hf_greedy[b]
@@ -171,12 +174,12 @@ def test_request_joining_running_batch_gets_same_tokens(llm, prompts, hf_greedy)
 
 
 def test_preemption_recomputes_the_same_tokens(model_dir, llm, prompts, hf_greedy):
-    arch = llm.engine.arch
+    arch = llm.engine.model().arch
     needed = sum(blocks_for_tokens(len(p) + GREEDY_TOKENS) for p in prompts)
     assert needed > PREEMPTION_NUM_BLOCKS >= blocks_for_tokens(max(PROMPT_LENS) + GREEDY_TOKENS)
     config = EngineConfig(kv_cache_bytes=PREEMPTION_NUM_BLOCKS * kv_block_bytes(arch, torch.float32))
     engine = LLMEngine(model_dir, config=config)
-    assert engine.batcher.allocator.num_blocks == PREEMPTION_NUM_BLOCKS
+    assert engine.model().batcher.allocator.num_blocks == PREEMPTION_NUM_BLOCKS
 
     finished, preempted = run_engine(engine, {str(i): (prompt, GREEDY) for i, prompt in enumerate(prompts)})
     assert preempted, "the KV cache was meant to be too small: no sequence was preempted"
@@ -196,7 +199,7 @@ def test_seeded_sampling_survives_preemption(model_dir, llm, prompts):
     }
     unconstrained, preempted = run_engine(llm.engine, requests)
     assert not preempted
-    arch = llm.engine.arch
+    arch = llm.engine.model().arch
     small = LLMEngine(
         model_dir,
         config=EngineConfig(kv_cache_bytes=PREEMPTION_NUM_BLOCKS * kv_block_bytes(arch, torch.float32)),
@@ -267,7 +270,7 @@ def test_max_tokens_ends_with_length(llm, prompts, hf_greedy, max_tokens):
 
 def test_generation_stops_at_max_model_len(llm, prompts):
     """A prompt near the context limit gets only the room left, and finishes with "length"."""
-    limit = llm.engine.max_model_len
+    limit = llm.engine.model().max_model_len
     prompt = (prompts[-1] * (limit // len(prompts[-1]) + 1))[: limit - 5]
     out = llm.generate(prompt, GREEDY)[0]
     assert out.finish_reason == "length"
@@ -277,9 +280,9 @@ def test_generation_stops_at_max_model_len(llm, prompts):
 def test_eos_ends_generation_unless_ignored(llm):
     """Find a prompt whose greedy continuation emits eos (id 0); without ignore_eos it stops there."""
     eos = 0
-    assert eos in llm.engine.eos_token_ids
+    assert eos in llm.engine.model().eos_token_ids
     rng = random.Random(0)
-    vocab = llm.engine.arch.vocab_size
+    vocab = llm.engine.model().arch.vocab_size
     candidates = [
         [rng.randrange(FIRST_ORDINARY_TOKEN, vocab) for _ in range(rng.randrange(1, 17))] for _ in range(256)
     ]
@@ -380,7 +383,7 @@ def bad_prompt_cases(vocab: int, max_model_len: int) -> dict[str, tuple[object, 
 @pytest.mark.parametrize("case", ["empty text", "empty ids", "id past vocab", "negative id", "too long"])
 def test_bad_prompt_raises_and_engine_keeps_working(llm, prompts, hf_greedy, case):
     engine = llm.engine
-    bad, fragment = bad_prompt_cases(engine.arch.vocab_size, engine.max_model_len)[case]
+    bad, fragment = bad_prompt_cases(engine.model().arch.vocab_size, engine.model().max_model_len)[case]
     good = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
     # The bad prompt comes after a good one in the same call: the good one must not be left behind.
     with pytest.raises(ValueError, match=fragment):
@@ -393,7 +396,7 @@ def test_bad_prompt_raises_and_engine_keeps_working(llm, prompts, hf_greedy, cas
 
 
 def test_prompt_length_limit_is_exact(llm):
-    limit = llm.engine.max_model_len
+    limit = llm.engine.model().max_model_len
     one = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
     out = llm.generate([7] * (limit - 1), one)[0]
     assert out.finish_reason == "length" and len(out.token_ids) == 1  # room for exactly one token
@@ -405,7 +408,7 @@ def test_prompt_length_limit_is_exact(llm):
 
 def test_configured_max_model_len_is_enforced(model_dir):
     llm = LLM(model_dir, config=EngineConfig(max_model_len=32))
-    assert llm.engine.max_model_len == 32
+    assert llm.engine.model().max_model_len == 32
     with pytest.raises(ValueError, match="max_model_len is 32"):
         llm.generate([7] * 32)
     out = llm.generate([7] * 20, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))[0]
@@ -416,14 +419,15 @@ def test_abort_frees_blocks_and_spares_others(llm, prompts, hf_greedy):
     engine = llm.engine
     engine.add_request("keep", prompts[6], GREEDY)
     engine.add_request("drop", prompts[7], SamplingParams(n=2, temperature=1.0, max_tokens=GREEDY_TOKENS))
+    outputs: dict[str, RequestOutput] = {}
     for _ in range(3):
-        engine.step()
+        add_step(outputs, engine.step())
     engine.abort_request("drop")
-    assert all(seq.request_id == "keep" for seq in engine.batcher.running)
-    finished = {}
+    assert all(seq.request_id == "keep" for seq in engine.model().batcher.running)
     while engine.has_unfinished_requests():
-        for output in engine.step():
-            finished[output.request_id] = output
-    assert set(finished) == {"keep"}
-    assert finished["keep"].token_ids == hf_greedy[6]
+        advanced = engine.step()
+        assert {delta.request_id for delta in advanced} == {"keep"}
+        add_step(outputs, advanced)
+    assert outputs["keep"].finished and not outputs["drop"].finished
+    assert outputs["keep"].token_ids == hf_greedy[6]
     assert_engine_idle(engine)

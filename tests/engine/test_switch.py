@@ -92,6 +92,7 @@ def test_random_switches_keep_outputs_exact_and_memory_flat(model_dirs, prompts,
                 counter += 1
 
     high_water = None
+    generated: dict[str, list[int]] = {}
     outside = []
     for switch in range(RANDOM_SWITCHES):
         keep_two_requests_per_model()
@@ -99,30 +100,40 @@ def test_random_switches_keep_outputs_exact_and_memory_flat(model_dirs, prompts,
         outside.append(allocated_bytes_while(lambda name=name: engine.switch_to(name)))
         for request_id in engine.requests_of(name):
             engine.swap_in(request_id)
-        for output in engine.step():
-            if output.finished:
-                finished[output.request_id] = output.token_ids
+        for request_id in step(engine, generated):
+            finished[request_id] = generated[request_id]
         for request_id in engine.requests_of(name):
             engine.swap_out(request_id)
         if switch == len(names) * 4:  # every model has been loaded and evicted by now
-            high_water = engine.arena.stats().high_water
-    assert engine.switches > RANDOM_SWITCHES // 2
-    assert engine.residents.evictions > 100, "the arena was large enough that nothing was ever reloaded"
-    assert engine.arena.stats().high_water == high_water <= engine.arena.capacity
+            high_water = engine.residency.arena.stats().high_water
+    assert engine.residency.switches > RANDOM_SWITCHES // 2
+    assert engine.residency.residents.evictions > 100, (
+        "the arena was large enough that nothing was ever reloaded"
+    )
+    assert engine.residency.arena.stats().high_water == high_water <= engine.residency.arena.capacity
     assert sum(outside) == 0, f"the switch path allocated {sum(outside)} bytes outside the arena"
     assert len(finished) > 3 * len(names)
     for request_id, tokens in finished.items():
         assert tokens == expected[request_id], request_id
 
 
-def drain(engine: LLMEngine) -> dict[str, list[int]]:
-    """Step the active model until its requests finish; their output tokens by request id."""
-    finished = {}
-    while engine.has_unfinished_requests(engine.active.name):
-        for output in engine.step():
-            if output.finished:
-                finished[output.request_id] = output.token_ids
+def step(engine: LLMEngine, generated: dict[str, list[int]]) -> list[str]:
+    """One step: each request's new tokens appended to `generated`; the ids of those it finished."""
+    finished = []
+    for delta in engine.step():
+        generated.setdefault(delta.request_id, []).extend(delta.outputs[0].token_ids)
+        if delta.finished:
+            finished.append(delta.request_id)
     return finished
+
+
+def drain(engine: LLMEngine, generated: dict[str, list[int]] | None = None) -> dict[str, list[int]]:
+    """Step the active model until its requests finish; their output tokens by request id."""
+    generated = {} if generated is None else generated
+    finished = []
+    while engine.has_unfinished_requests(engine.active.name):
+        finished += step(engine, generated)
+    return {request_id: generated[request_id] for request_id in finished}
 
 
 def run_alone(model_dirs, name: str, prompt: list[int]) -> list[int]:
@@ -138,8 +149,9 @@ def test_swapped_request_continues_exactly(model_dirs, prompts, kv_pool):
 
     engine.switch_to("qwen3")
     engine.add_request("moved", prompt, greedy(), model="qwen3")
+    generated: dict[str, list[int]] = {}
     for _ in range(OUTPUT_TOKENS // 3):
-        engine.step()
+        step(engine, generated)
     engine.swap_out("moved")
     assert kv_pool.stats().allocated_bytes > 0
     assert engine.models["qwen3"].batcher.allocator.num_free == engine.models["qwen3"].num_blocks
@@ -152,7 +164,7 @@ def test_swapped_request_continues_exactly(model_dirs, prompts, kv_pool):
 
     engine.switch_to("qwen3")
     engine.swap_in("moved")
-    assert drain(engine)["moved"] == alone
+    assert drain(engine, generated)["moved"] == alone
     assert kv_pool.stats().allocated_bytes == 0
 
 
@@ -160,21 +172,21 @@ def test_switch_to_a_resident_model_copies_nothing(model_dirs, kv_pool):
     engine = make_engine(model_dirs, kv_pool, resident_models=len(model_dirs) + 1)
     for name in model_dirs:
         engine.switch_to(name)
-    loads = engine.residents.loads
+    loads = engine.residency.residents.loads
     for name in reversed(list(model_dirs)):
         assert engine.is_resident(name)
         engine.switch_to(name)
-    assert engine.residents.loads == loads
-    assert engine.residents.evictions == 0
+    assert engine.residency.residents.loads == loads
+    assert engine.residency.residents.evictions == 0
 
 
 def test_prefetch_makes_the_next_switch_free(model_dirs, prompts, references, kv_pool):
     engine = make_engine(model_dirs, kv_pool, resident_models=2.2)
     engine.switch_to("llama")
     assert engine.prefetch("qwen2")
-    loads = engine.residents.loads
+    loads = engine.residency.residents.loads
     engine.switch_to("qwen2")
-    assert engine.residents.loads == loads
+    assert engine.residency.residents.loads == loads
     engine.add_request("r", prompts[0], greedy(), model="qwen2")
     assert drain(engine)["r"] == references["qwen2"][0]
 
@@ -183,11 +195,12 @@ def test_switch_without_a_pool_recomputes_and_stays_exact(model_dirs, prompts, r
     engine = make_engine(model_dirs, kv_pool=None)
     engine.switch_to("mistral")
     engine.add_request("m", prompts[0], greedy(), model="mistral")
+    generated: dict[str, list[int]] = {}
     for _ in range(5):
-        engine.step()
+        step(engine, generated)
     engine.switch_to("llama")  # no host pool: mistral's sequence is preempted, recomputed later
     engine.switch_to("mistral")
-    assert drain(engine)["m"] == references["mistral"][0]
+    assert drain(engine, generated)["m"] == references["mistral"][0]
 
 
 def test_a_model_larger_than_the_arena_is_refused_clearly(model_dirs):

@@ -33,7 +33,7 @@ def test_sharded_checkpoint_equals_single_file(arch, demo_model_dirs, make_demo_
     assert not (sharded_dir / "model.safetensors").exists()
 
     single, sharded = LLM(single_dir), LLM(sharded_dir)
-    batch = prompts(single.engine.arch.vocab_size)
+    batch = prompts(single.engine.model().arch.vocab_size)
     assert torch.equal(single.engine.next_token_logits(batch), sharded.engine.next_token_logits(batch))
     expected = [out.token_ids for out in single.generate(batch, GREEDY)]
     assert [out.token_ids for out in sharded.generate(batch, GREEDY)] == expected
@@ -43,8 +43,8 @@ def test_bfloat16_checkpoint_runs_in_float32(make_demo_model, hf_causal_lm):
     """Weights stored in bfloat16 are widened at load; float32 math then matches HF's float32."""
     model_dir = make_demo_model("qwen3", dtype="bfloat16")
     llm = LLM(model_dir, dtype="float32")
-    assert llm.engine.runner.kv_cache.dtype == torch.float32
-    batch = prompts(llm.engine.arch.vocab_size)
+    assert llm.engine.model().runner.kv_cache.dtype == torch.float32
+    batch = prompts(llm.engine.model().arch.vocab_size)
     hf = hf_causal_lm(model_dir, torch.float32)
     with torch.no_grad():
         reference = torch.stack([hf(torch.tensor([p])).logits[0, -1] for p in batch])
@@ -57,7 +57,7 @@ def test_supported_dtypes_load(demo_model_dirs, dtype):
     llm = LLM(demo_model_dirs["llama"], dtype=dtype)
     expected = dtype if isinstance(dtype, torch.dtype) else getattr(torch, dtype)
     assert llm.engine.dtype == expected
-    assert llm.engine.runner.kv_cache.dtype == expected
+    assert llm.engine.model().runner.kv_cache.dtype == expected
     out = llm.generate([5, 6, 7], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))[0]
     assert len(out.token_ids) == 4
 

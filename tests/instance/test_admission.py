@@ -11,6 +11,7 @@ import threading
 
 import pytest
 
+from aegaeon.engine.outputs import RequestOutput
 from aegaeon.engine.sampling_params import SamplingParams
 from aegaeon.instance.admission import Overloaded, Shed
 from aegaeon.instance.node import Node
@@ -25,17 +26,20 @@ class Outcomes:
     """Each request's one terminal outcome: its final output, or its error."""
 
     def __init__(self):
-        self.finished: dict[str, object] = {}
+        self.outputs: dict[str, RequestOutput] = {}
+        self.finished: dict[str, RequestOutput] = {}
         self.failed: dict[str, BaseException] = {}
         self.accepted = 0
         self._lock = threading.Lock()
         self.all_done = threading.Event()
 
     def on_output(self, output) -> None:
+        total = self.outputs.setdefault(output.request_id, RequestOutput(output.request_id, None, []))
+        total.add(output)
         if output.finished:
             with self._lock:
                 assert output.request_id not in self.finished and output.request_id not in self.failed
-                self.finished[output.request_id] = output
+                self.finished[output.request_id] = total
                 self._check()
 
     def on_error(self, request_id: str):

@@ -13,6 +13,7 @@ import threading
 import pytest
 
 from aegaeon.config import MIB, SLO, EngineConfig, MemoryConfig, NodeConfig, SchedulerConfig
+from aegaeon.engine.outputs import RequestOutput
 from aegaeon.engine.sampling_params import SamplingParams
 from aegaeon.instance.node import Node
 from aegaeon.scheduler.timeline import EventKind
@@ -58,13 +59,15 @@ def workload(five_model_dirs):
 
 def run(node: Node, workload) -> dict[str, list[int]]:
     """Submit the whole workload at once; the output tokens of each request."""
+    generated: dict[str, list[int]] = {}
     finished: dict[str, list[int]] = {}
     errors: list[BaseException] = []
     done = threading.Event()
 
     def on_output(output):
+        generated.setdefault(output.request_id, []).extend(output.outputs[0].token_ids)
         if output.finished:
-            finished[output.request_id] = output.token_ids
+            finished[output.request_id] = generated[output.request_id]
             if len(finished) == len(workload):
                 done.set()
 
@@ -140,11 +143,13 @@ def test_an_aborted_request_stops_and_frees_its_kv_while_others_finish(
     models = {name: five_model_dirs[name] for name in ("llama", "qwen3")}
     with Node(models, config, progress=False) as node:
         outputs: dict[str, list] = {"long": [], "short": []}
+        totals = {name: RequestOutput(name, None, []) for name in outputs}
         done = threading.Event()
 
         def collect(name):
             def on_output(output):
                 outputs[name].append(output)
+                totals[name].add(output)
                 if output.finished:
                     done.set()
 
@@ -164,7 +169,7 @@ def test_an_aborted_request_stops_and_frees_its_kv_while_others_finish(
             request_id="short",
         )
         assert done.wait(60)
-        assert outputs["short"][-1].token_ids == hf_greedy(five_model_dirs["qwen3"], [9, 8, 7], 8)
+        assert totals["short"].token_ids == hf_greedy(five_model_dirs["qwen3"], [9, 8, 7], 8)
         assert len(outputs["long"]) < 400 and not outputs["long"][-1].finished
         deadline = node.now() + 10
         while node.kv_pool.stats().allocated_bytes and node.now() < deadline:
@@ -178,11 +183,11 @@ def test_n_samples_finish_even_when_one_is_preempted(five_model_dirs, profile_pa
     """Twenty long samples overflow the KV blocks: preempted ones are recomputed and all finish."""
     with Node({"llama": five_model_dirs["llama"]}, node_config(profile_path), progress=False) as node:
         done = threading.Event()
-        result = []
+        result = [RequestOutput("n", None, [])]
 
         def on_output(output):
+            result[0].add(output)
             if output.finished:
-                result.append(output)
                 done.set()
 
         params = SamplingParams(n=20, max_tokens=400, ignore_eos=True, seed=1)

@@ -28,10 +28,10 @@ FINISH_TIMEOUT_S = 180.0
 
 
 class Streams:
-    """Submit the requests; collect every output each one streams."""
+    """Submit the requests; collect the tokens each one streams."""
 
     def __init__(self, node: Node):
-        self.outputs: dict[str, list[list[int]]] = {}
+        self.tokens: dict[str, list[int]] = {}
         self.tokens_seen = 0
         self.finished = 0
         self.errors: list[BaseException] = []
@@ -40,7 +40,7 @@ class Streams:
         params = SamplingParams(temperature=0, max_tokens=OUTPUT_TOKENS, ignore_eos=True)
         for index in range(REQUESTS):
             request_id = f"r{index}"
-            self.outputs[request_id] = []
+            self.tokens[request_id] = []
             prompt = [3 + index, 7, 11 + 2 * index, 5]
             node.submit(
                 prompt, params, MODELS[index % len(MODELS)], self._on_output, self._on_error, request_id
@@ -48,7 +48,7 @@ class Streams:
 
     def _on_output(self, output) -> None:
         with self._lock:
-            self.outputs[output.request_id].append(list(output.outputs[0].token_ids))
+            self.tokens[output.request_id].extend(output.outputs[0].token_ids)
             self.tokens_seen += 1
             self.finished += output.finished
             if self.finished == REQUESTS:
@@ -59,7 +59,7 @@ class Streams:
         self.done.set()
 
     def final(self) -> dict[str, list[int]]:
-        return {request_id: outputs[-1] for request_id, outputs in self.outputs.items()}
+        return self.tokens
 
 
 @pytest.mark.parametrize(
@@ -86,10 +86,8 @@ def test_killed_instance_process_is_restarted_and_every_stream_finishes_unchange
 
         assert disturbed.done.wait(FINISH_TIMEOUT_S), "requests hung after the instance died"
         assert not disturbed.errors, disturbed.errors
+        # Every token streamed once, in order: none lost or repeated across the restart.
         assert disturbed.final() == undisturbed.final()
-        for request_id, outputs in disturbed.outputs.items():
-            final = outputs[-1]
-            assert all(final[: len(seen)] == seen for seen in outputs), request_id
         assert instance.engine.info.pid != old_pid
         assert instance.timeline.of_kind(EventKind.RESTART)
         assert node.error is None

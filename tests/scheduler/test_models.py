@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from aegaeon.scheduler.models import BLOCK_SIZE, ModelSpec, blocks_for_tokens
+from aegaeon.scheduler.models import ModelSpec, blocks_for_tokens
 
 
 def test_blocks_round_up_to_whole_blocks() -> None:
@@ -18,8 +18,3 @@ def test_kv_bytes_is_blocks_times_block_bytes() -> None:
 def test_spec_refuses_nonpositive_sizes() -> None:
     with pytest.raises(ValueError, match="kv_block_bytes"):
         ModelSpec("m", "shape", 1, kv_block_bytes=0, max_model_len=16)
-
-
-def test_block_size_matches_the_engine() -> None:
-    kv_cache = pytest.importorskip("aegaeon.engine.kv_cache")
-    assert kv_cache.BLOCK_SIZE == BLOCK_SIZE

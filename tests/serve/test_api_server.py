@@ -1,17 +1,19 @@
-"""The OpenAI-compatible API end to end: a real node, a real uvicorn server, the official client.
+"""The OpenAI-compatible HTTP API, in process: a real engine, a real uvicorn server, the official client.
 
 A user sees: three models behind one endpoint; completions and chat, streamed or not, give exactly
 transformers' greedy tokens; usage counts are right; bad requests get an OpenAI-format error that
-says what to fix, and the server keeps serving; a client that goes away frees its request.
+says what to fix, and the server keeps serving; an unexpected failure is a 500 naming a request id;
+a slow tokenizer on one request holds up no other.
 
-The suite runs twice: on one machine (metadata in process, one api server), and as a cluster sharing a
-real `redis-server` (two api servers and one node; the `client` fixture talks to one api server and
-the `http` fixture to the other, so every kind of request is served by both).
+The app runs over `EngineBackend` (the models of one engine in this process), so these tests start no
+node process; the same app over real nodes and a metadata store is tested in test_api_cluster.py.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -19,23 +21,26 @@ import httpx
 import openai
 import pytest
 
-from aegaeon.config import MIB, EngineConfig, NodeConfig
+from aegaeon.config import MIB, EngineConfig
+from aegaeon.engine.engine import LLMEngine
 from aegaeon.engine.tokenizer import Tokenizer
-from aegaeon.instance.node import Node
-from aegaeon.serve.api_server import build_app, sse_event
-from aegaeon.serve.backend import ClusterBackend
-from aegaeon.serve.metadata import MemoryStore, RedisStore, RequestState
-from aegaeon.serve.node_server import NodeServer
+from aegaeon.serve.api_server import build_app
+from aegaeon.serve.engine_backend import EngineBackend
+from aegaeon.serve.streaming import sse_event
+from tests.serve.api_checks import (
+    GREEDY,
+    MESSAGES,
+    MODELS,
+    TOKENS,
+    check_concurrent_requests,
+    expected_text,
+    sse_events,
+)
 from tests.serve.http_server import ServerThread
-from tests.serve.redis_server import RedisServer
 
-MODELS = ("llama", "qwen2", "mistral")
-TOKENS = 8
 KV_BYTES = 4 * MIB
 API_KEY = "test-key-0123"
 OTHER_KEY = "test-key-4567"
-GREEDY = {"temperature": 0, "extra_body": {"ignore_eos": True}}
-MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a river."}]
 DRAIN_TIMEOUT_S = 20.0
 POLL_S = 0.02
 
@@ -51,98 +56,55 @@ def tokenizers(model_dirs) -> dict[str, Tokenizer]:
 
 
 @pytest.fixture(scope="module")
-def node(model_dirs, profile_path):
-    config = NodeConfig(profile_path=str(profile_path), engine=EngineConfig(kv_cache_bytes=KV_BYTES))
-    with Node(model_dirs, config, progress=False) as node:
-        yield node
-
-
-class Cluster:
-    """The node served over a metadata store, and the api servers in front of it."""
-
-    def __init__(self, node: Node, stores: list, api_servers: list[ServerThread], node_server: NodeServer):
-        self.node = node
-        self.stores = stores
-        self.api_servers = api_servers
-        self.node_server = node_server
-
-    @property
-    def store(self):
-        return self.stores[0]
-
-
-@pytest.fixture(scope="module", params=["memory", "redis"])
-def cluster(request, node):
-    if request.param == "memory":
-        stores = [MemoryStore()]
-        redis_server = None
-    else:
-        redis_server = RedisServer().__enter__()
-        stores = [RedisStore(redis_server.url) for _ in range(3)]  # the node's, and each api server's
-    node_server = NodeServer(node, stores[0])
-    api_servers = [ServerThread(build_app(ClusterBackend(store))) for store in stores[-2:]]
-    try:
-        for server in api_servers:
-            server.__enter__()
-        yield Cluster(node, stores, api_servers, node_server)
-    finally:
-        for server in api_servers:
-            server.__exit__(None, None, None)
-        node_server.close()
-        for store in stores:
-            store.close()
-        if redis_server is not None:
-            redis_server.__exit__(None, None, None)
+def engine(model_dirs) -> LLMEngine:
+    return LLMEngine(models=model_dirs, config=EngineConfig(kv_cache_bytes=KV_BYTES), progress=False)
 
 
 @pytest.fixture(scope="module")
-def server(cluster) -> ServerThread:
-    return cluster.api_servers[0]
+def backend(engine):
+    backend = EngineBackend(engine)
+    yield backend
+    backend.close()
 
 
 @pytest.fixture(scope="module")
-def client(cluster) -> openai.OpenAI:
-    url = cluster.api_servers[0].url
-    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+def server(backend) -> ServerThread:
+    with ServerThread(build_app(backend)) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
-def http(cluster):
-    with httpx.Client(base_url=cluster.api_servers[-1].url, timeout=60) as http:
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server.url, timeout=60) as http:
         yield http
 
 
-def expected_text(model_dirs, tokenizers, hf_greedy, model: str, prompt_ids: list[int], tokens: int = TOKENS):
-    return tokenizers[model].decode(hf_greedy(model_dirs[model], prompt_ids, tokens))
+def live_requests(http: httpx.Client) -> int:
+    return http.get("/health").json()["live_requests"]
 
 
-def sse_events(lines) -> list[dict | str]:
-    """The `data:` payloads of an SSE body, JSON-decoded except the final `[DONE]`."""
-    events = []
-    for line in lines:
-        if line.startswith("data: "):
-            data = line.removeprefix("data: ")
-            events.append(data if data == "[DONE]" else json.loads(data))
-    return events
-
-
-def wait_idle(node: Node) -> None:
+def wait_idle(http: httpx.Client) -> None:
     deadline = time.monotonic() + DRAIN_TIMEOUT_S
-    while node.live and time.monotonic() < deadline:
+    while live_requests(http) and time.monotonic() < deadline:
         time.sleep(POLL_S)
-    assert not node.live, list(node.live)
+    assert live_requests(http) == 0
 
 
 # -- models, health, tokenizer tools -----------------------------------------------------------------
 
 
-def test_models_are_listed_with_their_context(client, http, node):
+def test_models_are_listed_with_their_context(client, http, engine):
     listed = client.models.list()
     assert [m.id for m in listed.data] == list(MODELS)
     assert all(m.object == "model" and m.owned_by == "aegaeon" and m.created > 0 for m in listed.data)
     raw = http.get("/v1/models").json()
     assert raw["object"] == "list"
-    assert [m["max_model_len"] for m in raw["data"]] == [node.models[name].max_model_len for name in MODELS]
+    assert [m["max_model_len"] for m in raw["data"]] == [engine.models[name].max_model_len for name in MODELS]
     assert client.models.retrieve("qwen2").id == "qwen2"
     missing = http.get("/v1/models/gpt-9")
     assert missing.status_code == 404
@@ -198,11 +160,11 @@ def test_token_id_prompts_and_a_list_of_one_prompt(client, model_dirs, tokenizer
     assert text.usage.prompt_tokens == len(tokenizers["llama"].encode("A lighthouse"))
 
 
-def test_completions_default_to_16_tokens_and_chat_to_the_context(client, node):
+def test_completions_default_to_16_tokens_and_chat_to_the_context(client, engine):
     completion = client.completions.create(model="mistral", prompt="Once", **GREEDY)
     assert completion.usage.completion_tokens == 16
     chat = client.chat.completions.create(model="mistral", messages=MESSAGES, **GREEDY)
-    assert chat.usage.total_tokens == node.models["mistral"].max_model_len
+    assert chat.usage.total_tokens == engine.models["mistral"].max_model_len
     assert chat.choices[0].finish_reason == "length"
 
 
@@ -223,52 +185,9 @@ def test_greedy_chat_equals_transformers(client, model, model_dirs, tokenizers, 
     assert old.choices[0].message.content == choice.message.content
 
 
-def _run(client, kind: str, model: str, stream: bool) -> tuple[str, int, int]:
-    """One request; (text, prompt tokens, completion tokens). Streams ask for usage."""
-    common = {"model": model, "stream": stream, **GREEDY}
-    if stream:
-        common["stream_options"] = {"include_usage": True}
-    if kind == "chat":
-        response = client.chat.completions.create(messages=MESSAGES, max_completion_tokens=TOKENS, **common)
-    else:
-        response = client.completions.create(prompt="Bread and honey", max_tokens=TOKENS, **common)
-    if not stream:
-        choice = response.choices[0]
-        text = choice.message.content if kind == "chat" else choice.text
-        return text, response.usage.prompt_tokens, response.usage.completion_tokens
-    chunks = list(response)
-    *content, last = chunks
-    assert last.choices == [] and last.usage is not None  # include_usage: a final usage-only chunk
-    assert all(chunk.usage is None for chunk in content)
-    assert len({chunk.id for chunk in chunks}) == 1
-    finishes = [c.choices[0].finish_reason for c in content if c.choices[0].finish_reason]
-    assert finishes == ["length"]
-    if kind == "chat":
-        assert content[0].choices[0].delta.role == "assistant"
-        assert all(c.object == "chat.completion.chunk" for c in chunks)
-        text = "".join(c.choices[0].delta.content or "" for c in content)
-    else:
-        text = "".join(c.choices[0].text for c in content)
-    return text, last.usage.prompt_tokens, last.usage.completion_tokens
-
-
-def test_concurrent_streaming_and_plain_requests_agree(client, node, model_dirs, tokenizers, hf_greedy):
-    jobs = [
-        (kind, model, stream)
-        for kind in ("chat", "completion")
-        for model in MODELS
-        for stream in (False, True)
-    ]
-    with ThreadPoolExecutor(len(jobs)) as pool:
-        results = list(pool.map(lambda job: _run(client, *job), jobs))
-    for (kind, model, _), (text, prompt_tokens, completion_tokens) in zip(jobs, results, strict=True):
-        tokenizer = tokenizers[model]
-        ids = (
-            tokenizer.apply_chat_template(MESSAGES) if kind == "chat" else tokenizer.encode("Bread and honey")
-        )
-        assert text == expected_text(model_dirs, tokenizers, hf_greedy, model, ids), (kind, model)
-        assert (prompt_tokens, completion_tokens) == (len(ids), TOKENS)
-    wait_idle(node)
+def test_concurrent_streaming_and_plain_requests_agree(client, http, model_dirs, tokenizers, hf_greedy):
+    check_concurrent_requests(client, model_dirs, tokenizers, hf_greedy)
+    wait_idle(http)
 
 
 def test_raw_stream_is_sse_ending_in_done(http):
@@ -545,7 +464,7 @@ BAD_REQUESTS = [
     [case[1:] for case in BAD_REQUESTS],
     ids=[case[0] for case in BAD_REQUESTS],
 )
-def test_bad_requests_get_an_openai_error_that_says_what_to_fix(http, node, path, body, status, code, words):
+def test_bad_requests_get_an_openai_error_that_says_what_to_fix(http, path, body, status, code, words):
     if isinstance(body, bytes):
         response = http.post(path, content=body, headers={"Content-Type": "application/json"})
     else:
@@ -559,7 +478,7 @@ def test_bad_requests_get_an_openai_error_that_says_what_to_fix(http, node, path
     for word in words:
         assert word in error["message"], error["message"]
     assert "Traceback" not in response.text
-    assert not node.live  # nothing was queued
+    assert live_requests(http) == 0  # nothing was queued
     ok = http.post("/v1/completions", json={"model": "llama", "prompt": "still there?", "max_tokens": 2})
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] >= 1
 
@@ -588,35 +507,12 @@ def test_a_streaming_request_that_is_bad_fails_before_the_stream_starts(http):
     assert "max_model_len" in response.json()["error"]["message"]
 
 
-def test_a_failed_node_refuses_requests_with_a_503(http, node):
-    node.error = RuntimeError("instance colocated-0 died")  # what Node.instance_failed records
-    try:
-        refused = http.post("/v1/completions", json={"model": "llama", "prompt": "x"})
-        assert refused.status_code == 503
-        assert "colocated-0 died" in refused.json()["error"]["message"]
-    finally:
-        node.error = None
-    assert http.post("/v1/completions", json={"model": "llama", "prompt": "x", "max_tokens": 1}).is_success
-
-
-def test_without_a_live_node_the_api_is_unhealthy_and_says_why():
-    with (
-        ServerThread(build_app(ClusterBackend(MemoryStore()))) as server,
-        httpx.Client(base_url=server.url) as http,
-    ):
-        health = http.get("/health")
-        assert health.status_code == 503
-        assert "no node is serving" in health.json()["error"]["message"]
-        missing = http.post("/v1/completions", json={"model": "llama", "prompt": "x"})
-        assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
-
-
 # -- auth --------------------------------------------------------------------------------------------
 
 
-def test_an_api_key_guards_every_route_but_health(cluster):
+def test_an_api_key_guards_every_route_but_health(backend):
     with (
-        ServerThread(build_app(ClusterBackend(cluster.store), api_keys=[API_KEY, OTHER_KEY])) as server,
+        ServerThread(build_app(backend, api_keys=[API_KEY, OTHER_KEY])) as server,
         httpx.Client(base_url=server.url, timeout=60) as http,
     ):
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}):
@@ -635,85 +531,117 @@ def test_an_api_key_guards_every_route_but_health(cluster):
             bad.models.list()
 
 
-# -- disconnects -------------------------------------------------------------------------------------
-
-# Long enough (n * tokens) that the request is still running when the client hangs up.
-LONG_REQUEST = {
-    "model": "llama",
-    "prompt": "Go",
-    "max_tokens": 500,
-    "n": 16,
-    "ignore_eos": True,
-    "temperature": 1,
-}
+# -- failures of ours --------------------------------------------------------------------------------
 
 
-IMPATIENT_S = 0.3
+class FailingBackend:
+    """The in-process backend with a bug injected: generate raises `error` (a test double for a fault)."""
+
+    def __init__(self, backend: EngineBackend, error: Exception):
+        self.backend = backend
+        self.error = error
+
+    def __getattr__(self, name: str):
+        return getattr(self.backend, name)
+
+    async def generate(self, *args, **kwargs):
+        raise self.error
 
 
-def _finished_ids(node: Node) -> set[str]:
-    return {request.request_id for request in node.completed}
+def assert_internal_error(response: httpx.Response, caplog: pytest.LogCaptureFixture, secret: str) -> None:
+    """A 500 naming a request id (header and message), whose traceback is logged under that id."""
+    assert response.status_code == 500, response.text
+    error = response.json()["error"]
+    assert error["type"] == "server_error"
+    request_id = response.headers["x-request-id"]
+    assert request_id in error["message"]
+    assert secret not in response.text and "Traceback" not in response.text
+    logged = [r for r in caplog.records if r.levelno == logging.ERROR and request_id in r.getMessage()]
+    assert logged and logged[0].exc_info is not None and secret in str(logged[0].exc_info[1])
 
 
-def test_a_client_that_leaves_mid_stream_aborts_its_request(http, node):
-    with http.stream("POST", "/v1/completions", json=LONG_REQUEST | {"stream": True}) as response:
-        lines = response.iter_lines()
-        first = next(line for line in lines if line.startswith("data: "))
-        request_id = json.loads(first.removeprefix("data: "))["id"]
-        assert request_id in node.live
-    wait_idle(node)
-    assert request_id not in _finished_ids(node)  # aborted, not run to the end
+def test_a_stray_key_error_is_a_500_with_a_request_id_not_a_404(backend, caplog):
+    app = build_app(FailingBackend(backend, KeyError("secret internals")))
+    with ServerThread(app, log_level="critical") as server, httpx.Client(base_url=server.url) as http:
+        for stream in (False, True):
+            body = {"model": "llama", "prompt": "x", "max_tokens": 2, "stream": stream}
+            assert_internal_error(http.post("/v1/completions", json=body), caplog, "secret")
+        assert (
+            http.post("/v1/chat/completions", json={"model": "llama", "messages": MESSAGES}).status_code
+            == 500
+        )
+        assert http.get("/v1/models").status_code == 200  # the server keeps serving
 
 
-def test_a_client_that_times_out_aborts_its_request(server, node):
-    finished_before = len(node.completed)
-    with (
-        httpx.Client(base_url=server.url, timeout=IMPATIENT_S) as impatient,
-        pytest.raises(httpx.ReadTimeout),
-    ):
-        impatient.post("/v1/completions", json=LONG_REQUEST)
-    wait_idle(node)
-    assert len(node.completed) == finished_before  # aborted requests are not among the completed
-
-
-def test_an_internal_error_is_a_500_without_the_traceback(cluster):
-    app = build_app(ClusterBackend(cluster.store))
+def test_an_internal_error_in_a_route_is_a_500_with_a_request_id(backend, caplog):
+    app = build_app(backend)
 
     async def broken() -> None:
         raise ZeroDivisionError("secret internals")
 
     app.add_api_route("/v1/broken", broken)  # a route of the real app that fails unexpectedly
     with ServerThread(app, log_level="critical") as server, httpx.Client(base_url=server.url) as http:
-        response = http.get("/v1/broken")
-        assert response.status_code == 500
-        assert response.json()["error"]["type"] == "server_error"
-        assert "secret" not in response.text and "Traceback" not in response.text
+        assert_internal_error(http.get("/v1/broken"), caplog, "secret")
         assert http.get("/v1/models").status_code == 200
 
 
-# -- the cluster: routing, records -------------------------------------------------------------------
+# -- the event loop stays free ----------------------------------------------------------------------
+
+GATE_TIMEOUT_S = 60.0
+# Far below GATE_TIMEOUT_S: a request the held tokenizer delayed would time out.
+PROMPT_ANSWER_TIMEOUT_S = 20.0
 
 
-def test_either_api_server_serves_a_request_with_the_same_output(cluster, model_dirs, tokenizers, hf_greedy):
-    prompt = [5, 6, 7, 8]
-    expected = expected_text(model_dirs, tokenizers, hf_greedy, "mistral", prompt)
-    for server in cluster.api_servers:
-        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=60)
-        answer = client.completions.create(model="mistral", prompt=prompt, max_tokens=TOKENS, **GREEDY)
-        assert answer.choices[0].text == expected
+class HeldTokenizer:
+    """A model's real tokenizer whose `encode` waits until the test lets it go (a slow tokenizer)."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.entered = threading.Event()
+        self.released = threading.Event()
+
+    def __getattr__(self, name: str):
+        return getattr(self.tokenizer, name)
+
+    def encode(self, *args, **kwargs) -> list[int]:
+        self.entered.set()
+        self.released.wait(GATE_TIMEOUT_S)
+        return self.tokenizer.encode(*args, **kwargs)
 
 
-def test_each_request_is_recorded_in_the_store_with_its_node_instance_and_tokens(cluster, client):
-    answer = client.completions.create(model="qwen2", prompt="Record me", max_tokens=TOKENS, **GREEDY)
-    deadline = time.monotonic() + DRAIN_TIMEOUT_S
-    record = cluster.store.get_request(answer.id)
-    while (record is None or record.state != RequestState.FINISHED) and time.monotonic() < deadline:
-        time.sleep(POLL_S)
-        record = cluster.store.get_request(answer.id)
-    assert record is not None and record.state == RequestState.FINISHED
-    assert record.model == "qwen2" and record.node_id == cluster.node_server.node_id
-    assert record.instance_id == f"{cluster.node_server.node_id}/colocated-0"
-    assert record.prompt_tokens == answer.usage.prompt_tokens
-    assert record.output_tokens == answer.usage.completion_tokens == len(record.output_token_ids)
-    assert record.arrival_s <= record.first_token_s <= record.finished_s
-    assert record.finish_reason == "length"
+class SlowTokenizerBackend:
+    """The in-process backend whose tokenizer of one model is slow."""
+
+    def __init__(self, backend: EngineBackend, model: str, tokenizer: HeldTokenizer):
+        self.backend = backend
+        self.slow_model = model
+        self.held = tokenizer
+
+    def __getattr__(self, name: str):
+        return getattr(self.backend, name)
+
+    async def tokenizer(self, name: str):
+        return self.held if name == self.slow_model else await self.backend.tokenizer(name)
+
+
+def test_a_slow_tokenizer_holds_up_neither_health_nor_another_models_stream(backend, engine):
+    held = HeldTokenizer(engine.models["llama"].tokenizer)
+    app = build_app(SlowTokenizerBackend(backend, "llama", held))
+    with (
+        ServerThread(app) as server,
+        httpx.Client(base_url=server.url, timeout=PROMPT_ANSWER_TIMEOUT_S) as http,
+        ThreadPoolExecutor(1) as pool,
+    ):
+        slow_body = {"model": "llama", "prompt": "A long document", "max_tokens": 2}
+        slow = pool.submit(http.post, "/v1/completions", json=slow_body, timeout=GATE_TIMEOUT_S * 2)
+        try:
+            assert held.entered.wait(PROMPT_ANSWER_TIMEOUT_S)
+            assert http.get("/health").json()["status"] == "ok"
+            body = {"model": "qwen2", "prompt": "Hi", "max_tokens": 3, "stream": True, "ignore_eos": True}
+            with http.stream("POST", "/v1/completions", json=body) as response:
+                events = sse_events(response.iter_lines())
+            assert events[-1] == "[DONE]" and events[-2]["choices"][0]["finish_reason"] == "length"
+            assert not slow.done()  # all of that while the slow request was still tokenizing
+        finally:
+            held.released.set()
+        assert slow.result().status_code == 200

@@ -4,7 +4,7 @@ A user (or an attacker) may send anything: wrong types, numbers far out of range
 surrogates, deeply nested JSON, bytes that are not JSON, the wrong Content-Type, unknown models,
 token ids outside the vocabulary, bodies over the size limit. Every one must get either a correct
 answer or a 4xx in the OpenAI error format with a message, and afterwards the server must still
-give exactly transformers' greedy tokens for a normal request, with nothing left running on the node.
+give exactly transformers' greedy tokens for a normal request, with nothing left running on the engine.
 
 The server's limits (`ApiLimits`) keep every request that happens to be valid cheap: at most
 `MAX_N` choices of `MAX_OUTPUT_TOKENS` tokens. The examples are derandomized, so CI runs the same
@@ -23,13 +23,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from aegaeon.config import MIB, ApiLimits, EngineConfig, NodeConfig
+from aegaeon.config import MIB, ApiLimits, EngineConfig
+from aegaeon.engine.engine import LLMEngine
 from aegaeon.engine.tokenizer import Tokenizer
-from aegaeon.instance.node import Node
 from aegaeon.serve.api_server import build_app
-from aegaeon.serve.backend import ClusterBackend
-from aegaeon.serve.metadata import MemoryStore
-from aegaeon.serve.node_server import NodeServer
+from aegaeon.serve.engine_backend import EngineBackend
 from aegaeon.serve.protocol import CHAT_ROLES
 from tests.serve.http_server import ServerThread
 
@@ -80,22 +78,21 @@ def model_dirs(five_model_dirs):
 
 
 @pytest.fixture(scope="module")
-def node(model_dirs, profile_path):
-    config = NodeConfig(profile_path=str(profile_path), engine=EngineConfig(kv_cache_bytes=KV_BYTES))
-    with Node(model_dirs, config, progress=False) as node:
-        yield node
+def engine(model_dirs) -> LLMEngine:
+    return LLMEngine(models=model_dirs, config=EngineConfig(kv_cache_bytes=KV_BYTES), progress=False)
 
 
 @pytest.fixture(scope="module")
-def server(node):
-    store = MemoryStore()
-    node_server = NodeServer(node, store)
-    try:
-        with ServerThread(build_app(ClusterBackend(store), limits=LIMITS)) as server:
-            yield server
-    finally:
-        node_server.close()
-        store.close()
+def backend(engine):
+    backend = EngineBackend(engine)
+    yield backend
+    backend.close()
+
+
+@pytest.fixture(scope="module")
+def server(backend):
+    with ServerThread(build_app(backend, limits=LIMITS)) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
@@ -105,8 +102,8 @@ def http(server):
 
 
 @pytest.fixture(scope="module")
-def still_serving(http, node, model_dirs, hf_greedy) -> Callable[[], None]:
-    """`still_serving()` asserts the server gives each model's greedy tokens and the node is idle."""
+def still_serving(http, backend, engine, model_dirs, hf_greedy) -> Callable[[], None]:
+    """`still_serving()` asserts the server gives each model's greedy tokens and the engine is idle."""
     prompt = "The market at dawn"
 
     def check() -> None:
@@ -124,11 +121,11 @@ def still_serving(http, node, model_dirs, hf_greedy) -> Callable[[], None]:
                 "completion_tokens": MAX_OUTPUT_TOKENS,
                 "total_tokens": len(prompt_ids) + MAX_OUTPUT_TOKENS,
             }
-        assert node.error is None
+        assert backend.error is None
         deadline = time.monotonic() + DRAIN_TIMEOUT_S
-        while node.live and time.monotonic() < deadline:
+        while engine.has_unfinished_requests() and time.monotonic() < deadline:
             time.sleep(POLL_S)
-        assert not node.live, list(node.live)  # nothing a hostile request started is left running
+        assert not engine.has_unfinished_requests()  # nothing a hostile request started is left running
         assert http.get("/health").json()["live_requests"] == 0
 
     return check

@@ -1,7 +1,7 @@
 """The api server's request limits (`ApiLimits`): each one refuses a request over it with a clear error.
 
 A user over a limit gets a 4xx whose message names the limit and the field to change (the body gets a
-413, the others a 400 with `param` set), and nothing is queued on the node; a request exactly at each
+413, the others a 400 with `param` set), and nothing is queued on the engine; a request exactly at each
 limit is served. With no limits given, `build_app` applies `ApiLimits()`'s defaults.
 """
 
@@ -15,12 +15,10 @@ import httpx
 import openai
 import pytest
 
-from aegaeon.config import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_N, MIB, ApiLimits, EngineConfig, NodeConfig
-from aegaeon.instance.node import Node
+from aegaeon.config import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_N, MIB, ApiLimits, EngineConfig
+from aegaeon.engine.engine import LLMEngine
 from aegaeon.serve.api_server import build_app
-from aegaeon.serve.backend import ClusterBackend
-from aegaeon.serve.metadata import MemoryStore
-from aegaeon.serve.node_server import NodeServer
+from aegaeon.serve.engine_backend import EngineBackend
 from tests.serve.http_server import ServerThread
 
 MODEL = "llama"
@@ -46,26 +44,21 @@ MESSAGES = [{"role": "user", "content": "Name a river."}]
 
 
 @pytest.fixture(scope="module")
-def node(five_model_dirs, profile_path):
-    config = NodeConfig(profile_path=str(profile_path), engine=EngineConfig(kv_cache_bytes=KV_BYTES))
-    with Node({MODEL: five_model_dirs[MODEL]}, config, progress=False) as node:
-        yield node
+def engine(five_model_dirs) -> LLMEngine:
+    config = EngineConfig(kv_cache_bytes=KV_BYTES)
+    return LLMEngine(models={MODEL: five_model_dirs[MODEL]}, config=config, progress=False)
 
 
 @pytest.fixture(scope="module")
-def store(node):
-    store = MemoryStore()
-    node_server = NodeServer(node, store)
-    try:
-        yield store
-    finally:
-        node_server.close()
-        store.close()
+def backend(engine):
+    backend = EngineBackend(engine)
+    yield backend
+    backend.close()
 
 
 @pytest.fixture(scope="module")
-def server(store):
-    with ServerThread(build_app(ClusterBackend(store), limits=LIMITS)) as server:
+def server(backend):
+    with ServerThread(build_app(backend, limits=LIMITS)) as server:
         yield server
 
 
@@ -91,11 +84,11 @@ def assert_refused(response: httpx.Response, status: int, param: str | None, wor
     return error
 
 
-def assert_nothing_running(node: Node) -> None:
+def assert_nothing_running(engine: LLMEngine) -> None:
     deadline = time.monotonic() + DRAIN_TIMEOUT_S
-    while node.live and time.monotonic() < deadline:
+    while engine.has_unfinished_requests() and time.monotonic() < deadline:
         time.sleep(POLL_S)
-    assert not node.live, list(node.live)
+    assert not engine.has_unfinished_requests()
 
 
 def body_of_size(size: int) -> bytes:
@@ -117,7 +110,7 @@ def chunked(body: bytes) -> Iterator[bytes]:
 # -- body bytes ----------------------------------------------------------------------------------------
 
 
-def test_a_body_over_max_body_bytes_is_a_413_naming_the_limit(http, node):
+def test_a_body_over_max_body_bytes_is_a_413_naming_the_limit(http, engine):
     response = http.post(
         "/v1/completions",
         content=body_of_size(MAX_BODY_BYTES + 1),
@@ -127,10 +120,10 @@ def test_a_body_over_max_body_bytes_is_a_413_naming_the_limit(http, node):
         response, 413, None, ["max_body_bytes", str(MAX_BODY_BYTES), str(MAX_BODY_BYTES + 1)]
     )
     assert error["code"] == "request_too_large"
-    assert_nothing_running(node)
+    assert_nothing_running(engine)
 
 
-def test_a_chunked_body_over_max_body_bytes_is_a_413_once_it_passes_the_limit(http, node):
+def test_a_chunked_body_over_max_body_bytes_is_a_413_once_it_passes_the_limit(http, engine):
     response = http.post(
         "/v1/completions",
         content=chunked(body_of_size(MAX_BODY_BYTES + 1)),
@@ -139,7 +132,7 @@ def test_a_chunked_body_over_max_body_bytes_is_a_413_once_it_passes_the_limit(ht
     assert "content-length" not in response.request.headers
     error = assert_refused(response, 413, None, ["max_body_bytes", str(MAX_BODY_BYTES)])
     assert error["code"] == "request_too_large"
-    assert_nothing_running(node)
+    assert_nothing_running(engine)
 
 
 @pytest.mark.parametrize("send", [bytes, chunked], ids=["content-length", "chunked"])
@@ -167,14 +160,14 @@ def test_the_openai_client_sees_a_413_as_a_status_error(client):
     [("/v1/completions", {"prompt": "Go"}), ("/v1/chat/completions", {"messages": MESSAGES})],
     ids=["completions", "chat"],
 )
-def test_n_over_max_n_is_a_400_naming_n_and_max_n(http, node, path, body):
+def test_n_over_max_n_is_a_400_naming_n_and_max_n(http, engine, path, body):
     request = {"model": MODEL, "max_tokens": 1, **body}
     response = http.post(path, json=request | {"n": MAX_N + 1})
     assert_refused(response, 400, "n", ["max_n", f"n is {MAX_N + 1}", str(MAX_N)])
     at_limit = http.post(path, json=request | {"n": MAX_N})
     assert at_limit.status_code == 200, at_limit.text
     assert [choice["index"] for choice in at_limit.json()["choices"]] == list(range(MAX_N))
-    assert_nothing_running(node)
+    assert_nothing_running(engine)
 
 
 def test_a_streaming_request_over_a_limit_gets_a_plain_400_not_a_stream(http):
@@ -202,7 +195,7 @@ def test_the_openai_client_raises_bad_request_over_max_n(client):
     ],
     ids=["completions", "chat-max_tokens", "chat-max_completion_tokens"],
 )
-def test_a_length_over_max_output_tokens_is_a_400_naming_the_field(http, node, path, body, field):
+def test_a_length_over_max_output_tokens_is_a_400_naming_the_field(http, engine, path, body, field):
     request = {"model": MODEL, **GREEDY, **body}
     response = http.post(path, json=request | {field: MAX_OUTPUT_TOKENS + 1})
     assert_refused(
@@ -214,7 +207,7 @@ def test_a_length_over_max_output_tokens_is_a_400_naming_the_field(http, node, p
     at_limit = http.post(path, json=request | {field: MAX_OUTPUT_TOKENS})
     assert at_limit.status_code == 200, at_limit.text
     assert at_limit.json()["usage"]["completion_tokens"] == MAX_OUTPUT_TOKENS
-    assert_nothing_running(node)
+    assert_nothing_running(engine)
 
 
 @pytest.mark.parametrize(
@@ -235,7 +228,7 @@ def test_a_request_without_a_length_stops_at_max_output_tokens(http, path, body)
 # -- prompt tokens -------------------------------------------------------------------------------------
 
 
-def test_a_prompt_over_max_prompt_tokens_is_a_400_naming_the_prompt(http, node):
+def test_a_prompt_over_max_prompt_tokens_is_a_400_naming_the_prompt(http, engine):
     request = {"model": MODEL, "max_tokens": 1}
     response = http.post("/v1/completions", json=request | {"prompt": [SOME_TOKEN] * (MAX_PROMPT_TOKENS + 1)})
     error = assert_refused(
@@ -248,7 +241,7 @@ def test_a_prompt_over_max_prompt_tokens_is_a_400_naming_the_prompt(http, node):
     at_limit = http.post("/v1/completions", json=request | {"prompt": [SOME_TOKEN] * MAX_PROMPT_TOKENS})
     assert at_limit.status_code == 200, at_limit.text
     assert at_limit.json()["usage"]["prompt_tokens"] == MAX_PROMPT_TOKENS
-    assert_nothing_running(node)
+    assert_nothing_running(engine)
 
 
 def test_chat_messages_over_max_prompt_tokens_are_a_400_naming_the_messages(http):
@@ -266,9 +259,9 @@ def test_tokenize_is_not_limited_by_max_prompt_tokens(http):
 # -- defaults --------------------------------------------------------------------------------------------
 
 
-def test_without_limits_build_app_applies_the_defaults(store, node):
+def test_without_limits_build_app_applies_the_defaults(backend, engine):
     with (
-        ServerThread(build_app(ClusterBackend(store))) as server,
+        ServerThread(build_app(backend)) as server,
         httpx.Client(base_url=server.url, timeout=REQUEST_TIMEOUT_S) as http,
     ):
         request = {"model": MODEL, "prompt": "Go", "max_tokens": 1}
@@ -286,7 +279,7 @@ def test_without_limits_build_app_applies_the_defaults(store, node):
         # No output cap by default: a request may run to the end of the context.
         long = http.post("/v1/completions", json=request | {"max_tokens": 100, **GREEDY})
         assert long.status_code == 200 and long.json()["usage"]["completion_tokens"] == 100
-    assert_nothing_running(node)
+    assert_nothing_running(engine)
 
 
 @pytest.mark.parametrize(

@@ -17,11 +17,12 @@ from aegaeon.scheduler.decode import DecodeDispatcher, DecodeInstance
 from aegaeon.scheduler.prefill import PrefillDispatcher, PrefillQueue
 from aegaeon.scheduler.request import SchedRequest
 from aegaeon.scheduler.timeline import Timeline
+from aegaeon.scheduler.turn_loop import COLOCATED, DECODE, PREFILL
 from aegaeon.sim.cluster import ClusterConfig, DeviceMemory, NodeLayout
 from aegaeon.sim.device import ResidentWeights, SlotWeights
 from aegaeon.sim.events import EventLoop, Process, Signal
 from aegaeon.sim.models import ModelSet
-from aegaeon.sim.policies.aegaeon_instance import COLOCATED, DECODE, PREFILL, Handoff, SimInstance
+from aegaeon.sim.policies.aegaeon_instance import Handoff, SimInstance
 from aegaeon.sim.policies.base import Deployment, SimContext, model_load
 
 # "engine": the live engine's arena (aegaeon.memory.loader): each model leaves room for the largest
@@ -108,7 +109,7 @@ class SimNode:
         now = self.loop.now
         placement = self.decode.dispatch(request)
         if placement is None:  # fits no decode instance even alone: the live node fails it too
-            instance.on_device.discard(request)
+            instance.on_device.pop(request, None)
             request.fail(now)
             return
         target = self._decoders[placement.instance]

@@ -1,12 +1,9 @@
-"""One simulated aegaeon instance: the live instance loop (aegaeon/instance/instance.py) on a clock.
+"""One simulated aegaeon instance: the turn loop (aegaeon/scheduler/turn_loop.py) driven on a clock.
 
-The loop is the live one, step for step: adopt handoffs; run queued prefills (switching model only
-between groups, prefetching the next group's model; a CPU, without a copy engine, waits for the
-copy); plan a round with `DecodeInstance.plan_round` (the prefill queue's waiting work as overhead,
-resident models free to switch to, measured turn costs overriding both); run each batch's turn under
-`DecodeTurn`, swapping its KV in before and out after when the round has several batches; a
-colocated instance runs its prefills between turns. Where the live loop calls the engine, this one
-advances the clock by the predicted time instead.
+The live instance carries each command of the loop out on its engine; this one advances the clock
+by the predicted time instead: a prefill or decode step by the predictor's time, a switch until the
+weights' copy lands (the previous model's KV going to the host first), a KV move by the link's time.
+A prefetch copies beside the computation on a GPU; a CPU, without a copy engine, waits for the copy.
 """
 
 from __future__ import annotations
@@ -15,21 +12,32 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from aegaeon.scheduler.decode import DecodeInstance, DecodeTurn, RoundPlan
+from aegaeon.scheduler.decode import DecodeInstance
 from aegaeon.scheduler.prefill import PrefillQueue
 from aegaeon.scheduler.request import SchedRequest
-from aegaeon.scheduler.timeline import EventKind, Timeline
+from aegaeon.scheduler.timeline import EventKind
+from aegaeon.scheduler.turn_loop import (
+    Adopt,
+    Claim,
+    HandOff,
+    Place,
+    Prefetch,
+    Prefill,
+    ResidentModels,
+    Step,
+    SwapOut,
+    Switch,
+    TurnLoop,
+    Turns,
+)
 from aegaeon.sim.device import ResidentWeights, has_copy_engine
 from aegaeon.sim.events import Process
 
 if TYPE_CHECKING:
     from aegaeon.sim.policies.aegaeon import SimNode
 
-PREFILL, DECODE, COLOCATED = "prefill", "decode", "colocated"
-# Weight of the newest measurement in the running estimate of a model's turn cost (as the live loop).
-TURN_COST_SMOOTHING = 0.2
-# Rounds in a row that may pass without the clock moving before the loop is declared stuck.
-MAX_IDLE_ROUNDS = 10_000
+# Passes in a row that may work without the clock moving before the loop is declared stuck.
+MAX_IDLE_PASSES = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,7 +49,7 @@ class Handoff:
 
 
 class SimInstance:
-    """A device's scheduling loop, driven by predicted times."""
+    """A device's turn loop, driven by predicted times."""
 
     def __init__(
         self,
@@ -53,77 +61,110 @@ class SimInstance:
         weights: ResidentWeights,
     ) -> None:
         self.name = name
-        self.role = role
         self.node = node
         self.loop = node.loop
         self.models = node.models
-        self.prefill_queue = prefill_queue
-        self.decode = decode
+        self.turns = TurnLoop(name, role, prefill_queue, decode, lambda: self.loop.now)
+        self.timeline = self.turns.timeline
         self.weights = weights
-        self.timeline = Timeline(name)
         self.inbox: list[Handoff] = []
         self.active: str | None = None
-        # Requests whose KV is on the device now (all of the active model), and when the KV of each
-        # adopted request lands in the host pool.
-        self.on_device: set[SchedRequest] = set()
+        # Requests whose KV is on the device now (all of the active model), in the order placed (a
+        # dict, not a set of identity-hashed requests: a drain then sums its KV moves in the same
+        # order in every run), and when the KV of each adopted request lands in the host pool.
+        self.on_device: dict[SchedRequest, None] = {}
         self.kv_ready: dict[SchedRequest, float] = {}
-        self.turn_cost_s: dict[str, float] = {}
-        # Seconds spent by activity: "prefill", "decode", "switch", "swap", "export".
-        self.busy_s: dict[str, float] = defaultdict(float)
+        # Seconds spent moving weights and KV: "switch", "swap", "export" (computing: see `busy_s`).
+        self._moving_s: dict[str, float] = defaultdict(float)
         self.copies_overlap = has_copy_engine(self.models.device)
-        self._idle_rounds = 0
+
+    @property
+    def prefill_queue(self) -> PrefillQueue | None:
+        return self.turns.prefill_queue
+
+    @property
+    def decode(self) -> DecodeInstance | None:
+        return self.turns.decode
+
+    @property
+    def busy_s(self) -> dict[str, float]:
+        """Seconds spent by activity: "prefill", "decode" (the timeline's compute events), "switch",
+        "swap", "export"."""
+        busy = dict(self._moving_s)
+        for activity, kind in (("prefill", EventKind.PREFILL), ("decode", EventKind.DECODE_TURN)):
+            events = self.timeline.of_kind(kind)
+            if events:
+                busy[activity] = sum(e.duration_s for e in events)
+        return busy
 
     # -- the loop ------------------------------------------------------------------------------------
 
     def run(self) -> Process:
+        idle_passes = 0
         while True:
-            worked = self._adopt_handoffs()
-            if self.role == PREFILL:
-                worked |= yield from self._run_prefills()
-            else:
-                if self.role == COLOCATED:
-                    worked |= yield from self._run_prefills()
-                worked |= yield from self._decode_round()
-            if not worked:
-                yield self.node.work
-
-    # -- prefill -------------------------------------------------------------------------------------
-
-    def _run_prefills(self) -> Process:
-        ran = False
-        queue = self.prefill_queue
-        while True:
-            task = queue.pop(self.loop.now)
-            next_model = queue.prefetch_model()
-            if task is None:
-                return ran
-            ran = True
-            request = task.request
-            yield from self._switch(request.model)
-            if next_model is not None and next_model != request.model:
-                yield from self._prefetch(next_model)
             start = self.loop.now
-            end = start + self.models.predictor.prefill_s(request.model, [request.prompt_len])
-            yield end
-            request.record_token(end)
-            self.busy_s["prefill"] += end - start
-            self.timeline.record(
-                EventKind.PREFILL, request.model, start, end, (request.request_id,), tokens=1
-            )
-            queue.complete()
-            if request.done:
-                continue
-            self.on_device.add(request)
-            yield from self.node.after_prefill(request, self)
+            if not (yield from self._drive(self.turns.work())):
+                yield self.node.work
+            elif self.loop.now == start:
+                idle_passes += 1
+                if idle_passes > MAX_IDLE_PASSES:
+                    raise RuntimeError(f"{self.name}: {MAX_IDLE_PASSES} passes at {start} s without progress")
+            else:
+                idle_passes = 0
+
+    def _drive(self, turns: Turns):
+        """Carry out the loop's commands on the clock; the loop's return value."""
+        result = None
+        while True:
+            try:
+                command = turns.send(result)
+            except StopIteration as done:
+                return done.value
+            result = yield from self._execute(command)
+
+    def _execute(self, command) -> Process:
+        match command:
+            case Step(model=model, requests=requests):
+                end = self.loop.now + self.models.predictor.decode_s(model, [r.context_len for r in requests])
+                yield end
+                for request in requests:
+                    request.record_token(end)
+                    if request.done:
+                        self.on_device.pop(request, None)
+                return None
+            case Adopt():
+                return self._adopt_handoffs()
+            case Switch(model=model):
+                return (yield from self._switch(model))
+            case Prefetch(model=model):
+                return (yield from self._prefetch(model))
+            case Place(model=model, requests=requests):
+                return (yield from self._place_on_device(model, requests))
+            case SwapOut(requests=requests):
+                seconds = self._swap_out(requests)
+                yield self.loop.now + seconds
+                return seconds
+            case ResidentModels():
+                return self.weights.models()
+            case Claim():
+                return True
+            case Prefill(request=request):
+                end = self.loop.now + self.models.predictor.prefill_s(request.model, [request.prompt_len])
+                yield end
+                request.record_token(end)
+                return None
+            case HandOff(request=request):
+                self.on_device[request] = None
+                yield from self.node.after_prefill(request, self)
+                return None
+        raise TypeError(f"unknown command {command!r}")
 
     def export(self, request: SchedRequest) -> float:
         """Hand a prefilled request's KV to the host pool; the seconds the copy takes."""
-        self.on_device.discard(request)
+        self.on_device.pop(request, None)
         seconds = self.models.kv_move_s(request.model, request.context_len)
-        self.busy_s["export"] += seconds
+        self._moving_s["export"] += seconds
         return seconds
-
-    # -- decode --------------------------------------------------------------------------------------
 
     def _adopt_handoffs(self) -> bool:
         if not self.inbox:
@@ -133,103 +174,17 @@ class SimInstance:
         self.inbox.clear()
         return True
 
-    def _decode_round(self) -> Process:
-        now = self.loop.now
-        overhead = self.prefill_queue.waiting_work_s(now) if self.prefill_queue is not None else 0.0
-        # A resident model is free to switch to until its turn cost is measured (as the live loop).
-        resident = {model: 0.0 for model in self.weights.models()}
-        plan = self.decode.plan_round(overhead_s=overhead, switch_s={**resident, **self.turn_cost_s})
-        if not plan.batches:
-            return False
-        self._adopt_handoffs()
-        for index in range(len(plan.batches)):
-            yield from self._decode_turn(plan, index)
-            if self.role == COLOCATED:
-                yield from self._run_prefills()
-            self._adopt_handoffs()
-        if self.loop.now == now:
-            self._idle_rounds += 1
-            if self._idle_rounds > MAX_IDLE_ROUNDS:
-                raise RuntimeError(
-                    f"{self.name}: {MAX_IDLE_ROUNDS} rounds passed at {now} s without progress"
-                )
-        else:
-            self._idle_rounds = 0
-        return True
-
-    def _decode_turn(self, plan: RoundPlan, index: int) -> Process:
-        batch = plan.batches[index]
-        members = [r for r in batch.requests if not r.done]
-        if not members:
-            return
-        model = batch.model
-        entered = self.loop.now
-        yield from self._switch(model)
-        following = plan.batches[(index + 1) % len(plan.batches)].model
-        if following != model:
-            yield from self._prefetch(following)
-        yield from self._place_on_device(model, members)
-        turn = DecodeTurn.of(plan, index)
-        start = self.loop.now
-        steps = 0
-        decode, queue = self.decode, self.prefill_queue
-        decode_s = self.models.predictor.decode_s
-        while True:
-            now = self.loop.now
-            # New prefills waiting count as a change: an open-ended turn yields to them.
-            changed = decode.changed or (queue is not None and len(queue) > 0)
-            if not turn.should_continue(now, changed):
-                break
-            live = [r for r in members if not r.done]
-            if not live:
-                break
-            # The batch's KV must still fit with the lookahead (else the turn ends; the next repack
-            # splits it).
-            if len(live) > 1 and not decode.fits(model, live):
-                break
-            end = now + decode_s(model, [r.context_len for r in live])
-            yield end
-            for request in live:
-                request.record_token(end)
-            steps += 1
-            turn.step_done(end)
-        end = self.loop.now
-        self.busy_s["decode"] += end - start
-        self.timeline.record(
-            EventKind.DECODE_TURN, model, start, end, tuple(r.request_id for r in members), tokens=steps
-        )
-        for request in members:
-            if request.done:
-                self.on_device.discard(request)
-        cost = start - entered
-        if plan.swap_out:
-            unfinished = [r for r in members if not r.done]
-            if unfinished:
-                seconds = self._swap_out(unfinished)
-                swap_start = self.loop.now
-                yield swap_start + seconds
-                self.timeline.record(
-                    EventKind.SWAP_OUT,
-                    model,
-                    swap_start,
-                    self.loop.now,
-                    tuple(r.request_id for r in unfinished),
-                )
-                cost += seconds
-        if len(plan.batches) > 1:
-            previous = self.turn_cost_s.get(model, cost)
-            self.turn_cost_s[model] = previous + TURN_COST_SMOOTHING * (cost - previous)
-
-    def _swap_out(self, requests: list[SchedRequest]) -> float:
+    def _swap_out(self, requests) -> float:
         seconds = 0.0
         for request in requests:
-            self.on_device.discard(request)
+            self.on_device.pop(request, None)
             seconds += self.models.kv_move_s(request.model, request.context_len)
-        self.busy_s["swap"] += seconds
+        self._moving_s["swap"] += seconds
         return seconds
 
-    def _place_on_device(self, model: str, members: list[SchedRequest]) -> Process:
-        """The device holds exactly the batch's KV of `model`: others swapped out, members swapped in."""
+    def _place_on_device(self, model: str, members: tuple[SchedRequest, ...]) -> Process:
+        """The device holds exactly the batch's KV of `model`: others swapped out, members swapped in
+        once their KV has landed in the host pool. The ids swapped in (none if it took no time)."""
         now = self.loop.now
         wanted = set(members)
         out = [r for r in self.on_device if r.model == model and r not in wanted]
@@ -241,34 +196,31 @@ class SimInstance:
                 continue
             landed = max(landed, self.kv_ready.pop(request, now))
             seconds += self.models.kv_move_s(model, request.context_len)
-            self.on_device.add(request)
+            self.on_device[request] = None
             swapped_in.append(request.request_id)
         if not seconds and landed == now:
-            return
-        self.busy_s["swap"] += seconds
+            return []
+        self._moving_s["swap"] += seconds
         yield landed + seconds
-        if swapped_in:
-            self.timeline.record(EventKind.SWAP_IN, model, now, self.loop.now, tuple(swapped_in))
-
-    # -- shared --------------------------------------------------------------------------------------
+        return swapped_in
 
     def _prefetch(self, model: str) -> Process:
         """Start copying `model` beside the active one. A device without a copy engine (a CPU) copies
         with the cores that compute, so there the copy's time passes before the loop goes on."""
         now = self.loop.now
         if not self.weights.prefetch(model, now, self.active):
-            return
-        self.timeline.record(EventKind.PREFETCH, model, now, now)
+            return False
         landed = self.weights.get(model).ready_s
         if self.copies_overlap or landed <= now:
-            return
-        self.busy_s["switch"] += landed - now
+            return True
+        self._moving_s["switch"] += landed - now
         yield landed
+        return True
 
     def _switch(self, model: str) -> Process:
         """Make `model` active: the previous model's KV goes to the host, its weights come in."""
         if self.active == model:
-            return
+            return None
         now = self.loop.now
         drain = self._swap_out(list(self.on_device)) if self.on_device else 0.0
         loads = self.weights.loads
@@ -278,6 +230,5 @@ class SimInstance:
         self.weights.touch(model)
         if ready > now:
             yield ready
-        self.busy_s["switch"] += ready - now - drain
-        loaded = self.weights.loads > loads
-        self.timeline.record(EventKind.SWITCH, model, now, ready, detail="loaded" if loaded else "resident")
+        self._moving_s["switch"] += ready - now - drain
+        return self.weights.loads > loads

@@ -1,0 +1,105 @@
+"""KV moves between the device and the host KV pool, and what each move holds until it completes.
+
+A move is a batch of block copies ending in an event. The blocks it reads stay allocated until it
+completes (a swap-out's device blocks, a swap-in's host blocks); a sequence whose KV is still
+arriving is run only once it has landed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from aegaeon.engine.residency import ServedModel
+from aegaeon.engine.sequence import Sequence
+from aegaeon.memory.copies import Copy, CopyStream
+from aegaeon.memory.kv_pool import HostKVPool
+
+
+class KVMover:
+    """Swaps sequences' KV out to the host KV pool and back in, off the compute path."""
+
+    def __init__(self, copies: CopyStream, kv_pool: HostKVPool | None):
+        self.copies = copies
+        self.kv_pool = kv_pool
+        # KV copies not yet known complete, with what to release once they are.
+        self._moves: list[tuple[Copy, Callable[[], None]]] = []
+
+    def swap_out(self, served: ServedModel, seq: Sequence) -> None:
+        """Start copying a running sequence's KV to the host pool; its device blocks free on completion."""
+        if self.kv_pool is None:
+            raise RuntimeError("this engine has no host KV pool to swap to (pass kv_pool=...)")
+        if seq.kv_arrival is not None:
+            seq.kv_arrival.wait()
+            seq.kv_arrival = None
+        handles = self.kv_pool.allocate(served.kv_shape, len(seq.block_table))
+        pairs = [
+            (self.kv_pool.view(handle, served.kv_shape), served.runner.kv_cache[block])
+            for handle, block in zip(handles, seq.block_table, strict=True)
+        ]
+        copy = self.copies.copy(pairs)
+        blocks = served.batcher.swap_out(seq)
+        seq.host_blocks = handles
+        # The device blocks are reused only once the copy that reads them has completed.
+        self._moves.append((copy, lambda: served.batcher.allocator.free(blocks)))
+
+    def swap_in(self, served: ServedModel, seq: Sequence) -> None:
+        """Start copying a swapped-out sequence's KV back; a step runs it once `kv_arrival` is done."""
+        self.reap()
+        blocks = served.batcher.swap_in(seq)
+        pairs = [
+            (served.runner.kv_cache[block], self.kv_pool.view(handle, served.kv_shape))
+            for block, handle in zip(blocks, seq.host_blocks, strict=True)
+        ]
+        copy = self.copies.copy(pairs)
+        host_blocks, seq.host_blocks = seq.host_blocks, []
+        seq.kv_arrival = copy
+        self._moves.append((copy, lambda: self.kv_pool.free(host_blocks)))
+
+    def evict(self, served: ServedModel) -> None:
+        """Take every running sequence of `served` off the device and wait for all moves.
+
+        Swapped out to the host pool, or with no pool preempted (recomputed later); the moves must
+        finish because the KV region is about to be read with another block shape.
+        """
+        for seq in list(served.batcher.running):
+            if self.kv_pool is not None:
+                self.swap_out(served, seq)
+            else:
+                served.batcher.preempt(seq)
+        self.finish()
+
+    def free_host(self, seq: Sequence) -> None:
+        """Return a sequence's host KV blocks to the pool (it ended while swapped out)."""
+        if seq.host_blocks:
+            self.kv_pool.free(seq.host_blocks)
+            seq.host_blocks = []
+
+    def reap(self) -> None:
+        """Release what completed moves held."""
+        pending = []
+        for copy, release in self._moves:
+            if copy.done():
+                copy.wait()
+                release()
+            else:
+                pending.append((copy, release))
+        self._moves = pending
+
+    def finish(self) -> None:
+        """Wait for every move, host included, and release what they held."""
+        for copy, release in self._moves:
+            copy.synchronize()
+            release()
+        self._moves = []
+
+    @staticmethod
+    def landed(seqs: list[Sequence]) -> list[Sequence]:
+        """The sequences whose KV is on the device; waits for the first arrival if none has landed."""
+        landed = [seq for seq in seqs if seq.kv_arrival is None or seq.kv_arrival.done()]
+        if not landed:
+            landed = [seqs[0]]
+        for seq in landed:
+            if seq.kv_arrival is not None:
+                seq.kv_arrival.wait()
+                seq.kv_arrival = None
+        return landed

@@ -1,0 +1,180 @@
+"""A backend that serves the models of one `LLMEngine` in the api server's own process.
+
+No node, no metadata store, no ZeroMQ: a thread owns the engine and steps it, taking turns among the
+models that have requests (a few steps each, switching the engine between them), and hands each
+output to its request's stream on the event loop. What the api server does with requests (checks,
+tokenization, streams, errors) is exactly what it does over a cluster, so this is what a test of the
+HTTP layer runs on, and a way to serve a few small models from one process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
+
+from aegaeon.errors import Unavailable
+from aegaeon.serve.backend import Health, ModelInfo, RequestStream, model_not_found
+
+if TYPE_CHECKING:
+    from aegaeon.engine.engine import LLMEngine
+    from aegaeon.engine.outputs import RequestOutput
+    from aegaeon.engine.sampling_params import SamplingParams
+    from aegaeon.engine.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+# Steps one model runs before another model with requests gets the engine: each switch preempts the
+# running sequences (they are recomputed), so a few steps per turn keep that cost small.
+STEPS_PER_TURN = 8
+
+T = TypeVar("T")
+
+
+class EngineBackend:
+    """The models of `engine`, served from this process; the engine is owned by a thread of its own."""
+
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self.error: BaseException | None = None  # what stopped the engine thread, if anything did
+        self._created = int(time.time())
+        # Every call into the engine runs on its thread, between steps: the engine is not thread-safe.
+        self._inbox: queue.Queue[Callable[[], None]] = queue.Queue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._turn = 0  # index of the model whose turn came last
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="engine-backend", daemon=True)
+        self._thread.start()
+
+    # -- the api server's side ---------------------------------------------------------------------------
+
+    async def models(self) -> list[ModelInfo]:
+        return [self._info(name) for name in self.engine.models]
+
+    async def model(self, name: str) -> ModelInfo:
+        if name not in self.engine.models:
+            raise model_not_found(name, self.engine.models)
+        return self._info(name)
+
+    async def tokenizer(self, name: str) -> Tokenizer:
+        await self.model(name)
+        return self.engine.models[name].tokenizer
+
+    async def health(self) -> Health:
+        if self.error is not None:
+            return Health(False, f"the engine failed: {self.error}", 0)
+        return Health(True, None, len(self._streams))
+
+    async def generate(
+        self, model: str, prompt_token_ids: list[int], params: SamplingParams, request_id: str
+    ) -> RequestStream:
+        """Queue the request on the engine; its checks (prompt, model) raise here, before any output."""
+        loop = asyncio.get_running_loop()
+        outputs: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+
+        def add() -> None:
+            if self.error is not None:
+                raise Unavailable(f"the engine failed: {self.error}")
+            self.engine.add_request(request_id, prompt_token_ids, params, model)
+            self._streams[request_id] = (loop, outputs)
+
+        await asyncio.wrap_future(self._call(add))
+        return RequestStream(request_id, outputs, self._abort)
+
+    def close(self) -> None:
+        """Stop the engine thread (requests still running get no more outputs)."""
+        self._stopping = True
+        self._inbox.put(lambda: None)
+        self._thread.join()
+
+    # -- the engine thread -------------------------------------------------------------------------------
+
+    def _info(self, name: str) -> ModelInfo:
+        return ModelInfo(name, self.engine.models[name].max_model_len, self._created)
+
+    def _call(self, function: Callable[[], T]) -> concurrent.futures.Future[T]:
+        """Run `function` on the engine thread; its result (or exception) in the future."""
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                future.set_result(function())
+            except BaseException as error:  # noqa: BLE001 - handed to the caller
+                future.set_exception(error)
+
+        self._inbox.put(run)
+        return future
+
+    def _abort(self, request_id: str) -> None:
+        """A stream closed before its request finished: stop the request (never blocks the caller)."""
+
+        def abort() -> None:
+            if self._streams.pop(request_id, None) is not None:
+                self.engine.abort_request(request_id)
+
+        self._call(abort)
+
+    def _run(self) -> None:
+        try:
+            self._serve()
+        except BaseException as error:  # noqa: BLE001 - every request is told, then serving stops
+            logger.exception("the engine failed")
+            self._fail_all(error)
+        while not self._stopping:  # answer what still comes in (a new request: Unavailable)
+            self._take_calls(wait=True)
+
+    def _serve(self) -> None:
+        steps_left = 0
+        while not self._stopping and self.error is None:
+            self._take_calls(wait=not self.engine.has_unfinished_requests())
+            if self._stopping or not self.engine.has_unfinished_requests():
+                continue
+            active = self.engine.active
+            if steps_left == 0 or active is None or not self.engine.has_unfinished_requests(active.name):
+                self.engine.switch_to(self._next_model())
+                steps_left = STEPS_PER_TURN
+            steps_left -= 1
+            for output in self.engine.step():
+                self._deliver(output)
+
+    def _take_calls(self, wait: bool) -> None:
+        try:
+            call = self._inbox.get() if wait else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            call()
+            try:
+                call = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _next_model(self) -> str:
+        """The next model, in turn, that has requests (one has: the engine has unfinished requests)."""
+        names = list(self.engine.models)
+        for offset in range(1, len(names) + 1):
+            index = (self._turn + offset) % len(names)
+            if self.engine.has_unfinished_requests(names[index]):
+                self._turn = index
+                return names[index]
+        return names[self._turn]
+
+    def _deliver(self, output: RequestOutput) -> None:
+        target = self._streams.get(output.request_id)
+        if target is None:
+            return  # aborted meanwhile
+        if output.finished:
+            del self._streams[output.request_id]
+        loop, outputs = target
+        loop.call_soon_threadsafe(outputs.put_nowait, output)
+
+    def _fail_all(self, error: BaseException) -> None:
+        self.error = error
+        for loop, outputs in self._streams.values():
+            loop.call_soon_threadsafe(outputs.put_nowait, error)
+        self._streams.clear()
