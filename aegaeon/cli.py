@@ -44,6 +44,18 @@ def _profile(args: argparse.Namespace) -> None:
     print(f"saved {len(models)} profile(s) to {path}")
 
 
+def _keys(args: argparse.Namespace) -> None:
+    from aegaeon.serve.keys import KEYS_ENV, write_keys
+
+    for path in write_keys(args.directory):
+        print(path)
+    print(
+        f"give the directory to every `aegaeon serve` of the cluster: --cluster-keys {args.directory} "
+        f"(or {KEYS_ENV}={args.directory}); an api server needs node.key, api.key and api.key_secret, "
+        "a node node.key, node.key_secret and api.key"
+    )
+
+
 def _serve(args: argparse.Namespace) -> None:
     from aegaeon.serve.launch import run_server
 
@@ -85,6 +97,8 @@ def serve_config_from_args(args: argparse.Namespace):
         "log_format": args.log_format,
         "max_waiting_per_model": args.max_waiting_per_model,
         "shed_waiting_after_s": args.shed_after,
+        "cluster_keys": args.cluster_keys,
+        "insecure": args.insecure or None,
     }
     settings.update({key: value for key, value in flags.items() if value is not None})
     if args.prefill_instances is not None or args.decode_instances is not None:
@@ -214,7 +228,26 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="fail a request still waiting to start this long after arriving (default: never)",
     )
+    serve.add_argument(
+        "--cluster-keys",
+        metavar="DIR",
+        help="CURVE keys of the cluster (from `aegaeon keys DIR`; default: $AEGAEON_CLUSTER_KEYS): "
+        "nodes encrypt their port and admit only api servers that hold the keys",
+    )
+    serve.add_argument(
+        "--insecure",
+        action="store_true",
+        help="let a node without cluster keys take requests on a non-loopback address (trusted network)",
+    )
     serve.set_defaults(run=_serve)
+
+    keys = commands.add_parser(
+        "keys",
+        help="make the cluster's CURVE keys",
+        description="Write a node key pair and an api server key pair (ZeroMQ CURVE) into DIR.",
+    )
+    keys.add_argument("directory", help="where to write the keys (created if missing)")
+    keys.set_defaults(run=_keys)
 
     from aegaeon.sim.commands import add_commands as add_simulator_commands
 

@@ -152,6 +152,11 @@ SCHEDULING_POLICIES = ("token", "request")
 DEFAULT_IDLE_WAIT_S = 0.05
 # Requests of one model waiting for their first token beyond which a node refuses more (HTTP 429).
 DEFAULT_MAX_WAITING_PER_MODEL = 256
+# A serving node keeps its newest ended requests (for latency histograms and the dashboard's window) and
+# each instance's newest timeline events, no more: a node that runs for weeks must not grow. Running
+# totals keep the counters exact past these.
+DEFAULT_ENDED_HISTORY = 4096
+DEFAULT_TIMELINE_EVENTS = 8192
 
 
 @dataclass(frozen=True)
@@ -176,6 +181,9 @@ class NodeConfig:
     # Shedding: a request still waiting for its prefill this many seconds after arriving is failed
     # with an error that says so (None: never; every accepted request is served however late).
     shed_waiting_after_s: float | None = None
+    # Ended requests, and timeline events per instance, the node holds (the newest ones).
+    ended_history: int = DEFAULT_ENDED_HISTORY
+    timeline_events: int = DEFAULT_TIMELINE_EVENTS
     engine: EngineConfig = EngineConfig()
     memory: MemoryConfig = MemoryConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
@@ -195,6 +203,9 @@ class NodeConfig:
             raise ValueError("the request-level policy runs on colocated instances only")
         if self.max_waiting_per_model < 1:
             raise ValueError(f"max_waiting_per_model must be >= 1, got {self.max_waiting_per_model}")
+        for name in ("ended_history", "timeline_events"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.shed_waiting_after_s is not None and self.shed_waiting_after_s <= 0:
             raise ValueError(f"shed_waiting_after_s must be positive, got {self.shed_waiting_after_s}")
 
@@ -272,6 +283,11 @@ class ServeConfig:
     metrics_port: int | None = None
     # "text" lines, or one JSON object per line (with request ids) for log pipelines.
     log_format: str = "text"
+    # The directory of the cluster's CURVE keys (`aegaeon keys DIR`; else $AEGAEON_CLUSTER_KEYS): nodes
+    # encrypt their port and admit only api servers holding the api key.
+    cluster_keys: str | None = None
+    # A node without keys listens on loopback only, unless this says the network is trusted.
+    insecure: bool = False
     node: NodeConfig = NodeConfig()
 
     def __post_init__(self) -> None:
@@ -319,6 +335,8 @@ _NODE_KEYS = (
     "profile_path",
     "max_waiting_per_model",
     "shed_waiting_after_s",
+    "ended_history",
+    "timeline_events",
 )
 _SLO_KEYS = ("ttft_s", "tbt_s")
 _SCHEDULER_KEYS = ("max_group_size", "qmax_s", "alpha_floor", "kv_lookahead_tokens")
@@ -333,6 +351,8 @@ _SERVE_FIELD_KEYS = (
     "drain_timeout_s",
     "metrics_port",
     "log_format",
+    "cluster_keys",
+    "insecure",
 )
 # ... and those read into other fields: the model entries, the API keys.
 _SERVE_KEYS = ("models", "api_key", "api_key_file", *_SERVE_FIELD_KEYS)

@@ -120,7 +120,9 @@ class Instance(threading.Thread):
         self.role = role
         self.engine = engine
         self.node = node
-        self.turns = TurnLoop(name, role, prefill_queue, decode, node.now)
+        self.turns = TurnLoop(
+            name, role, prefill_queue, decode, node.now, max_events=node.config.timeline_events
+        )
         self.prefill_queue = prefill_queue
         self.decode = decode
         self.timeline = self.turns.timeline

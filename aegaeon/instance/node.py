@@ -17,13 +17,14 @@ import threading
 import time
 import uuid
 import weakref
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from aegaeon.config import NodeConfig
+from aegaeon.config import DEFAULT_ATTAINMENT_TARGET, NodeConfig
 from aegaeon.engine.architecture import Architecture
 from aegaeon.engine.handoff import RequestHandoff, SequenceHandoff
 from aegaeon.engine.outputs import RequestDelta
@@ -37,6 +38,7 @@ from aegaeon.instance.admission import Overloaded, Shed, retry_after_s
 from aegaeon.instance.instance import DECODING, Abort, Instance
 from aegaeon.instance.remote import RemoteEngine, worker_address
 from aegaeon.instance.request_level import RequestLevelInstance
+from aegaeon.instance.snapshot import ModelTotals, NodeSnapshot, read_node
 from aegaeon.instance.worker import ModelFacts, WorkerInfo, WorkerSpec
 from aegaeon.memory.kv_pool import HostKVPool
 from aegaeon.memory.model_cache import HostModelCache
@@ -46,6 +48,7 @@ from aegaeon.scheduler.models import ModelSpec
 from aegaeon.scheduler.predictor import Predictor, ProfileStore
 from aegaeon.scheduler.prefill import PrefillDispatcher, PrefillQueue
 from aegaeon.scheduler.request import SchedRequest
+from aegaeon.scheduler.slo import request_score
 from aegaeon.scheduler.timeline import EventKind
 from aegaeon.scheduler.turn_loop import COLOCATED, DECODE, PREFILL
 
@@ -96,7 +99,12 @@ class Node:
         self.stopping = False
         self.error: BaseException | None = None
         self.live: dict[str, LiveRequest] = {}
-        self.completed: list[SchedRequest] = []
+        # The newest ended requests (in the order they ended), how many ended in all, and per model the
+        # running totals over every one of them.
+        self.completed: deque[SchedRequest] = deque(maxlen=self.config.ended_history)
+        self.ended_total = 0
+        self.totals: dict[str, ModelTotals] = {}
+        self.attainment_target = DEFAULT_ATTAINMENT_TARGET
         self._ids = itertools.count()
         self._t0 = time.monotonic()
         # Told where each request goes (the node server keeps the request records with it).
@@ -315,7 +323,7 @@ class Node:
                     live.finish_reasons[seq.index] = seq.finish_reason
             if output.finished:
                 del self.live[output.request_id]
-                self.completed.append(live.sched)
+                self.request_ended(live.sched)
         live.on_output(output)
 
     def request_moved(self, request_id: str, state: str, instance: str) -> None:
@@ -373,7 +381,7 @@ class Node:
             if live is None:
                 return
             live.sched.fail(self.now())
-            self.completed.append(live.sched)
+            self.request_ended(live.sched)
         if live.on_error is not None:
             live.on_error(error)
 
@@ -446,6 +454,28 @@ class Node:
         with self._work:
             if not self.stopping:
                 self._work.wait(self.config.idle_wait_s)
+
+    # -- reading the node ------------------------------------------------------------------------------
+
+    def request_ended(self, request: SchedRequest) -> None:
+        """Keep an ended (finished or failed) request and count it (under the lock)."""
+        self.completed.append(request)
+        self.ended_total += 1
+        score = request_score(request, self.config.scheduler.slo(request.model))
+        self.totals.setdefault(request.model, ModelTotals()).add(request, score, self.attainment_target)
+
+    def ended_since(self, cursor: int) -> tuple[list[SchedRequest], int]:
+        """The held requests that ended after the first `cursor` ones, and the cursor for next time."""
+        with self.lock:
+            first = self.ended_total - len(self.completed)  # the sequence number of completed[0]
+            skip = max(cursor - first, 0)
+            return list(itertools.islice(self.completed, skip, None)), self.ended_total
+
+    def snapshot(self) -> NodeSnapshot:
+        """The node's state now, read under its lock (the shared pools' figures under their own)."""
+        model_cache, kv_pool = self.model_cache.stats(), self.kv_pool.stats()
+        with self.lock:
+            return read_node(self, model_cache, kv_pool)
 
     # -- lifecycle -----------------------------------------------------------------------------------
 

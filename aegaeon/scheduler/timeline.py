@@ -1,13 +1,16 @@
 """A per-instance timeline: what ran when (switches, prefetches, prefills, decode turns, swaps, idle).
 
 Append-only and cheap to record; JSON-serialisable through to_dict / from_dict. Tests, the simulator
-and the dashboard read it.
+and the dashboard read it. A serving instance's timeline holds only its newest `max_events` events (a
+long-running node must not grow without end); its running totals (`totals()`) still count every event,
+and readers on other threads take events by cursor (`since`) or by time (`recent`).
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 
 
@@ -67,12 +70,46 @@ class TimelineEvent:
         )
 
 
-class Timeline:
-    """The events of one instance, in the order recorded."""
+@dataclass
+class TimelineTotals:
+    """Counts and seconds over every event a timeline recorded, dropped ones included."""
 
-    def __init__(self, instance: str, events: Iterable[TimelineEvent] = ()) -> None:
+    count: dict[EventKind, int] = field(default_factory=dict)
+    seconds: dict[EventKind, float] = field(default_factory=dict)
+    switches: dict[tuple[str, str], int] = field(default_factory=dict)  # (model, detail) -> count
+
+    def add(self, event: TimelineEvent) -> None:
+        self.count[event.kind] = self.count.get(event.kind, 0) + 1
+        self.seconds[event.kind] = self.seconds.get(event.kind, 0.0) + event.duration_s
+        if event.kind is EventKind.SWITCH:
+            key = (event.model or "", event.detail)
+            self.switches[key] = self.switches.get(key, 0) + 1
+
+    def copy(self) -> TimelineTotals:
+        return TimelineTotals(dict(self.count), dict(self.seconds), dict(self.switches))
+
+
+class Timeline:
+    """The events of one instance, in the order recorded (the newest `max_events` of them, if set).
+
+    One thread records; others read through `since`, `recent` and `totals`, which take the timeline's
+    lock. `events` is replaced, never shrunk in place, so a reader holding the old list is unharmed.
+    """
+
+    def __init__(
+        self, instance: str, events: Iterable[TimelineEvent] = (), max_events: int | None = None
+    ) -> None:
+        if max_events is not None and max_events < 1:
+            raise ValueError(f"max_events must be >= 1, got {max_events}")
         self.instance = instance
+        self.max_events = max_events
         self.events: list[TimelineEvent] = list(events)
+        self._totals = TimelineTotals()
+        for event in self.events:
+            self._totals.add(event)
+        self.recorded = len(self.events)  # events ever recorded; the held ones are the newest
+        self._lock = threading.Lock()
+        self._trim()
 
     def __len__(self) -> int:
         return len(self.events)
@@ -93,8 +130,38 @@ class Timeline:
         event = TimelineEvent(
             EventKind(kind), model, start_s, end_s, self.instance, tuple(request_ids), tokens, detail
         )
-        self.events.append(event)
+        with self._lock:
+            self.events.append(event)
+            self.recorded += 1
+            self._totals.add(event)
+            self._trim()
         return event
+
+    def _trim(self) -> None:
+        """Drop the oldest events past `max_events`, an eighth of the cap at a time (amortised O(1))."""
+        if self.max_events is not None and len(self.events) > self.max_events:
+            self.events = self.events[len(self.events) - self.max_events + self.max_events // 8 :]
+
+    def since(self, cursor: int) -> tuple[list[TimelineEvent], int]:
+        """The held events recorded after the first `cursor` ones, and the cursor to pass next time."""
+        with self._lock:
+            first = self.recorded - len(self.events)  # the sequence number of events[0]
+            return self.events[max(cursor - first, 0) :], self.recorded
+
+    def recent(self, since_s: float, limit: int) -> list[TimelineEvent]:
+        """The newest held events that ended at or after `since_s`, at most `limit`, oldest first."""
+        with self._lock:
+            events = self.events
+            start = len(events)
+            # Events are appended as they end: walk back from the tail until they get too old.
+            while start > 0 and len(events) - start < limit and events[start - 1].end_s >= since_s:
+                start -= 1
+            return events[start:]
+
+    def totals(self) -> TimelineTotals:
+        """Counts and seconds by kind, and switches by (model, detail), over every event recorded."""
+        with self._lock:
+            return self._totals.copy()
 
     def of_kind(self, *kinds: EventKind | str) -> list[TimelineEvent]:
         wanted = {EventKind(k) for k in kinds}

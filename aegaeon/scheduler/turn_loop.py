@@ -124,6 +124,7 @@ class TurnLoop:
         prefill_queue: PrefillQueue | None,
         decode: DecodeInstance | None,
         now: Callable[[], float],
+        max_events: int | None = None,
     ) -> None:
         if role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {role!r}")
@@ -133,7 +134,7 @@ class TurnLoop:
         self.prefill_queue = prefill_queue
         self.decode = decode
         self.now = now
-        self.timeline = Timeline(name)
+        self.timeline = Timeline(name, max_events=max_events)  # a serving instance keeps its newest events
         # Measured seconds, per model, of bringing a batch onto the device and off it again (switch,
         # KV placement and swap-out): the round's switch cost c, measured rather than predicted.
         self.turn_cost_s: dict[str, float] = {}

@@ -2,7 +2,8 @@
 
 `ClusterBackend` reads the metadata store for the live nodes and their models (cached for
 `CATALOG_TTL_S`), routes each request to a node by load (`MetadataStore.pick_node`), writes the
-request's record, and talks to the node over ZeroMQ (a DEALER per node, messages in wire.py). A
+request's record, and talks to the node over ZeroMQ (a DEALER per node, messages in wire.py, CURVE
+with the cluster's keys when it has them: keys.py). A
 request's outputs arrive on the event loop and wait on an asyncio queue of its own; closing a stream
 before its request finished (a client went away, a handler was cancelled) aborts it on its node. A
 node that stops beating fails the requests it held, so no stream waits forever.
@@ -20,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import pickle
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -31,8 +31,22 @@ import zmq
 import zmq.asyncio
 
 from aegaeon.errors import Draining, ModelNotFound, Unavailable
+from aegaeon.serve.keys import ClusterKeys
 from aegaeon.serve.metadata import DEFAULT_ALIVE_WITHIN_S, MetadataStore, RequestRecord
-from aegaeon.serve.wire import Abort, Accepted, Failed, Output, Rejected, Submit
+from aegaeon.serve.wire import (
+    Abort,
+    Accepted,
+    Failed,
+    NodeMessage,
+    Output,
+    Rejected,
+    Submit,
+    WireDecodeError,
+    decode_node_message,
+    encode,
+    raised_error,
+    request_output,
+)
 
 if TYPE_CHECKING:
     from aegaeon.engine.outputs import RequestDelta
@@ -165,12 +179,23 @@ class _InFlight:
 class _NodeLink:
     """One api server's connection to one node, and the task that reads the node's answers."""
 
-    def __init__(self, node_id: str, address: str, context: zmq.asyncio.Context, on_message):
+    def __init__(
+        self,
+        node_id: str,
+        address: str,
+        context: zmq.asyncio.Context,
+        on_message: Callable[[NodeMessage], None],
+        keys: ClusterKeys | None = None,
+    ):
         self.node_id = node_id
         self.address = address
         self.socket = context.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.RCVHWM, 0)  # the node's outputs are never dropped on the way in
+        if keys is not None:
+            self.socket.curve_secretkey = keys.for_api()
+            self.socket.curve_publickey = keys.api_public
+            self.socket.curve_serverkey = keys.node_public
         self.socket.connect(address)
         self._on_message = on_message
         self.reader = asyncio.ensure_future(self._read())
@@ -179,14 +204,14 @@ class _NodeLink:
         while True:
             payload = await self.socket.recv()
             try:
-                message = pickle.loads(payload)
-            except Exception:  # noqa: BLE001 - one unreadable message must not stop the link
-                logger.warning("dropped a message from node %s that could not be read", self.node_id)
+                message = decode_node_message(payload)
+            except WireDecodeError as error:  # one unreadable message must not stop the link
+                logger.warning("dropped an unreadable message from node %s: %s", self.node_id, error)
                 continue
             self._on_message(message)
 
     async def send(self, message: Submit | Abort) -> None:
-        await self.socket.send(pickle.dumps(message))
+        await self.socket.send(encode(message))
 
     def close(self) -> None:
         self.reader.cancel()
@@ -196,8 +221,11 @@ class _NodeLink:
 class ClusterBackend:
     """What the api server needs from the cluster, read from the metadata store and the nodes."""
 
-    def __init__(self, store: MetadataStore, api_server_id: str | None = None):
+    def __init__(
+        self, store: MetadataStore, api_server_id: str | None = None, keys: ClusterKeys | None = None
+    ):
         self.store = store
+        self.keys = keys
         self.api_server_id = api_server_id or f"api-{uuid.uuid4().hex[:8]}"
         self._catalog: dict[str, tuple[ModelInfo, str]] = {}  # name -> (info, model directory)
         self._catalog_at = float("-inf")
@@ -325,9 +353,10 @@ class ClusterBackend:
             raise
         if isinstance(answer, Rejected):
             self._in_flight.pop(request_id, None)
-            if isinstance(answer.error, Draining):
+            error = raised_error(answer.error)
+            if isinstance(error, Draining):
                 avoid.add(node_id)
-            raise answer.error
+            raise error
         return RequestStream(request_id, flight.queue, self._abort)
 
     async def _link(self, node_id: str) -> _NodeLink:
@@ -336,12 +365,17 @@ class ClusterBackend:
             node = await asyncio.to_thread(self.store.get_node, node_id)
             if node is None:
                 raise Unavailable(f"node {node_id} left the cluster; retry")
-            if self._context is None:
-                self._context = zmq.asyncio.Context()
-            link = self._links[node_id] = _NodeLink(node_id, node.address, self._context, self._deliver)
+            # Another request of a burst may have linked the node while this one read the store: one
+            # link per node (a second socket would be left open, and would hold up closing).
+            link = self._links.get(node_id)
+            if link is None:
+                if self._context is None:
+                    self._context = zmq.asyncio.Context()
+                link = _NodeLink(node_id, node.address, self._context, self._deliver, self.keys)
+                self._links[node_id] = link
         return link
 
-    def _deliver(self, message: Accepted | Rejected | Output | Failed) -> None:
+    def _deliver(self, message: NodeMessage) -> None:
         """A node's answer, on the event loop: settle the submit, or feed the request's stream."""
         flight = self._in_flight.get(message.request_id)
         if flight is None:
@@ -350,15 +384,17 @@ class ClusterBackend:
             if not flight.accepted.done():
                 flight.accepted.set_result(message)
         elif isinstance(message, Output):
-            flight.queue.put_nowait(message.output)
-            flight.output_tokens += sum(len(choice.token_ids) for choice in message.output.outputs)
-            if message.output.finished:
+            output = request_output(message)
+            flight.queue.put_nowait(output)
+            flight.output_tokens += sum(len(choice.token_ids) for choice in output.outputs)
+            if output.finished:
                 del self._in_flight[message.request_id]
                 self._log_end(message.request_id, flight, "finished", output_tokens=flight.output_tokens)
         elif isinstance(message, Failed):
-            flight.queue.put_nowait(message.error)
+            error = raised_error(message.error)
+            flight.queue.put_nowait(error)
             del self._in_flight[message.request_id]
-            self._log_end(message.request_id, flight, "failed", error=str(message.error))
+            self._log_end(message.request_id, flight, "failed", error=str(error))
 
     def _abort(self, request_id: str) -> None:
         flight = self._in_flight.pop(request_id, None)
@@ -417,10 +453,14 @@ class ClusterBackend:
                         flight.queue.put_nowait(error)
 
     def close(self) -> None:
-        """Drop the node connections (call after the HTTP server stopped: its streams are closed by then)."""
+        """Drop the node connections (call after the HTTP server stopped: its streams are closed by then).
+
+        Bounded whatever state the nodes are in: every socket of the context is closed without linger
+        (what is unsent is dropped: its requests are over), so terminating the context cannot wait.
+        """
         for link in self._links.values():
             link.close()
         self._links.clear()
         if self._context is not None:
-            self._context.term()
+            self._context.destroy(linger=0)
             self._context = None

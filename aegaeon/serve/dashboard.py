@@ -2,8 +2,9 @@
 
 `observability_router(metrics)` is an `APIRouter` to include in any FastAPI app: the api server's in
 role "all", or a small app of its own (`ObservabilityServer`) on a node process that has no api server.
-The handlers are plain functions, so FastAPI runs them in its thread pool: they take the node's lock
-for a moment and must not hold up the event loop that streams tokens.
+The handlers are plain functions, so FastAPI runs them in its thread pool: they read the node through
+its read API (a snapshot under the node's lock, its recent history) and must not hold up the event loop
+that streams tokens.
 """
 
 from __future__ import annotations
@@ -14,28 +15,19 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import uvicorn
 from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.params import Depends
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
+from aegaeon.config import SchedulerConfig
+from aegaeon.instance.snapshot import InstanceSnapshot, ModelSnapshot
 from aegaeon.scheduler.request import SchedRequest
 from aegaeon.scheduler.slo import slo_report
-from aegaeon.serve.metrics import (
-    InstanceState,
-    ModelLoad,
-    ModelTotals,
-    NodeMetrics,
-    read_instances,
-    read_model_load,
-    render,
-)
-
-if TYPE_CHECKING:
-    from aegaeon.instance.instance import Instance
-    from aegaeon.instance.node import Node
+from aegaeon.scheduler.timeline import TimelineEvent
+from aegaeon.serve.metrics import NodeMetrics, render
 
 PAGE_RESOURCE = "dashboard.html"
 # The page shows the last minute: long enough to see rounds of several models, short enough to read.
@@ -96,28 +88,21 @@ class EventView:
 def dashboard_data(metrics: NodeMetrics, window_s: float = WINDOW_S) -> dict[str, Any]:
     """What the page draws: per instance its recent timeline, per model SLO and load, memory use."""
     node = metrics.node
-    models, _ = metrics.snapshot()
-    now = node.now()
-    since = now - window_s
-    states = {state.name: state for state in read_instances(node)}
-    load = read_model_load(node)
-    recent = _ended_since(node, since)
-    cache, pool = node.model_cache.stats(), node.kv_pool.stats()
+    snapshot = metrics.update()
+    since = snapshot.now_s - window_s
+    timelines = node.timelines()
+    recent = _ended_since(metrics, since)
+    cache, pool = snapshot.model_cache, snapshot.kv_pool
     return {
-        "now_s": now,
+        "now_s": snapshot.now_s,
         "window_s": window_s,
         "target": metrics.target,
         "instances": [
-            _instance_view(states[instance.instance_name], _recent_events(instance, since))
-            for instance in node.instances
-            if instance.instance_name in states
+            _instance_view(state, timelines[state.name].recent(since, MAX_EVENTS_PER_INSTANCE))
+            for state in snapshot.instances
+            if state.name in timelines
         ],
-        "models": [
-            _model_view(
-                node, model, models.get(model, ModelTotals()), load.get(model), recent, metrics.target
-            )
-            for model in node.models
-        ],
+        "models": [_model_view(model, recent, metrics.target) for model in snapshot.models],
         "memory": {
             "model_cache": {
                 "capacity_bytes": cache.capacity,
@@ -135,56 +120,50 @@ def dashboard_data(metrics: NodeMetrics, window_s: float = WINDOW_S) -> dict[str
     }
 
 
-def _recent_events(instance: Instance, since: float) -> list[EventView]:
-    """The instance's events that ended after `since`, oldest first (newest kept under the cap)."""
-    events = instance.timeline.events
-    picked = []
-    # Events are appended as they end, so the newest are at the tail: walk back until they get too old.
-    for index in range(len(events) - 1, -1, -1):
-        event = events[index]
-        if event.end_s < since or len(picked) >= MAX_EVENTS_PER_INSTANCE:
-            break
-        picked.append(
-            EventView(event.kind.value, event.model, event.start_s, event.end_s, event.tokens, event.detail)
+def _ended_since(metrics: NodeMetrics, since: float) -> list[SchedRequest]:
+    """The held requests that ended after `since` (they are held in the order they ended)."""
+    held, _ = metrics.node.ended_since(0)
+    start = len(held)
+    while start > 0 and (held[start - 1].finished_s or 0.0) >= since:
+        start -= 1
+    return held[start:]
+
+
+def _instance_view(state: InstanceSnapshot, events: list[TimelineEvent]) -> dict[str, Any]:
+    view = {
+        field: getattr(state, field)
+        for field in (
+            "name",
+            "role",
+            "device",
+            "pid",
+            "up",
+            "arena_bytes",
+            "kv_capacity_bytes",
+            "kv_used_bytes",
+            "waiting",
+            "running",
+            "batches",
         )
-    picked.reverse()
-    return picked
-
-
-def _ended_since(node: Node, since: float) -> list[SchedRequest]:
-    """The requests that ended after `since` (node.completed is in the order they ended)."""
-    with node.lock:
-        completed = node.completed
-        start = len(completed)
-        while start > 0 and (completed[start - 1].finished_s or 0.0) >= since:
-            start -= 1
-        return completed[start:]
-
-
-def _instance_view(state: InstanceState, events: list[EventView]) -> dict[str, Any]:
-    view = asdict(state)
+    }
     view["resident"] = list(state.resident)
     view["kv_usage_ratio"] = state.kv_usage_ratio
-    view["events"] = [asdict(event) for event in events]
+    view["events"] = [
+        asdict(EventView(e.kind.value, e.model, e.start_s, e.end_s, e.tokens, e.detail)) for e in events
+    ]
     return view
 
 
-def _model_view(
-    node: Node,
-    model: str,
-    totals: ModelTotals,
-    load: ModelLoad | None,
-    recent: list[SchedRequest],
-    target: float,
-) -> dict[str, Any]:
-    slo = node.config.scheduler.slo(model)
-    mine = [request for request in recent if request.model == model]
-    window = slo_report(mine, node.config.scheduler, target=target) if mine else None
+def _model_view(model: ModelSnapshot, recent: list[SchedRequest], target: float) -> dict[str, Any]:
+    totals = model.totals
+    mine = [request for request in recent if request.model == model.name]
+    slo = model.slo
+    window = slo_report(mine, SchedulerConfig(default_slo=slo), target=target) if mine else None
     return {
-        "name": model,
+        "name": model.name,
         "slo": {"ttft_s": slo.ttft_s, "tbt_s": slo.tbt_s},
-        "waiting": load.waiting if load else 0,
-        "running": load.running if load else 0,
+        "waiting": model.waiting,
+        "running": model.running,
         "finished": totals.finished,
         "failed": totals.failed,
         "prompt_tokens": totals.prompt_tokens,

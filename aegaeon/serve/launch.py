@@ -19,11 +19,13 @@ from aegaeon.config import MIB, ServeConfig
 from aegaeon.instance.node import Node
 from aegaeon.logs import configure_logging
 from aegaeon.serve.dashboard import ObservabilityServer, observability_router
+from aegaeon.serve.keys import ClusterKeys, keys_from_env_or
 from aegaeon.serve.metadata import MetadataStore, open_store
 from aegaeon.serve.metrics import NodeMetrics
 
 # The curl line printed at start asks for this few tokens, so it answers at once even on a CPU.
 EXAMPLE_MAX_TOKENS = 16
+LOOPBACK = "127.0.0.1"
 
 
 def free_port(host: str) -> int:
@@ -49,18 +51,18 @@ def example_curl(url: str, model: str, api_key: str | None) -> str:
 
 def node_summary(node: Node, node_id: str, address: str) -> list[str]:
     """What a node runs, in a few lines, for the terminal."""
+    snapshot = node.snapshot()
     lines = [f"  node {node_id} takes requests at {address}"]
-    for name, facts in node.models.items():
-        params = facts.num_parameters / 1e6
-        lines.append(f"  model {name:<24} {params:8.1f}M params  context {facts.max_model_len}")
-    for instance in node.instances:
-        info = instance.engine.info
-        arena, kv = info.arena_bytes / MIB, info.kv_bytes / MIB
-        where = f"{instance.instance_name:<14} {info.device:<6} pid {info.pid:<8}"
+    for model in snapshot.models:
+        params = model.num_parameters / 1e6
+        lines.append(f"  model {model.name:<24} {params:8.1f}M params  context {model.max_model_len}")
+    for instance in snapshot.instances:
+        arena, kv = instance.arena_bytes / MIB, instance.kv_capacity_bytes / MIB
+        where = f"{instance.name:<14} {instance.device:<6} pid {instance.pid:<8}"
         lines.append(f"  instance {where} arena {arena:.0f} MiB (KV {kv:.0f} MiB)")
     lines.append(
-        f"  host model cache {node.model_cache.region.nbytes / MIB:.0f} MiB, "
-        f"host KV pool {node.kv_pool.capacity_bytes / MIB:.0f} MiB"
+        f"  host model cache {snapshot.model_cache.capacity / MIB:.0f} MiB, "
+        f"host KV pool {snapshot.kv_pool.capacity_bytes / MIB:.0f} MiB"
     )
     return lines
 
@@ -80,55 +82,64 @@ def _first(keys: tuple[str, ...]) -> str | None:
 def run_server(config: ServeConfig) -> None:
     """Serve until interrupted; shared memory and store registrations are released on the way out."""
     configure_logging(config.log_format)
+    try:
+        keys = keys_from_env_or(config.cluster_keys)
+    except ValueError as error:
+        raise SystemExit(f"aegaeon serve: {error}") from None
     store = open_store(config.redis_url)
     try:
         if config.role == "api":
-            _run_api(config, store)
+            _run_api(config, store, keys)
         elif config.role == "node":
-            _run_node(config, store)
+            _run_node(config, store, keys)
         else:
-            _run_all(config, store)
+            _run_all(config, store, keys)
     finally:
         store.close()
 
 
-def _start_node(config: ServeConfig, store: MetadataStore):
+def _start_node(config: ServeConfig, store: MetadataStore, keys: ClusterKeys | None):
     from aegaeon.serve.node_server import NodeServer
 
+    # With the api server in this process, the node port only needs to be reachable from here.
+    host = config.host if config.role == "node" else LOOPBACK
     node = Node({m.name: m.path for m in config.models}, config.node)
     try:
-        return node, NodeServer(node, store, host=config.host, port=config.node_port)
+        return node, NodeServer(
+            node, store, host=host, port=config.node_port, keys=keys, insecure=config.insecure
+        )
     except BaseException:
         node.close()
         raise
 
 
-def _http(config: ServeConfig, store: MetadataStore):
+def _http(config: ServeConfig, store: MetadataStore, keys: ClusterKeys | None):
     from aegaeon.serve.api_server import build_app
     from aegaeon.serve.backend import ClusterBackend
 
     port = config.port or free_port(config.host)
-    backend = ClusterBackend(store)
+    backend = ClusterBackend(store, keys=keys)
     app = build_app(backend, api_keys=config.api_keys, limits=config.limits)
     return backend, app, f"http://{config.host}:{port}", port
 
 
-def _run_all(config: ServeConfig, store: MetadataStore) -> None:
+def _run_all(config: ServeConfig, store: MetadataStore, keys: ClusterKeys | None) -> None:
     from aegaeon.serve.api_server import serve_http
 
-    node, server = _start_node(config, store)
+    node, server = _start_node(config, store, keys)
 
     def stop() -> None:
         server.close()
         node.close()
 
     try:
-        backend, app, url, port = _http(config, store)
+        backend, app, url, port = _http(config, store, keys)
         app.include_router(observability_router(NodeMetrics(node)))
         lines = ["aegaeon is serving", *node_summary(node, server.node_id, server.address)]
         lines.append(f"  dashboard at {url}/dashboard   Prometheus metrics at {url}/metrics")
+        first_model = config.models[0].name
         print(
-            "\n".join([*lines, *api_summary(url, next(iter(node.models)), _first(config.api_keys))]),
+            "\n".join([*lines, *api_summary(url, first_model, _first(config.api_keys))]),
             flush=True,
         )
         # uvicorn re-raises SIGTERM/SIGINT once it has shut down: release the node before that.
@@ -143,10 +154,10 @@ def _run_all(config: ServeConfig, store: MetadataStore) -> None:
         stop()
 
 
-def _run_api(config: ServeConfig, store: MetadataStore) -> None:
+def _run_api(config: ServeConfig, store: MetadataStore, keys: ClusterKeys | None) -> None:
     from aegaeon.serve.api_server import serve_http
 
-    backend, app, url, port = _http(config, store)
+    backend, app, url, port = _http(config, store, keys)
     models = [info.name for info in asyncio.run(backend.models())]
     lines = [f"aegaeon api server {backend.api_server_id} (metadata in {config.redis_url})"]
     lines.append(f"  models of the live nodes now: {', '.join(models) or 'none yet'}")
@@ -157,8 +168,8 @@ def _run_api(config: ServeConfig, store: MetadataStore) -> None:
     serve_http(app, config.host, port, on_shutdown=backend.close, drain_timeout_s=config.drain_timeout_s)
 
 
-def _run_node(config: ServeConfig, store: MetadataStore) -> None:
-    node, server = _start_node(config, store)
+def _run_node(config: ServeConfig, store: MetadataStore, keys: ClusterKeys | None) -> None:
+    node, server = _start_node(config, store, keys)
     stopped = threading.Event()
     observability = None
     try:
@@ -176,10 +187,12 @@ def _run_node(config: ServeConfig, store: MetadataStore) -> None:
             )
         print("\n".join(lines), flush=True)
         stopped.wait()
-        print(f"draining: finishing {len(node.live)} request(s) in flight, taking no new ones", flush=True)
+        live = node.snapshot().live
+        print(f"draining: finishing {live} request(s) in flight, taking no new ones", flush=True)
         if not server.drain(config.drain_timeout_s):
+            left = node.snapshot().live
             print(
-                f"{len(node.live)} request(s) still running after {config.drain_timeout_s:g} s; stopping",
+                f"{left} request(s) still running after {config.drain_timeout_s:g} s; stopping",
                 flush=True,
             )
     finally:

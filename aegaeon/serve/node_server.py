@@ -6,8 +6,9 @@ with `Accepted`/`Rejected`, and sends the outputs the node's instance threads ha
 (a pipe wakes it, so a token leaves as soon as it is made). The same thread writes each request's record
 (state, instance, first-token time, tokens so far) to the store, after the outputs are sent.
 
-Messages are pickled: the node port must be reachable only from the cluster's own api servers
-(it listens on loopback unless told otherwise).
+Messages are typed records (wire.py): a payload that is not one of them is logged and dropped. With
+cluster keys (keys.py) the port is encrypted and admits only api servers holding the cluster's api key
+(ZeroMQ CURVE); without them a node listens on loopback only, unless told `insecure`.
 
 A second thread registers the node, its models and its instances, and beats every `HEARTBEAT_INTERVAL_S`
 with each instance's load; api servers route by that load (`MetadataStore.pick_node`).
@@ -15,9 +16,9 @@ with each instance's load; api servers route by that load (`MetadataStore.pick_n
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
-import pickle
 import queue
 import socket
 import threading
@@ -26,12 +27,12 @@ import uuid
 from dataclasses import dataclass
 
 import zmq
+from zmq.auth.thread import ThreadAuthenticator
 
 from aegaeon.engine.outputs import RequestDelta
 from aegaeon.instance.admission import Draining
 from aegaeon.instance.node import Node
-from aegaeon.portable import portable
-from aegaeon.scheduler.decode import kv_bytes_needed
+from aegaeon.serve.keys import ClusterKeys
 from aegaeon.serve.metadata import (
     LOAD_KV_USAGE,
     LOAD_RUNNING,
@@ -42,7 +43,18 @@ from aegaeon.serve.metadata import (
     NodeInfo,
     RequestState,
 )
-from aegaeon.serve.wire import Abort, Accepted, Failed, Output, Rejected, Submit
+from aegaeon.serve.wire import (
+    Abort,
+    Accepted,
+    Failed,
+    Rejected,
+    Submit,
+    WireDecodeError,
+    decode_api_message,
+    encode,
+    output_message,
+    wire_error,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +63,9 @@ HEARTBEAT_INTERVAL_S = 1.0
 IDLE_POLL_MS = 500
 ANY_ADDRESS = ("0.0.0.0", "", "*")
 DRAIN_POLL_S = 0.05
+# Closing waits this long for each thread: the socket thread looks up every IDLE_POLL_MS, and a
+# heartbeat stuck on an unreachable store gives up after the store's own retries (about 5 s).
+JOIN_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -64,6 +79,15 @@ class _Moved:
 class _Failure:
     request_id: str
     error: BaseException
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def advertised_host(host: str) -> str:
@@ -81,13 +105,31 @@ class NodeServer:
         host: str = "127.0.0.1",
         port: int = 0,
         node_id: str | None = None,
+        keys: ClusterKeys | None = None,
+        insecure: bool = False,
     ):
+        if keys is None and not insecure and not is_loopback(host):
+            raise ValueError(
+                f"refusing to take requests on {host} without cluster keys: anyone reaching the port could "
+                "submit work; give --cluster-keys DIR (make one with `aegaeon keys DIR`), or --insecure on a "
+                "network you trust"
+            )
         self.node = node
         self.store = store
         self.node_id = node_id or f"node-{uuid.uuid4().hex[:8]}"
-        self._context = zmq.Context.instance()
+        # A context of its own: closing it cannot wait on sockets someone else opened.
+        self._context = zmq.Context()
+        self._auth: ThreadAuthenticator | None = None
         self._socket = self._context.socket(zmq.ROUTER)
         self._socket.setsockopt(zmq.LINGER, 0)
+        if keys is not None:
+            # CURVE: encrypted, and ZAP admits only clients whose public key is a *.key file of the directory.
+            self._auth = ThreadAuthenticator(self._context)
+            self._auth.start()
+            self._auth.configure_curve(domain="*", location=str(keys.directory))
+            self._socket.curve_secretkey = keys.for_node()
+            self._socket.curve_publickey = keys.node_public
+            self._socket.curve_server = True
         # No high-water mark: past one, ZeroMQ would drop outputs (a final one would leave a stream
         # waiting, a lost delta would cut text out of it).
         self._socket.setsockopt(zmq.SNDHWM, 0)
@@ -120,53 +162,43 @@ class NodeServer:
     # -- registration and heartbeats -------------------------------------------------------------------
 
     def _register(self) -> None:
-        node = self.node
+        snapshot = self.node.snapshot()
         self.store.register_node(
             NodeInfo(
                 node_id=self.node_id,
                 address=self.address,
-                models=list(node.models),
-                model_dirs={name: facts.model_dir for name, facts in node.models.items()},
-                max_model_lens={name: facts.max_model_len for name, facts in node.models.items()},
-                devices=len(node.instances),
-                host_cache_bytes=node.model_cache.region.nbytes,
+                models=[model.name for model in snapshot.models],
+                model_dirs={model.name: model.model_dir for model in snapshot.models},
+                max_model_lens={model.name: model.max_model_len for model in snapshot.models},
+                devices=len(snapshot.instances),
+                host_cache_bytes=snapshot.model_cache.capacity,
             )
         )
-        for model in node.models:
-            self.store.place_model(model, self.node_id)
-        for instance in node.instances:
+        for model in snapshot.models:
+            self.store.place_model(model.name, self.node_id)
+        for instance in snapshot.instances:
             self.store.register_instance(
                 InstanceInfo(
-                    instance_id=self.instance_id(instance.instance_name),
+                    instance_id=self.instance_id(instance.name),
                     node_id=self.node_id,
                     role=instance.role,
-                    device=node.config.device,
-                    address=instance.engine.spec.address,
+                    device=snapshot.device,
+                    address=instance.address,
                 )
             )
 
     def _heartbeats(self) -> None:
         while not self._stopping.wait(HEARTBEAT_INTERVAL_S):
-            for instance in self.node.instances:
+            for instance in self.node.snapshot().instances:
+                load = {
+                    LOAD_WAITING: instance.waiting,
+                    LOAD_RUNNING: instance.running,
+                    LOAD_KV_USAGE: instance.kv_usage_ratio,
+                }
                 try:
-                    self.store.heartbeat(
-                        self.instance_id(instance.instance_name), self._load(instance), instance.resident
-                    )
+                    self.store.heartbeat(self.instance_id(instance.name), load, instance.resident)
                 except MetadataStoreError as error:
-                    logger.warning("heartbeat of %s failed: %s", instance.instance_name, error)
-
-    def _load(self, instance) -> dict[str, float]:
-        with self.node.lock:
-            waiting = len(instance.prefill_queue) if instance.prefill_queue is not None else 0
-            running, kv_usage = 0, 0.0
-            if instance.decode is not None:
-                batches = instance.decode.batches
-                running = sum(len(batch) for batch in batches)
-                used = sum(
-                    kv_bytes_needed(self.node.specs[b.model], b.requests, 0) for b in batches if b.requests
-                )
-                kv_usage = used / instance.decode.kv_capacity_bytes
-        return {LOAD_WAITING: waiting, LOAD_RUNNING: running, LOAD_KV_USAGE: kv_usage}
+                    logger.warning("heartbeat of %s failed: %s", instance.name, error)
 
     # -- the socket thread -------------------------------------------------------------------------------
 
@@ -187,15 +219,21 @@ class NodeServer:
                 except BlockingIOError:
                     pass
             while self._socket.poll(0):
-                identity, payload = self._socket.recv_multipart()
-                self._handle(identity, payload)
+                frames = self._socket.recv_multipart()
+                if len(frames) == 2:  # the sender's identity, one message
+                    self._handle(*frames)
+                else:
+                    logger.warning("dropped a message of %d frames (a request is one)", len(frames) - 1)
             self._flush()
 
     def _handle(self, identity: bytes, payload: bytes) -> None:
         try:
-            message = pickle.loads(payload)
-        except Exception:  # noqa: BLE001 - a peer that speaks another protocol is ignored, not fatal
-            logger.warning("dropped a message the node could not read")
+            message = decode_api_message(payload)
+        except WireDecodeError as error:
+            # A peer that speaks another protocol (or an attacker) is ignored, not fatal.
+            logger.warning(
+                "dropped a %d-byte message that is not a request or an abort: %s", len(payload), error
+            )
             return
         if isinstance(message, Submit):
             self._submit(identity, message)
@@ -206,7 +244,7 @@ class NodeServer:
         request_id = message.request_id
         if self._draining.is_set():
             error = Draining(f"node {self.node_id} is shutting down; send the request to another node")
-            self._send(identity, Rejected(request_id, error))
+            self._send(identity, Rejected(request_id, wire_error(error)))
             return
         self._senders[request_id] = identity
         try:
@@ -215,12 +253,12 @@ class NodeServer:
                 message.params,
                 message.model,
                 self._post,
-                lambda error, request_id=request_id: self._post(_Failure(request_id, portable(error))),
+                lambda error, request_id=request_id: self._post(_Failure(request_id, error)),
                 request_id=request_id,
             )
         except (ValueError, KeyError, RuntimeError) as error:
             del self._senders[request_id]
-            self._send(identity, Rejected(request_id, portable(error)))
+            self._send(identity, Rejected(request_id, wire_error(error)))
             return
         self._send(identity, Accepted(request_id))
 
@@ -246,10 +284,10 @@ class NodeServer:
         for output in newest.values():
             identity = self._senders.get(output.request_id)
             if identity is not None:
-                self._send(identity, Output(output))
+                self._send(identity, output_message(output))
         for item in others:
             if isinstance(item, _Failure) and item.request_id in self._senders:
-                self._send(self._senders[item.request_id], Failed(item.request_id, item.error))
+                self._send(self._senders[item.request_id], Failed(item.request_id, wire_error(item.error)))
         for item in others:
             if isinstance(item, _Moved):
                 state = RequestState(item.state)  # the node names states as records do
@@ -265,7 +303,7 @@ class NodeServer:
 
     def _send(self, identity: bytes, message) -> None:
         try:
-            self._socket.send_multipart([identity, pickle.dumps(message)], flags=zmq.NOBLOCK)
+            self._socket.send_multipart([identity, encode(message)], flags=zmq.NOBLOCK)
         except zmq.Again:
             # The api server is gone or not reading: its requests' outputs have nowhere to go.
             logger.warning("an api server is not reading; dropped a message for it")
@@ -315,9 +353,9 @@ class NodeServer:
         except MetadataStoreError as error:
             logger.warning("could not deregister node %s: %s", self.node_id, error)
         deadline = time.monotonic() + timeout_s
-        while self.node.live and time.monotonic() < deadline:
+        while self.node.snapshot().live and time.monotonic() < deadline:
             time.sleep(DRAIN_POLL_S)
-        return not self.node.live
+        return not self.node.snapshot().live
 
     def close(self) -> None:
         """Stop serving and leave the store (the node's instances and placements with it)."""
@@ -326,15 +364,22 @@ class NodeServer:
         self._stopping.set()
         os.write(self._wake_write, b"\0")
         for thread in self._threads:
-            thread.join()
+            thread.join(JOIN_TIMEOUT_S)
+            if thread.is_alive():
+                logger.warning("%s did not stop within %g s; closing anyway", thread.name, JOIN_TIMEOUT_S)
         self.node.on_state = None
         try:
-            for instance in self.node.instances:
-                self.store.remove_instance(self.instance_id(instance.instance_name))
+            for instance in self.node.snapshot().instances:
+                self.store.remove_instance(self.instance_id(instance.name))
             self.store.remove_node(self.node_id)
         except MetadataStoreError as error:
             logger.warning("could not deregister node %s: %s", self.node_id, error)
+        if self._threads[0].is_alive():
+            return  # a ZeroMQ socket must not be closed under the thread using it: the process exit frees it
         self._socket.close(linger=0)
+        if self._auth is not None:
+            self._auth.stop()
+        self._context.term()  # every socket of the context is closed by now: this cannot wait
         os.close(self._wake_read)
         os.close(self._wake_write)
 

@@ -1,60 +1,165 @@
-"""The typed messages between api servers and nodes (ZeroMQ DEALER -> ROUTER, pickled records).
+"""The typed messages between api servers and nodes (ZeroMQ DEALER -> ROUTER, msgpack via msgspec).
 
 An api server sends `Submit` and `Abort`; the node answers each `Submit` with `Accepted` or
-`Rejected` (bad input the node caught, with the error to raise), then sends the request's
-`Output`s (each holds what is new since the previous one) and, if it fails after acceptance, `Failed`.
+`Rejected` (bad input the node caught), then sends the request's `Output`s (each holds what is new
+since the previous one) and, if it fails after acceptance, `Failed`. Decoding builds only these
+records (never arbitrary objects, as pickle would), so a peer can at worst send something the
+receiver drops. Errors travel as data, a class name from `ERROR_CLASSES` with a status, message,
+parameter, code and retry delay, and are raised again on the receiving side as that class.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import msgspec
 
+from aegaeon import errors
 from aegaeon.engine.outputs import RequestDelta
 from aegaeon.engine.sampling_params import SamplingParams
 
 
-@dataclass(frozen=True)
-class Submit:
+class Submit(msgspec.Struct, tag=True, frozen=True):
     request_id: str
     model: str
     prompt_token_ids: list[int]
     params: SamplingParams
 
 
-@dataclass(frozen=True)
-class Abort:
+class Abort(msgspec.Struct, tag=True, frozen=True):
     request_id: str
 
 
-@dataclass(frozen=True)
-class Accepted:
+class Accepted(msgspec.Struct, tag=True, frozen=True):
     request_id: str
 
 
-@dataclass(frozen=True)
-class Rejected:
-    """The node refused the request; `error` is a ValueError, KeyError or RuntimeError to raise."""
+class WireError(msgspec.Struct, frozen=True):
+    """An error as data: `kind` names a class of `ERROR_CLASSES`; `status` is its HTTP status."""
+
+    kind: str
+    status: int
+    message: str
+    param: str | None = None
+    code: str | None = None
+    retry_after_s: float | None = None  # a refusal that may pass: when to try again
+
+
+class Rejected(msgspec.Struct, tag=True, frozen=True):
+    """The node refused the request (bad input, overloaded, shutting down)."""
 
     request_id: str
-    error: BaseException
+    error: WireError
 
 
-@dataclass(frozen=True)
-class Output:
+class Output(msgspec.Struct, tag=True, frozen=True):
+    """What a step added to a request (`output_message` / `request_output` convert it)."""
+
+    request_id: str
     output: RequestDelta
 
-    @property
-    def request_id(self) -> str:
-        return self.output.request_id
 
-
-@dataclass(frozen=True)
-class Failed:
-    """A running request failed on the node; `error` says why (a RuntimeError, `Shed` under overload)."""
+class Failed(msgspec.Struct, tag=True, frozen=True):
+    """A running request failed on the node (a RuntimeError, `Shed` under overload)."""
 
     request_id: str
-    error: BaseException
+    error: WireError
 
 
-NodeMessage = Accepted | Rejected | Output | Failed
 ApiMessage = Submit | Abort
+NodeMessage = Accepted | Rejected | Output | Failed
+
+# The errors that may cross the wire, most specific first; any other error travels as the first class
+# it derives from (a RuntimeError at worst). aegaeon's own errors carry their HTTP status.
+ERROR_CLASSES: dict[str, type[BaseException]] = {
+    cls.__name__: cls
+    for cls in (
+        errors.ContextLengthExceeded,
+        errors.InvalidRequest,
+        errors.ModelNotFound,
+        errors.NotFound,
+        errors.Overloaded,
+        errors.RateLimited,
+        errors.Draining,
+        errors.Shed,
+        errors.Unavailable,
+        errors.RequestFailed,
+        KeyError,
+        ValueError,
+        RuntimeError,
+    )
+}
+# The status of an error that is not one of aegaeon's own.
+BUILTIN_STATUS = {"KeyError": 404, "ValueError": 400, "RuntimeError": 500}
+
+
+class WireDecodeError(ValueError):
+    """A payload that is not one of the expected messages."""
+
+
+def wire_error(error: BaseException) -> WireError:
+    """An error as it crosses the wire: its own class if allowed, else the first allowed one it derives
+    from, its real class name then leading the message."""
+    kind = next((name for name, cls in ERROR_CLASSES.items() if isinstance(error, cls)), "RuntimeError")
+    if isinstance(error, errors.AegaeonError):
+        message, status = error.message, int(error.status)
+        param, code, retry = error.param, error.code, error.retry_after_s
+    else:
+        # KeyError's str() quotes its message: send the message itself.
+        message = str(error.args[0]) if len(error.args) == 1 else str(error)
+        status, param, code, retry = BUILTIN_STATUS.get(kind, 500), None, None, None
+    if type(error).__name__ != kind:
+        message = f"{type(error).__name__}: {message}"
+    return WireError(kind, status, message, param, code, retry)
+
+
+def raised_error(error: WireError) -> BaseException:
+    """The exception to raise for an error that came over the wire (RuntimeError for an unknown kind)."""
+    cls = ERROR_CLASSES.get(error.kind, RuntimeError)
+    if not issubclass(cls, errors.AegaeonError):
+        return cls(error.message)
+    # Built as its class's own constructor would, whatever that constructor's signature.
+    raised = cls.__new__(cls)
+    Exception.__init__(raised, error.message)
+    raised.message, raised.param, raised.code = error.message, error.param, error.code
+    raised.retry_after_s = error.retry_after_s
+    return raised
+
+
+# -- the output record: converted in one place, so its shape can change in one place --------------------
+
+
+def output_message(output: RequestDelta) -> Output:
+    return Output(output.request_id, output)
+
+
+def request_output(message: Output) -> RequestDelta:
+    return message.output
+
+
+# -- bytes -------------------------------------------------------------------------------------------
+
+
+_encoder = msgspec.msgpack.Encoder()
+_api_decoder = msgspec.msgpack.Decoder(ApiMessage)
+_node_decoder = msgspec.msgpack.Decoder(NodeMessage)
+
+
+def encode(message: ApiMessage | NodeMessage) -> bytes:
+    return _encoder.encode(message)
+
+
+def decode_api_message(payload: bytes) -> ApiMessage:
+    """What an api server sent (WireDecodeError if it is not a `Submit` or `Abort`)."""
+    return _decode(_api_decoder, payload)
+
+
+def decode_node_message(payload: bytes) -> NodeMessage:
+    """What a node sent (WireDecodeError if it is not one of the node's messages)."""
+    return _decode(_node_decoder, payload)
+
+
+def _decode(decoder: msgspec.msgpack.Decoder, payload: bytes):
+    try:
+        return decoder.decode(payload)
+    except (msgspec.MsgspecError, ValueError, TypeError) as error:
+        # ValueError / TypeError: a record's own checks (SamplingParams.__post_init__) refused it.
+        raise WireDecodeError(str(error)) from None

@@ -55,3 +55,22 @@ def test_helpers_and_validation() -> None:
     with pytest.raises(ValueError):
         t.record("nap", "a", 0.0, 1.0)
 
+
+
+def test_a_capped_timeline_holds_its_newest_events_and_counts_every_one() -> None:
+    cap = 16
+    t = Timeline("gpu0", max_events=cap)
+    for i in range(100):
+        t.record(EventKind.SWITCH if i % 10 == 0 else EventKind.DECODE_TURN, "a", i, i + 0.5)
+    assert len(t) <= cap and t.recorded == 100
+    assert t.events[-1].start_s == 99  # the newest are kept
+    totals = t.totals()
+    assert totals.count[EventKind.SWITCH] == 10 and totals.count[EventKind.DECODE_TURN] == 90
+    assert totals.seconds[EventKind.DECODE_TURN] == pytest.approx(45.0)
+    assert totals.switches == {("a", ""): 10}
+    # A reader by cursor gets what it has not seen yet (the dropped ones are gone).
+    events, cursor = t.since(97)
+    assert [e.start_s for e in events] == [97, 98, 99] and cursor == 100
+    events, cursor = t.since(0)
+    assert len(events) == len(t) and cursor == 100
+    assert [e.start_s for e in t.recent(since_s=96.0, limit=2)] == [98, 99]

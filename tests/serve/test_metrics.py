@@ -238,7 +238,7 @@ def test_a_failed_request_counts_as_failed_and_scores_zero(node, metrics):
     request = SchedRequest("failed-0", model, node.now(), prompt_len=5, max_tokens=8)
     request.fail(node.now())
     with node.lock:
-        node.completed.append(request)
+        node.request_ended(request)
     after = parse(render(metrics.registry)[0])
     failed = ("aegaeon_requests_total", (("model", model), ("outcome", "failed")))
     assert after[failed] == before.get(failed, 0) + 1

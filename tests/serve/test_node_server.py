@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import pickle
-
 import zmq
 
 from aegaeon.config import EngineConfig, NodeConfig
@@ -11,7 +9,7 @@ from aegaeon.engine.sampling_params import SamplingParams
 from aegaeon.instance.node import Node
 from aegaeon.serve.metadata import MemoryStore
 from aegaeon.serve.node_server import NodeServer
-from aegaeon.serve.wire import Accepted, Output, Submit
+from aegaeon.serve.wire import Accepted, Output, Submit, decode_node_message, encode
 from tests.instance.test_worker import FINISH_BYTES, PROMPT, TOKENS, one_token_bytes
 
 RECEIVE_TIMEOUT_MS = 120_000
@@ -32,12 +30,12 @@ def test_an_output_message_does_not_grow_with_the_generation(make_demo_model, pr
         NodeServer(node, MemoryStore()) as server,
     ):
         socket.connect(server.address)
-        socket.send(pickle.dumps(Submit("long", "llama", PROMPT, params)))
-        assert isinstance(pickle.loads(socket.recv()), Accepted)
+        socket.send(encode(Submit("long", "llama", PROMPT, params)))
+        assert isinstance(decode_node_message(socket.recv()), Accepted)
         sizes, carried, finished = [], [], False
         while not finished:
             payload = socket.recv()  # the bytes on the wire, as the api server reads them
-            message = pickle.loads(payload)
+            message = decode_node_message(payload)
             assert isinstance(message, Output)
             sizes.append(len(payload))
             carried.append(len(message.output.outputs[0].token_ids))

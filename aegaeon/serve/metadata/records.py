@@ -1,0 +1,113 @@
+"""What the metadata store holds: instances, nodes and request records, and the store's errors."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field, fields
+
+# A finished, failed or aborted request's record is kept this long, then dropped.
+DEFAULT_FINISHED_TTL_S = 3600.0
+# An instance silent this long is dropped from the registry (liveness itself is `alive_within_s`).
+DEFAULT_INSTANCE_TTL_S = 300.0
+# The liveness window `pick_node` uses: a few missed heartbeats of a node beating every second or two.
+DEFAULT_ALIVE_WITHIN_S = 10.0
+
+# Keys of the load summary a heartbeat carries.
+LOAD_WAITING = "waiting"  # requests queued on the instance
+LOAD_RUNNING = "running"  # requests in its running batches
+LOAD_KV_USAGE = "kv_usage"  # fraction of its KV blocks in use, 0..1
+
+
+class MetadataStoreError(RuntimeError):
+    """The store cannot be reached or refused us."""
+
+
+class StoreAuthenticationError(MetadataStoreError):
+    """Redis rejected the password (or wanted one)."""
+
+
+class StoreUnavailableError(MetadataStoreError):
+    """Redis did not answer, even after the reconnect retries."""
+
+
+class RequestState(str, enum.Enum):
+    QUEUED = "queued"
+    PREFILLING = "prefilling"
+    DECODING = "decoding"
+    FINISHED = "finished"
+    FAILED = "failed"
+    ABORTED = "aborted"
+
+    @property
+    def terminal(self) -> bool:
+        """Whether the request is done (its record then expires)."""
+        return self in TERMINAL_STATES
+
+
+TERMINAL_STATES = frozenset({RequestState.FINISHED, RequestState.FAILED, RequestState.ABORTED})
+
+
+@dataclass
+class InstanceInfo:
+    """What an instance registers; wall-clock times are seconds since the epoch."""
+
+    instance_id: str
+    node_id: str
+    role: str  # prefill | decode | colocated
+    device: str  # "cuda:0", "cpu"
+    address: str  # where its IPC endpoint listens
+    models_resident: list[str] = field(default_factory=list)
+    started_at: float = field(default_factory=time.time)
+
+
+@dataclass
+class InstanceStatus:
+    """A registered instance with its last heartbeat (store clock) and load summary."""
+
+    info: InstanceInfo
+    last_seen: float
+    load: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def busy(self) -> float:
+        """Requests waiting plus running: what routing balances."""
+        return self.load.get(LOAD_WAITING, 0.0) + self.load.get(LOAD_RUNNING, 0.0)
+
+
+@dataclass
+class NodeInfo:
+    """One machine: the models it can serve (load from its host cache or disk) and its capacity."""
+
+    node_id: str
+    address: str
+    models: list[str] = field(default_factory=list)
+    # Per model: its local directory (where api servers find its tokenizer) and its context length.
+    model_dirs: dict[str, str] = field(default_factory=dict)
+    max_model_lens: dict[str, int] = field(default_factory=dict)
+    devices: int = 1  # instances it runs
+    host_cache_bytes: int = 0  # capacity of its host model cache
+    registered_at: float = field(default_factory=time.time)
+
+
+@dataclass
+class RequestRecord:
+    """One request's record; times are wall-clock seconds since the epoch, None until they happen."""
+
+    request_id: str
+    model: str
+    state: RequestState = RequestState.QUEUED
+    api_server: str = ""
+    node_id: str | None = None
+    instance_id: str | None = None
+    arrival_s: float = field(default_factory=time.time)
+    first_token_s: float | None = None
+    finished_s: float | None = None
+    prompt_tokens: int = 0
+    output_tokens: int = 0  # count
+    output_token_ids: list[int] = field(default_factory=list)  # so far
+    finish_reason: str | None = None
+    error: str | None = None  # why it failed
+
+
+UPDATABLE_REQUEST_FIELDS = frozenset(f.name for f in fields(RequestRecord)) - {"request_id"}
