@@ -24,7 +24,7 @@ import torch
 
 from aegaeon.config import EngineConfig, MemoryConfig, default_model_name
 from aegaeon.engine.architecture import Architecture
-from aegaeon.engine.batcher import ContinuousBatcher
+from aegaeon.engine.batcher import ContinuousBatcher, ScheduledStep
 from aegaeon.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from aegaeon.engine.kv_cache import (
     BLOCK_SIZE,
@@ -589,7 +589,7 @@ class LLMEngine:
                 seq = self._new_sequence(served, "logits", 0, token_ids, SamplingParams(), max_tokens=1)
                 seq.block_table = served.batcher.allocator.allocate(blocks_for_tokens(len(token_ids)))
                 seqs.append(seq)
-            return served.runner.logits(seqs, is_prefill=True)
+            return served.runner.logits(ScheduledStep(is_prefill=True, seqs=seqs))
         finally:
             for seq in seqs:
                 served.batcher.allocator.free(seq.block_table)
@@ -612,9 +612,11 @@ class LLMEngine:
         scheduled = served.batcher.schedule()
         if scheduled is None:
             return []
-        seqs = self._landed(scheduled.seqs)
-        sampled = served.runner.step(seqs, scheduled.is_prefill)
+        scheduled = scheduled.only(self._landed(scheduled.seqs))
+        sampled = served.runner.step(scheduled)
         touched: dict[str, None] = {}
+        # A prompt prefilled in chunks samples (and appears in the outputs) with its last chunk only.
+        seqs = scheduled.sampling
         for seq, token_id, logprobs in zip(seqs, sampled.token_ids, sampled.logprobs, strict=True):
             self._append_token(served, seq, token_id, logprobs)
             if seq.finish_reason is not None:

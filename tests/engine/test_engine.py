@@ -37,6 +37,9 @@ BFLOAT16_LOGIT_TOLERANCE = 0.5
 # A KV cache this many blocks large cannot hold the 8 prompts with their 40 tokens at once
 # (they need 33 blocks at the end) but holds the longest one (110 tokens, 7 blocks) alone.
 PREEMPTION_NUM_BLOCKS = 12
+# Prompt tokens per step in the chunked-prefill test: the 40- and 70-token prompts (and recomputed
+# prompt + output) take several steps, in chunks that do not line up with the 16-token blocks.
+CHUNK_BUDGET = 24
 
 GREEDY = SamplingParams(temperature=0, max_tokens=GREEDY_TOKENS, ignore_eos=True)
 
@@ -109,7 +112,7 @@ def run_engine(
 def assert_engine_idle(engine: LLMEngine) -> None:
     """Nothing queued or running, and every KV block back in the free list."""
     assert not engine.has_unfinished_requests()
-    assert not engine.batcher.has_work
+    assert not (engine.batcher.waiting or engine.batcher.running or engine.batcher.swapped)
     assert engine.batcher.allocator.num_free == engine.batcher.allocator.num_blocks
 
 
@@ -205,6 +208,33 @@ def test_seeded_sampling_survives_preemption(model_dir, llm, prompts):
     assert preempted
     for request_id in requests:
         assert constrained[request_id].token_ids == unconstrained[request_id].token_ids
+
+
+@pytest.mark.parametrize("preempting", [False, True], ids=["roomy-cache", "small-cache"])
+def test_chunked_prefill_matches_hf(model_dir, llm, prompts, hf_greedy, preempting):
+    """Prompts longer than the token budget are prefilled over several steps, each chunk attending to
+    the earlier chunks' KV in the paged cache, with decode steps in between: the same tokens as HF."""
+    arch = llm.engine.arch
+    config = EngineConfig(max_num_batched_tokens=CHUNK_BUDGET)
+    if preempting:
+        kv_cache_bytes = PREEMPTION_NUM_BLOCKS * kv_block_bytes(arch, torch.float32)
+        config = EngineConfig(max_num_batched_tokens=CHUNK_BUDGET, kv_cache_bytes=kv_cache_bytes)
+    engine = LLMEngine(model_dir, config=config)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(str(i), prompt, GREEDY)
+    finished, chunked, preempted = {}, set(), set()
+    while engine.has_unfinished_requests():
+        outputs = engine.step()
+        mid_prompt = {seq.request_id for seq in engine.batcher.prefilled}
+        assert not mid_prompt & {o.request_id for o in outputs}, "a sequence got a token mid-prompt"
+        finished |= {o.request_id: o for o in outputs if o.finished}
+        chunked |= mid_prompt
+        preempted |= {seq.request_id for seq in engine.batcher.waiting if seq.output_token_ids}
+    assert {"6", "7"} <= chunked  # the 40- and 70-token prompts
+    assert bool(preempted) == preempting
+    for i, expected in enumerate(hf_greedy):
+        assert finished[str(i)].token_ids == expected, f"request {i} of {len(prompts[i])} tokens"
+    assert_engine_idle(engine)
 
 
 # ---------------------------------------------------------------------------- stop conditions
