@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import CausalBias, causal_lower_right
 
 from aegaeon.engine.kv_cache import BLOCK_SIZE
-from aegaeon.engine.rope import apply_rotary
+from aegaeon.engine.rope import rotate
 
 # A decode group costs a few extra ops per layer; splitting pays when it saves more padded blocks
 # than this (one block per layer is ~4 us of gathering and attending on the CPU; a group, ~30 us).
@@ -68,6 +68,8 @@ class PrefillGroup:
     mask: torch.Tensor | CausalBias | None
 
 
+# (q, k, cos, signed_sin) -> None, rotating q and k in place (rope.rotate, or the CPU kernel's)
+Rotate = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
 # (q, kv_cache, layer, block_tables, context_lens, scale, sliding_window, new_kv=, rotary=)
 #   -> [rows, heads, head_dim]
 # (semantics: paged_decode.py)
@@ -85,6 +87,8 @@ class AttentionBatch:
     # cos and signed sin of each token's position, [tokens, 1, head_dim] (RotaryTable.lookup)
     cos: torch.Tensor
     sin: torch.Tensor
+    # how q and k are rotated to their positions (where the paged decode kernel does not)
+    rotate: Rotate = rotate
     # prefill: the groups of packed prompts attended together, in packing order
     prefill_groups: list[PrefillGroup] | None = None
     # decode: rows grouped by context length, and each row's context length (new token included)
@@ -169,8 +173,7 @@ def attention(
         )  # fmt: skip
         return out.flatten(1)
     # In place: q and kv are this layer's own (views of its qkv product, or fresh tensors).
-    apply_rotary(q, batch.cos, batch.sin, out=q)
-    apply_rotary(kv[:, 0], batch.cos, batch.sin, out=kv[:, 0])
+    batch.rotate(q, kv[:, 0], batch.cos, batch.sin)
     write_kv(kv_cache, layer, batch, kv)
     if batch.is_prefill:
         return _prefill(q, kv, kv_cache, layer, batch)

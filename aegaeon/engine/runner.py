@@ -19,10 +19,10 @@ from aegaeon.engine.attention import (
     prefill_mask,
 )
 from aegaeon.engine.batcher import PrefillChunk, ScheduledStep
-from aegaeon.engine.cpu_kernels import LayerKernels, cpu_decode_supports
+from aegaeon.engine.cpu_kernels import LayerKernels, cpu_decode_supports, cpu_rotary_supports
 from aegaeon.engine.kv_cache import BLOCK_SIZE, blocks_for_tokens
 from aegaeon.engine.model import Transformer
-from aegaeon.engine.rope import RotaryTable
+from aegaeon.engine.rope import RotaryTable, rotate
 from aegaeon.engine.sampler import Sampler, SamplerOutput, SamplingRow
 from aegaeon.engine.sequence import Sequence
 from aegaeon.engine.weights import ModelWeights
@@ -55,6 +55,8 @@ class ModelRunner:
         self.sampler = Sampler()
         self.scale = arch.head_dim**-0.5
         self.paged_decode = paged_decode_kernel(arch, device, self.model.cpu_kernels)
+        kernels = self.model.cpu_kernels
+        self.rotate = kernels.rotate if kernels is not None and cpu_rotary_supports(arch.head_dim) else rotate
         # Step inputs go to an accelerator from pinned host memory, without stalling the host.
         self._pin = device.type == "cuda"
 
@@ -170,6 +172,7 @@ class ModelRunner:
             scale=self.scale,
             cos=cos,
             sin=sin,
+            rotate=self.rotate,
             prefill_groups=groups,
         )
         return token_ids_t, batch, rows_t
@@ -212,6 +215,7 @@ class ModelRunner:
             scale=self.scale,
             cos=cos,
             sin=sin,
+            rotate=self.rotate,
             decode_groups=groups,
             context_lens=context_lens,
             sliding_window=self.arch.sliding_window,
