@@ -1,12 +1,14 @@
-"""Decode throughput of the engine against `transformers` and against the compute ceiling.
+"""Decode throughput and prefill time of the engine against `transformers` (and the compute ceiling).
 
     python benchmarks/engine.py [--json] [--repeats 3] [--model-dir DIR] [--compare-attention]
+                                [--sections decode,prefill] [--dtypes float32,bfloat16]
 
 The model is Llama-shaped, about 100M parameters (hidden 768, 8 layers, 12 heads / 4 KV heads,
-intermediate 2048, vocab 32k), random weights, float32 on the CPU. It is written once to
-`--model-dir` and reused.
+intermediate 2048, vocab 32k), random weights, on the CPU. It is written once to `--model-dir` and
+reused.
 
-Three numbers per batch size, measured side by side in one process, each a median of `--repeats`:
+Decode: three numbers per dtype and batch size, measured side by side in one process, each a median
+of `--repeats`; engine, transformers and ceiling all run in that dtype:
 - aegaeon: decode tokens per second over the decode steps that ran at exactly that batch size.
   Requests have mixed prompt and output lengths; with `max_num_seqs` equal to the batch size and
   more requests than slots, continuous batching keeps the batch full while requests come and go,
@@ -19,11 +21,17 @@ Three numbers per batch size, measured side by side in one process, each a media
   (gather + SDPA) instead of the paged kernel, in the same process and repeats.
 - ceiling: the compute floor of this machine: the time of the model's own matrix products alone
   (every weight matrix of one forward pass, at that batch size), as tokens per second.
+
+Prefill (float32): the time to prefill ONE prompt of each of `PREFILL_LENGTHS` tokens, i.e. the
+engine steps from adding the request to its first token, against a plain `model(input_ids)` forward
+in transformers on the same ids (which also computes the LM head at every position). The two
+alternate within each repeat; medians of `--repeats` (at least `MIN_PREFILL_REPEATS`).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import random
 import statistics
@@ -45,6 +53,10 @@ OUTPUT_LENGTHS = (32, 160)
 BATCH_SIZES = (1, 16)
 REQUESTS_PER_SLOT = {1: 4, 16: 3}
 CEILING_REPEATS = 30
+PREFILL_LENGTHS = (512, 2000)
+MIN_PREFILL_REPEATS = 5
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+SECTIONS = ("decode", "prefill")
 SEED = 0
 
 
@@ -115,7 +127,7 @@ def transformers_decode_rate(model, requests: list[Request], batch_size: int) ->
 
 def ceiling_rate(engine: LLMEngine, batch_size: int) -> float:
     """Tokens/s if a decode step cost only its matrix products."""
-    matrices = list(engine.runner.weights.matrices())
+    matrices = list(engine.model().runner.weights.matrices())
     inputs = {w.shape[1]: torch.randn(batch_size, w.shape[1], dtype=w.dtype) for w in matrices}
 
     def products() -> None:
@@ -131,6 +143,97 @@ def ceiling_rate(engine: LLMEngine, batch_size: int) -> float:
     return batch_size / statistics.median(times)
 
 
+def decode_section(model_dir: Path, dtype: torch.dtype, repeats: int, compare_attention: bool) -> dict:
+    """Decode tokens/s per batch size in `dtype`: aegaeon, transformers, ceiling (medians)."""
+    from transformers import AutoModelForCausalLM
+
+    hf_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+    results = {}
+    for batch_size in BATCH_SIZES:
+        config = EngineConfig(max_num_seqs=batch_size)
+        engine = LLMEngine(model_dir, config=config, dtype=dtype)
+        rng = random.Random(SEED)
+        count = batch_size * REQUESTS_PER_SLOT[batch_size]
+        requests = make_requests(count, BENCHMARK_MODEL_SHAPE["vocab_size"], rng)
+        runs = {"aegaeon": [], "transformers": [], "ceiling": []}
+        if compare_attention:
+            runs["aegaeon-gather"] = []
+            gather_engine = LLMEngine(model_dir, config=config, dtype=dtype)
+            gather_engine.model().runner.paged_decode = None
+        for _ in range(repeats):
+            runs["aegaeon"].append(aegaeon_decode_rate(engine, requests, batch_size))
+            if compare_attention:
+                runs["aegaeon-gather"].append(aegaeon_decode_rate(gather_engine, requests, batch_size))
+            runs["transformers"].append(transformers_decode_rate(hf_model, requests, batch_size))
+            runs["ceiling"].append(ceiling_rate(engine, batch_size))
+        results[f"batch_{batch_size}"] = {name: round(statistics.median(v), 2) for name, v in runs.items()}
+    return results
+
+
+def aegaeon_prefill_seconds(engine: LLMEngine, prompt: list[int], request_id: str) -> float:
+    """Seconds of the engine steps from a new prompt to its first token (its whole prefill)."""
+    engine.add_request(request_id, prompt, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
+    start = time.perf_counter()
+    while engine.has_unfinished_requests():
+        engine.step()
+    return time.perf_counter() - start
+
+
+def transformers_prefill_seconds(model, prompt: list[int]) -> float:
+    ids = torch.tensor([prompt])
+    start = time.perf_counter()
+    with torch.inference_mode():
+        model(ids)
+    return time.perf_counter() - start
+
+
+def prefill_section(model_dir: Path, repeats: int) -> dict:
+    """Seconds to prefill one prompt per length: aegaeon and transformers (medians), and their ratio."""
+    from transformers import AutoModelForCausalLM
+
+    hf_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    engine = LLMEngine(model_dir)
+    rng = random.Random(SEED)
+    ids = itertools.count()
+    results = {}
+    for length in PREFILL_LENGTHS:
+        prompt = [rng.randrange(BENCHMARK_MODEL_SHAPE["vocab_size"]) for _ in range(length)]
+        aegaeon_prefill_seconds(engine, prompt, f"warm-{next(ids)}")  # first-call costs out of the way
+        transformers_prefill_seconds(hf_model, prompt)
+        ours, theirs = [], []
+        for _ in range(max(repeats, MIN_PREFILL_REPEATS)):
+            ours.append(aegaeon_prefill_seconds(engine, prompt, f"prefill-{next(ids)}"))
+            theirs.append(transformers_prefill_seconds(hf_model, prompt))
+        aegaeon_s, transformers_s = statistics.median(ours), statistics.median(theirs)
+        results[f"tokens_{length}"] = {
+            "aegaeon_s": round(aegaeon_s, 4),
+            "transformers_s": round(transformers_s, 4),
+            "speedup": round(transformers_s / aegaeon_s, 3),
+        }
+    return results
+
+
+def print_decode(dtype: str, results: dict, repeats: int, compare_attention: bool) -> None:
+    print(f"decode tokens/s, {dtype}, median of {repeats} ({torch.get_num_threads()} threads)")
+    print(f"{'':10}{'aegaeon':>10}{'transformers':>14}{'ceiling':>10}{'aegaeon/ceil':>14}{'hf/ceil':>9}")
+    for name, r in results.items():
+        print(
+            f"{name:10}{r['aegaeon']:>10.1f}{r['transformers']:>14.1f}{r['ceiling']:>10.1f}"
+            f"{r['aegaeon'] / r['ceiling']:>14.0%}{r['transformers'] / r['ceiling']:>9.0%}"
+        )
+    if compare_attention:
+        print("decode attention on the torch path (gather + SDPA) instead of the paged kernel:")
+        for name, r in results.items():
+            print(f"{name:10}{r['aegaeon-gather']:>10.1f}{r['aegaeon-gather'] / r['ceiling']:>38.0%}")
+
+
+def print_prefill(results: dict, repeats: int) -> None:
+    print(f"prefill of one prompt, float32, seconds, median of {max(repeats, MIN_PREFILL_REPEATS)}")
+    print(f"{'':12}{'aegaeon':>10}{'transformers':>14}{'hf/aegaeon':>12}")
+    for name, r in results.items():
+        print(f"{name:12}{r['aegaeon_s']:>10.4f}{r['transformers_s']:>14.4f}{r['speedup']:>11.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -139,46 +242,35 @@ def main() -> None:
     parser.add_argument(
         "--compare-attention", action="store_true", help="also run decode attention on the torch path"
     )
+    parser.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated: decode, prefill")
+    parser.add_argument("--dtypes", default=",".join(DTYPES), help="decode dtypes, comma-separated")
     args = parser.parse_args()
-
-    from transformers import AutoModelForCausalLM
+    sections = args.sections.split(",")
+    dtypes = args.dtypes.split(",")
+    for name in sections:
+        if name not in SECTIONS:
+            parser.error(f"unknown section {name!r}; choose from {', '.join(SECTIONS)}")
+    for name in dtypes:
+        if name not in DTYPES:
+            parser.error(f"unknown dtype {name!r}; choose from {', '.join(DTYPES)}")
 
     model_dir = ensure_benchmark_model(args.model_dir, SEED)
-    hf_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    results = {}
-    for batch_size in BATCH_SIZES:
-        config = EngineConfig(max_num_seqs=batch_size)
-        engine = LLMEngine(model_dir, config=config)
-        rng = random.Random(SEED)
-        count = batch_size * REQUESTS_PER_SLOT[batch_size]
-        requests = make_requests(count, BENCHMARK_MODEL_SHAPE["vocab_size"], rng)
-        runs = {"aegaeon": [], "transformers": [], "ceiling": []}
-        if args.compare_attention:
-            runs["aegaeon-gather"] = []
-            gather_engine = LLMEngine(model_dir, config=config)
-            gather_engine.runner.paged_decode = None
-        for _ in range(args.repeats):
-            runs["aegaeon"].append(aegaeon_decode_rate(engine, requests, batch_size))
-            if args.compare_attention:
-                runs["aegaeon-gather"].append(aegaeon_decode_rate(gather_engine, requests, batch_size))
-            runs["transformers"].append(transformers_decode_rate(hf_model, requests, batch_size))
-            runs["ceiling"].append(ceiling_rate(engine, batch_size))
-        results[f"batch_{batch_size}"] = {name: round(statistics.median(v), 2) for name, v in runs.items()}
+    results: dict[str, dict] = {}
+    if "decode" in sections:
+        results["decode"] = {
+            name: decode_section(model_dir, DTYPES[name], args.repeats, args.compare_attention)
+            for name in dtypes
+        }
+    if "prefill" in sections:
+        results["prefill"] = prefill_section(model_dir, args.repeats)
 
     if args.json:
         print(json.dumps(results))
         return
-    print(f"decode tokens/s, median of {args.repeats} ({torch.get_num_threads()} threads)")
-    print(f"{'':10}{'aegaeon':>10}{'transformers':>14}{'ceiling':>10}{'aegaeon/ceil':>14}{'hf/ceil':>9}")
-    for name, r in results.items():
-        print(
-            f"{name:10}{r['aegaeon']:>10.1f}{r['transformers']:>14.1f}{r['ceiling']:>10.1f}"
-            f"{r['aegaeon'] / r['ceiling']:>14.0%}{r['transformers'] / r['ceiling']:>9.0%}"
-        )
-    if args.compare_attention:
-        print("decode attention on the torch path (gather + SDPA) instead of the paged kernel:")
-        for name, r in results.items():
-            print(f"{name:10}{r['aegaeon-gather']:>10.1f}{r['aegaeon-gather'] / r['ceiling']:>38.0%}")
+    for dtype, decode in results.get("decode", {}).items():
+        print_decode(dtype, decode, args.repeats, args.compare_attention)
+    if "prefill" in results:
+        print_prefill(results["prefill"], args.repeats)
 
 
 if __name__ == "__main__":

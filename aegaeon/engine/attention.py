@@ -3,8 +3,12 @@
 The per-step metadata (`AttentionBatch`) is built once by the runner and passed explicitly to every
 layer; there is no global forward context, so two models can run in one process.
 
-- Prefill: each new sequence attends causally to its own tokens, which are all in hand, so the
-  attention runs on the fresh K/V (SDPA) while they are written into the cache.
+- Prefill: each new prompt attends causally to its own tokens, which are all in hand, so the
+  attention runs on the fresh K/V while they are written into the cache. Prompts of similar length
+  run as one 4-D SDPA call (`[rows, heads, len, head_dim]`, right-padded to the longest; grouped-query
+  attention via `enable_gqa`, K/V never repeated), so SDPA takes its fused kernels. A chunk that
+  continues a prompt prefilled over several steps attends to the earlier chunks' K/V, read back from
+  the paged cache, with its queries aligned to the last keys (lower-right causal).
 - Decode: one query token per sequence against its cached context. A paged kernel reads the blocks
   in place: Triton on CUDA (attention_triton.py), C on the CPU (cpu_kernels.py). Where neither
   can run, K and V are gathered per block table into `[batch, kv_heads, tokens, head_dim]` views
@@ -20,14 +24,19 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import CausalBias, causal_lower_right
 
 from aegaeon.engine.kv_cache import BLOCK_SIZE
-from aegaeon.engine.rope import apply_rotary
+from aegaeon.engine.rope import rotate
 
 # A decode group costs a few extra ops per layer; splitting pays when it saves more padded blocks
 # than this (one block per layer is ~4 us of gathering and attending on the CPU; a group, ~30 us).
 DECODE_GROUP_COST_BLOCKS = 8
 MAX_DECODE_GROUPS = 4
+# A prefill group costs one SDPA call per layer plus padding copies, about what attending this many
+# query-key pairs costs on the CPU; splitting pays when it saves more padded pairs than this.
+PREFILL_GROUP_COST_PAIRS = 4096
+MAX_PREFILL_GROUPS = 8
 
 
 @dataclass
@@ -40,6 +49,27 @@ class DecodeGroup:
     mask: torch.Tensor | None  # [rows, 1, 1, max_blocks * BLOCK_SIZE], True where a key is visible
 
 
+@dataclass
+class PrefillGroup:
+    """Prompts (or one chunk of a prompt) of a prefill step attended in one SDPA call: the packed
+    tokens `[start, end)`, as `rows` rows of `query_len` queries (right-padded) over `key_len` keys."""
+
+    start: int
+    end: int
+    rows: int
+    query_len: int
+    key_len: int
+    # each token's row in the padded `[rows * query_len]` layout; None: all rows are full length
+    padding: torch.Tensor | None
+    # a chunk continuing a prompt (one row): the cache blocks of its first `key_len` tokens, which
+    # hold the earlier chunks' K/V and this one's; None: the keys are this step's fresh K/V
+    context_blocks: torch.Tensor | None
+    # which keys each query sees (`prefill_mask`); None: plain causal (`is_causal`)
+    mask: torch.Tensor | CausalBias | None
+
+
+# (q, k, cos, signed_sin) -> None, rotating q and k in place (rope.rotate, or the CPU kernel's)
+Rotate = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
 # (q, kv_cache, layer, block_tables, context_lens, scale, sliding_window, new_kv=, rotary=)
 #   -> [rows, heads, head_dim]
 # (semantics: paged_decode.py)
@@ -57,10 +87,10 @@ class AttentionBatch:
     # cos and signed sin of each token's position, [tokens, 1, head_dim] (RotaryTable.lookup)
     cos: torch.Tensor
     sin: torch.Tensor
-    # prefill: number of new tokens of each sequence, in packing order
-    seq_lens: list[int]
-    # prefill: boolean masks per sequence ([len, len]) when a sliding window applies, else None (causal)
-    prefill_masks: list[torch.Tensor] | None
+    # how q and k are rotated to their positions (where the paged decode kernel does not)
+    rotate: Rotate = rotate
+    # prefill: the groups of packed prompts attended together, in packing order
+    prefill_groups: list[PrefillGroup] | None = None
     # decode: rows grouped by context length, and each row's context length (new token included)
     decode_groups: list[DecodeGroup] | None = None
     context_lens: torch.Tensor | None = None
@@ -69,11 +99,14 @@ class AttentionBatch:
     paged_decode: PagedDecode | None = None
 
 
-def plan_decode_groups(sizes: list[int], group_cost: int = DECODE_GROUP_COST_BLOCKS) -> list[tuple[int, int]]:
-    """Split rows into groups of consecutive rows `[start, end)`, each padded to its largest size
-    (blocks or tokens), so that little padding is wasted; a split must save more than `group_cost`."""
+def plan_groups(
+    sizes: list[int], group_cost: int = DECODE_GROUP_COST_BLOCKS, max_groups: int = MAX_DECODE_GROUPS
+) -> list[tuple[int, int]]:
+    """Split rows into at most `max_groups` groups of consecutive rows `[start, end)`, each padded to
+    its largest size (blocks, tokens, query-key pairs), so that little padding is wasted; a split
+    must save more than `group_cost`."""
     groups = [(0, len(sizes))]
-    while len(groups) < MAX_DECODE_GROUPS:
+    while len(groups) < max_groups:
         best_saving, best = 0, None
         for g, (start, end) in enumerate(groups):
             part = sizes[start:end]
@@ -93,12 +126,16 @@ def plan_decode_groups(sizes: list[int], group_cost: int = DECODE_GROUP_COST_BLO
     return groups
 
 
-def prefill_mask(length: int, sliding_window: int | None, device: torch.device) -> torch.Tensor | None:
-    """Causal mask with a sliding window (`q - k < window`), or None where plain causal suffices."""
-    if sliding_window is None or length <= sliding_window:
-        return None
-    positions = torch.arange(length, device=device)
-    distance = positions[:, None] - positions[None, :]
+def prefill_mask(
+    query_len: int, key_len: int, sliding_window: int | None, device: torch.device
+) -> torch.Tensor | CausalBias | None:
+    """Which of a prompt's first `key_len` keys each of its last `query_len` tokens sees: causal,
+    within the sliding window (`q - k < window`). None where plain causal (`is_causal`) suffices;
+    causal aligned to the last key (lower right) for a chunk after earlier ones and no window."""
+    if sliding_window is None or key_len <= sliding_window:
+        return None if query_len == key_len else causal_lower_right(query_len, key_len)
+    queries = torch.arange(key_len - query_len, key_len, device=device)
+    distance = queries[:, None] - torch.arange(key_len, device=device)[None, :]
     return (distance >= 0) & (distance < sliding_window)
 
 
@@ -136,11 +173,10 @@ def attention(
         )  # fmt: skip
         return out.flatten(1)
     # In place: q and kv are this layer's own (views of its qkv product, or fresh tensors).
-    apply_rotary(q, batch.cos, batch.sin, out=q)
-    apply_rotary(kv[:, 0], batch.cos, batch.sin, out=kv[:, 0])
+    batch.rotate(q, kv[:, 0], batch.cos, batch.sin)
     write_kv(kv_cache, layer, batch, kv)
     if batch.is_prefill:
-        return _prefill(q, kv[:, 0], kv[:, 1], batch)
+        return _prefill(q, kv, kv_cache, layer, batch)
     outputs = [
         _decode_gathered(q[group.start : group.end], kv_cache, layer, group, batch.scale)
         for group in batch.decode_groups
@@ -148,24 +184,57 @@ def attention(
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
 
-def _prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
-    num_heads, num_kv_heads = q.shape[1], k.shape[1]
-    group = num_heads // num_kv_heads
-    outputs = []
-    start = 0
-    for i, length in enumerate(batch.seq_lens):
-        span = slice(start, start + length)
-        # [heads, len, dim]; K/V repeated per group because SDPA's causal path needs equal head counts
-        qs = q[span].transpose(0, 1)
-        ks = k[span].transpose(0, 1).repeat_interleave(group, dim=0)
-        vs = v[span].transpose(0, 1).repeat_interleave(group, dim=0)
-        mask = batch.prefill_masks[i] if batch.prefill_masks is not None else None
-        out = F.scaled_dot_product_attention(
-            qs, ks, vs, attn_mask=mask, is_causal=mask is None, scale=batch.scale
-        )
-        outputs.append(out.transpose(0, 1).flatten(1))
-        start += length
+def _prefill(
+    q: torch.Tensor, kv: torch.Tensor, kv_cache: torch.Tensor, layer: int, batch: AttentionBatch
+) -> torch.Tensor:
+    outputs = [_prefill_group(q, kv, kv_cache, layer, group, batch.scale) for group in batch.prefill_groups]
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
+
+def _prefill_group(
+    q: torch.Tensor, kv: torch.Tensor, kv_cache: torch.Tensor, layer: int, group: PrefillGroup, scale: float
+) -> torch.Tensor:
+    """`[tokens, heads * head_dim]` for the group's packed tokens, from one 4-D SDPA call."""
+    tokens = slice(group.start, group.end)
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    if group.context_blocks is not None:
+        # K and V of the whole prompt so far: earlier chunks' from the cache (this chunk's too, just written).
+        num_kv_heads = kv.shape[2]
+        k, v = (
+            kv_cache[:, layer, i]
+            .index_select(0, group.context_blocks)
+            .view(1, -1, num_kv_heads, head_dim)[:, : group.key_len]
+            for i in (0, 1)
+        )
+        grouped_q = q[tokens].unsqueeze(0)
+    elif group.padding is None:  # rows of equal length: the packed tokens are already [rows, len]
+        grouped_q = q[tokens].view(group.rows, group.query_len, num_heads, head_dim)
+        grouped_kv = kv[tokens].view(group.rows, group.query_len, *kv.shape[1:])
+        k, v = grouped_kv[:, :, 0], grouped_kv[:, :, 1]
+    else:
+        grouped_q = _pad(q[tokens], group)
+        grouped_kv = _pad(kv[tokens], group)
+        k, v = grouped_kv[:, :, 0], grouped_kv[:, :, 1]
+    # [rows, heads, len, head_dim] views: SDPA reads the strides as they are, K/V shared per group.
+    out = F.scaled_dot_product_attention(
+        grouped_q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        attn_mask=group.mask,
+        is_causal=group.mask is None,
+        scale=scale,
+        enable_gqa=True,
+    )
+    out = out.transpose(1, 2).reshape(group.rows * group.query_len, num_heads * head_dim)
+    return out if group.padding is None else out.index_select(0, group.padding)
+
+
+def _pad(x: torch.Tensor, group: PrefillGroup) -> torch.Tensor:
+    """The group's packed tokens `[tokens, ...]` as `[rows, query_len, ...]`, zeros after each row's end
+    (finite numbers: a padded key is masked out, and a padded query's output is dropped)."""
+    padded = x.new_zeros(group.rows * group.query_len, *x.shape[1:])
+    padded.index_copy_(0, group.padding, x)
+    return padded.view(group.rows, group.query_len, *x.shape[1:])
 
 
 def _decode_gathered(

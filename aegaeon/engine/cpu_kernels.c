@@ -1,4 +1,5 @@
-/* The engine's CPU kernels: paged decode attention, residual add + RMS norm, and SiLU(gate) * up.
+/* The engine's CPU kernels: paged decode attention, rotary embedding, residual add + RMS norm, and
+ * SiLU(gate) * up.
  *
  * Paged decode attention: one query token per row against its KV blocks, read in place. The torch
  * path gathers every row's blocks into a padded copy and hands it to SDPA, so each step writes and
@@ -13,9 +14,10 @@
  * With AVX2 + FMA and a head_dim that is a multiple of 8, scores and values go 8 floats at a time;
  * otherwise plain loops do the same arithmetic.
  *
- * Residual add + RMS norm, SiLU * up: between the layers' matrix products torch runs these as
- * several small ops, each with its own fixed cost (~80 us per norm at 768 floats); here each is one
- * pass per row.
+ * Rotary embedding, residual add + RMS norm, SiLU * up: between the layers' matrix products torch
+ * runs these as several small ops, each with its own fixed cost (~80 us per norm at 768 floats) and
+ * a pass over memory (the rotation: five, a roll and its copy among them); here each is one pass
+ * per row.
  *
  * Built on first use by cpu_kernels.py (cc -O3 -march=native -fopenmp) and called through ctypes.
  * OpenMP resolves to the libgomp that torch has already loaded (same soname), so the kernel shares
@@ -344,6 +346,32 @@ static inline void prefetch_span(const char *start, int64_t bytes) {
 DEFINE_PAGED_DECODE(paged_decode_f32, float, f32_load, f32_load8, f32_store)
 DEFINE_PAGED_DECODE(paged_decode_bf16, bf16_t, bf16_load, bf16_load8, bf16_store)
 DEFINE_PAGED_DECODE(paged_decode_f16, _Float16, f16_load, f16_load8, f16_store)
+
+/* ---- rotary embedding, in place ----------------------------------------------------------
+ * Rotates the query heads q[row * q_row_stride + head * head_dim + d] (q_heads of them) and the key
+ * heads k[row * k_row_stride + ...] (k_heads) of each row by the row's angles cos/sin[row * head_dim
+ * + d] (the signed sin of rope.py), rounded as the decode kernel (and transformers) rounds. Each
+ * head is copied first: its rotated halves are made of both original halves. */
+#define DEFINE_ROTARY(NAME, T, DECODE, STORE)                                                         \
+    void NAME(T *q, int64_t q_row_stride, int64_t q_heads, T *k, int64_t k_row_stride, int64_t k_heads, \
+              const T *cos, const T *sin, int64_t rows, int64_t head_dim, int32_t num_threads) {      \
+        _Pragma("omp parallel for num_threads(num_threads) if(num_threads > 1 && rows * (q_heads + k_heads) * head_dim >= MIN_PARALLEL_ELEMENTS)") \
+        for (int64_t row = 0; row < rows; row++) {                                                    \
+            const T *row_cos = cos + row * head_dim, *row_sin = sin + row * head_dim;                 \
+            T original[MAX_HEAD_DIM];                                                                 \
+            for (int64_t h = 0; h < q_heads + k_heads; h++) {                                         \
+                T *x = h < q_heads ? q + row * q_row_stride + h * head_dim                            \
+                                   : k + row * k_row_stride + (h - q_heads) * head_dim;               \
+                memcpy(original, x, head_dim * sizeof(T));                                            \
+                for (int64_t d = 0; d < head_dim; d++)                                                \
+                    STORE(x + d, DECODE##_rotated(original, row_cos, row_sin, head_dim, d));          \
+            }                                                                                         \
+        }                                                                                             \
+    }
+
+DEFINE_ROTARY(rotary_f32, float, paged_decode_f32, f32_store)
+DEFINE_ROTARY(rotary_bf16, bf16_t, paged_decode_bf16, bf16_store)
+DEFINE_ROTARY(rotary_f16, _Float16, paged_decode_f16, f16_store)
 
 /* ---- residual add + RMS norm -------------------------------------------------------------
  * Per row of `dim` elements: residual += x (x NULL: no add), then

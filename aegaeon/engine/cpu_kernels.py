@@ -1,4 +1,5 @@
-"""The engine's CPU kernels (`cpu_kernels.c`): paged decode attention, residual add + RMS norm, SiLU * up.
+"""The engine's CPU kernels (`cpu_kernels.c`): paged decode attention, rotary embedding, residual
+add + RMS norm, SiLU * up.
 
 They are built with the system's C compiler for this CPU (`-march=native`) into `KERNEL_CACHE_DIR`,
 keyed by source, flags and CPU, and loaded with ctypes. Where no compiler is found the engine keeps
@@ -45,6 +46,12 @@ _PAGED_DECODE_ARGTYPES = [
     ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,  # rows, heads, kv heads, head_dim
     ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_int32,  # window, scale, out, threads
 ]  # fmt: skip
+_ROTARY_ARGTYPES = [
+    ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,  # q, q_row_stride, q_heads
+    ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,  # k, k_row_stride, k_heads
+    ctypes.c_void_p, ctypes.c_void_p,  # cos, sin
+    ctypes.c_int64, ctypes.c_int64, ctypes.c_int32,  # rows, head_dim, threads
+]  # fmt: skip
 _ADD_RMS_NORM_ARGTYPES = [
     ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,  # residual, x, weight, out
     ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_int32,  # rows, dim, eps, threads
@@ -55,6 +62,7 @@ _SILU_MUL_ARGTYPES = [
 ]  # fmt: skip
 _ARGTYPES = {
     "paged_decode": _PAGED_DECODE_ARGTYPES,
+    "rotary": _ROTARY_ARGTYPES,
     "add_rms_norm": _ADD_RMS_NORM_ARGTYPES,
     "silu_mul": _SILU_MUL_ARGTYPES,
 }
@@ -146,6 +154,13 @@ def cpu_decode_supports(num_heads: int, num_kv_heads: int, head_dim: int) -> boo
     )
 
 
+@functools.cache
+def cpu_rotary_supports(head_dim: int) -> bool:
+    """Whether the kernels are available and the rotary kernel's scratch holds a head of this size."""
+    library = _library()
+    return library is not None and head_dim % 2 == 0 and head_dim <= library.paged_decode_max_head_dim()
+
+
 def paged_decode_attention(
     q: torch.Tensor,
     kv_cache: torch.Tensor,
@@ -180,6 +195,29 @@ def paged_decode_attention(
         q, kv_cache, layer, block_tables.contiguous(), context_lens.contiguous(), scale, sliding_window,
         new_kv=new_kv, rotary=rotary,
     )  # fmt: skip
+
+
+def rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> None:
+    """Rotate q `[rows, heads, head_dim]` and k `[rows, kv_heads, head_dim]` in place by the rows'
+    angles (`[rows, 1, head_dim]`, RotaryTable.lookup), as `rope.apply_rotary` does."""
+    rows, _, head_dim = q.shape
+    tensors = (q, k, cos, signed_sin)
+    if any(t.dtype != q.dtype or t.device.type != "cpu" for t in tensors):
+        raise ValueError("rotate needs CPU tensors of one dtype")
+    angles_shape = (rows, 1, head_dim)
+    if k.shape[0] != rows or k.shape[2] != head_dim or not cos.shape == signed_sin.shape == angles_shape:
+        raise ValueError(
+            f"rotate: shapes {tuple(q.shape)}, {tuple(k.shape)}, {tuple(cos.shape)} do not agree"
+        )
+    if not cpu_rotary_supports(head_dim):
+        raise ValueError(
+            f"rotate: head_dim {head_dim} is odd or too large (or the kernels could not be built)"
+        )
+    # Heads and dimensions contiguous (rows may be strided: views of qkv); the angles contiguous.
+    for x in (q, k):
+        if x.stride()[1:] != (head_dim, 1):
+            raise ValueError("rotate: q and k need contiguous heads")
+    LayerKernels(q.dtype).rotate(q, k, cos.contiguous(), signed_sin.contiguous())
 
 
 def add_rms_norm(
@@ -218,6 +256,7 @@ class LayerKernels:
 
     def __init__(self, dtype: torch.dtype):
         self._paged_decode = _kernel("paged_decode", dtype)
+        self._rotary = _kernel("rotary", dtype)
         self._add_rms_norm = _kernel("add_rms_norm", dtype)
         self._silu_mul = _kernel("silu_mul", dtype)
 
@@ -249,6 +288,13 @@ class LayerKernels:
             sliding_window or 0, scale, out.data_ptr(), torch.get_num_threads(),
         )  # fmt: skip
         return out
+
+    def rotate(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> None:
+        """As the module's `rotate`, for inputs it would accept as they are (angles contiguous)."""
+        self._rotary(
+            q.data_ptr(), q.stride(0), q.shape[1], k.data_ptr(), k.stride(0), k.shape[1],
+            cos.data_ptr(), signed_sin.data_ptr(), q.shape[0], q.shape[2], torch.get_num_threads(),
+        )  # fmt: skip
 
     def add_rms_norm(
         self, residual: torch.Tensor, x: torch.Tensor | None, weight: torch.Tensor, eps: float

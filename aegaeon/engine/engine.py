@@ -16,6 +16,7 @@ import torch
 
 from aegaeon.config import EngineConfig, MemoryConfig, default_model_name
 from aegaeon.engine import handoff
+from aegaeon.engine.batcher import ScheduledStep
 from aegaeon.engine.handoff import RequestHandoff
 from aegaeon.engine.kv_cache import blocks_for_tokens
 from aegaeon.engine.kv_mover import KVMover
@@ -225,7 +226,7 @@ class LLMEngine:
                 seq = self._new_sequence(served, "logits", 0, token_ids, SamplingParams(), max_tokens=1)
                 seq.block_table = served.batcher.allocator.allocate(blocks_for_tokens(len(token_ids)))
                 seqs.append(seq)
-            return served.runner.logits(seqs, is_prefill=True)
+            return served.runner.logits(ScheduledStep(is_prefill=True, seqs=seqs))
         finally:
             for seq in seqs:
                 served.batcher.allocator.free(seq.block_table)
@@ -239,9 +240,11 @@ class LLMEngine:
         scheduled = served.batcher.schedule()
         if scheduled is None:
             return []
-        seqs = self.kv.landed(scheduled.seqs)
-        sampled = served.runner.step(seqs, scheduled.is_prefill)
+        scheduled = scheduled.only(self.kv.landed(scheduled.seqs))
+        sampled = served.runner.step(scheduled)
         advanced: dict[str, list[SequenceDelta]] = {}
+        # A prompt prefilled in chunks samples (and appears in the outputs) with its last chunk only.
+        seqs = scheduled.sampling
         for seq, token_id, logprobs in zip(seqs, sampled.token_ids, sampled.logprobs, strict=True):
             advanced.setdefault(seq.request_id, []).append(
                 append_token(seq, token_id, logprobs, served.eos_token_ids)

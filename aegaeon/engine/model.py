@@ -37,15 +37,25 @@ class Transformer:
         kv_cache: torch.Tensor,
         token_ids: torch.Tensor,
         batch: AttentionBatch,
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Final hidden states `[tokens, hidden]` (before the output norm)."""
+        """Final hidden states, normed, of the tokens `rows` (None: all), in that order.
+
+        Every layer writes the K/V of every token; past the last attention only `rows` are computed
+        (in a prefill, the last token of each prompt: the rest feed no logit).
+        """
         residual = F.embedding(token_ids, weights.embed)  # a fresh tensor: the adds below work in place
         hidden = self._add_rms_norm(residual, None, weights.layers[0].input_norm)
+        last = len(weights.layers) - 1
         for i, layer in enumerate(weights.layers):
-            hidden = self._attention(layer, hidden, kv_cache, i, batch)
+            if i < last or rows is None:
+                hidden = self._attention(layer, hidden, kv_cache, i, batch)
+            else:
+                hidden = self._attention(layer, hidden, kv_cache, i, batch, rows)
+                residual = residual.index_select(0, rows)  # a fresh tensor again
             hidden = self._add_rms_norm(residual, hidden, layer.post_norm)
             hidden = self._mlp(layer, hidden)
-            next_norm = weights.layers[i + 1].input_norm if i + 1 < len(weights.layers) else weights.norm
+            next_norm = weights.layers[i + 1].input_norm if i < last else weights.norm
             hidden = self._add_rms_norm(residual, hidden, next_norm)
         return hidden
 
@@ -70,7 +80,9 @@ class Transformer:
         kv_cache: torch.Tensor,
         index: int,
         batch: AttentionBatch,
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """The attention block's output (after the o projection) for the tokens `rows` (None: all)."""
         arch = self.arch
         tokens = hidden.shape[0]
         qkv = F.linear(hidden, layer.qkv, layer.qkv_bias)
@@ -94,6 +106,8 @@ class Transformer:
             )
             kv = torch.stack((k, v.view(tokens, arch.num_kv_heads, arch.head_dim)), dim=1)
         out = attention(q, kv, kv_cache, index, batch)
+        if rows is not None:
+            out = out.index_select(0, rows)
         return F.linear(out, layer.o, layer.o_bias)
 
     def _mlp(self, layer: LayerWeights, hidden: torch.Tensor) -> torch.Tensor:

@@ -87,3 +87,9 @@ def apply_rotary(
     itself: both products are taken before anything is written.
     """
     return torch.add(x * cos, x.roll(x.shape[-1] // 2, dims=-1) * signed_sin, out=out)
+
+
+def rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> None:
+    """Rotate queries and keys (`[tokens, heads, head_dim]` each, views allowed) in place."""
+    apply_rotary(q, cos, signed_sin, out=q)
+    apply_rotary(k, cos, signed_sin, out=k)

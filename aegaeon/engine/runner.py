@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from aegaeon.engine.architecture import Architecture
 from aegaeon.engine.attention import (
+    MAX_PREFILL_GROUPS,
+    PREFILL_GROUP_COST_PAIRS,
     AttentionBatch,
     DecodeGroup,
     PagedDecode,
+    PrefillGroup,
     decode_mask,
-    plan_decode_groups,
+    plan_groups,
     prefill_mask,
 )
-from aegaeon.engine.cpu_kernels import LayerKernels, cpu_decode_supports
-from aegaeon.engine.kv_cache import BLOCK_SIZE
+from aegaeon.engine.batcher import PrefillChunk, ScheduledStep
+from aegaeon.engine.cpu_kernels import LayerKernels, cpu_decode_supports, cpu_rotary_supports
+from aegaeon.engine.kv_cache import BLOCK_SIZE, blocks_for_tokens
 from aegaeon.engine.model import Transformer
-from aegaeon.engine.rope import RotaryTable
+from aegaeon.engine.rope import RotaryTable, rotate
 from aegaeon.engine.sampler import Sampler, SamplerOutput, SamplingRow
 from aegaeon.engine.sequence import Sequence
 from aegaeon.engine.weights import ModelWeights
@@ -49,67 +55,127 @@ class ModelRunner:
         self.sampler = Sampler()
         self.scale = arch.head_dim**-0.5
         self.paged_decode = paged_decode_kernel(arch, device, self.model.cpu_kernels)
+        kernels = self.model.cpu_kernels
+        self.rotate = kernels.rotate if kernels is not None and cpu_rotary_supports(arch.head_dim) else rotate
+        # Step inputs go to an accelerator from pinned host memory, without stalling the host.
+        self._pin = device.type == "cuda"
 
     def bind(self, weights: ModelWeights | None, kv_cache: torch.Tensor | None) -> None:
         """Run on these weights and this KV tensor from now on (a switch: no copy, no allocation)."""
         self.weights = weights
         self.kv_cache = kv_cache
 
-    def step(self, seqs: list[Sequence], is_prefill: bool) -> SamplerOutput:
-        """Run one forward pass over `seqs` (their blocks already allocated) and sample."""
-        logits = self.logits(seqs, is_prefill)
+    def step(self, step: ScheduledStep) -> SamplerOutput:
+        """Run one forward pass (blocks already allocated) and sample, in order, for `step.sampling`."""
+        logits = self.logits(step)
         rows = [
-            SamplingRow(seq.params, seq.output_token_ids, seq.prompt_token_ids, seq.generator) for seq in seqs
+            SamplingRow(seq.params, seq.output_token_ids, seq.prompt_token_ids, seq.generator)
+            for seq in step.sampling
         ]
         with torch.inference_mode():
             return self.sampler(logits, rows)
 
     @torch.inference_mode()
-    def logits(self, seqs: list[Sequence], is_prefill: bool) -> torch.Tensor:
-        """float32 next-token logits `[len(seqs), vocab]`, writing this step's K/V into the cache."""
-        if is_prefill:
-            token_ids, batch, last_rows = self._prefill_inputs(seqs)
+    def logits(self, step: ScheduledStep) -> torch.Tensor:
+        """float32 next-token logits `[len(step.sampling), vocab]`, writing this step's K/V into the cache.
+
+        The output projection and MLP of the last layer, the final norm and the LM head run only on
+        the positions that sample (the last of each completed prompt, every decoded token).
+        """
+        if step.is_prefill:
+            token_ids, batch, rows = self._prefill_inputs(step.seqs, step.chunks)
         else:
-            token_ids, batch, last_rows = self._decode_inputs(seqs)
-        hidden = self.model.forward(self.weights, self.kv_cache, token_ids, batch)
-        if last_rows is not None:
-            hidden = hidden.index_select(0, last_rows)
+            token_ids, batch, rows = self._decode_inputs(step.seqs)
+        hidden = self.model.forward(self.weights, self.kv_cache, token_ids, batch, rows)
         return self.model.logits(self.weights, hidden)
 
-    def _tensor(self, values: list[int]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.long, device=self.device)
+    def _upload(self, *columns: list[int]) -> list[torch.Tensor]:
+        """int64 device tensors of `columns`, from one host tensor and one copy (async on CUDA)."""
+        values = list(itertools.chain.from_iterable(columns))
+        host = torch.tensor(values, dtype=torch.long, pin_memory=self._pin)
+        return list(host.to(self.device, non_blocking=True).split([len(column) for column in columns]))
 
-    def _prefill_inputs(self, seqs: list[Sequence]):
+    def _prefill_inputs(self, seqs: list[Sequence], chunks: list[PrefillChunk]):
+        """Prefill tensors, packed: chunks continuing a prompt first (a group each), then new prompts
+        by length, in groups that waste little attention work on padding; `rows` are the last tokens
+        of the prompts this step completes, in `seqs`' order."""
+        order = sorted(
+            range(len(seqs)), key=lambda i: (chunks[i].start == 0, chunks[i].end - chunks[i].start)
+        )
+        lengths = [chunks[i].end - chunks[i].start for i in order]
+        continuing = sum(chunks[i].start > 0 for i in order)
+        spans = [(i, i + 1) for i in range(continuing)]
+        if continuing < len(order):
+            pairs = [n * n for n in lengths[continuing:]]  # attention work of a row, padded or not
+            fresh = plan_groups(pairs, PREFILL_GROUP_COST_PAIRS, MAX_PREFILL_GROUPS)
+            spans += [(continuing + start, continuing + end) for start, end in fresh]
+
         token_ids: list[int] = []
         positions: list[int] = []
         slot_blocks: list[int] = []
-        slot_offsets: list[int] = []
-        seq_lens: list[int] = []
-        last_rows: list[int] = []
-        masks = []
-        for seq in seqs:
-            length = seq.num_tokens
-            token_ids.extend(seq.token_ids)
-            positions.extend(range(length))
-            for position in range(length):
-                slot_blocks.append(seq.block_table[position // BLOCK_SIZE])
-                slot_offsets.append(position % BLOCK_SIZE)
-            seq_lens.append(length)
-            last_rows.append(len(token_ids) - 1)
-            masks.append(prefill_mask(length, self.arch.sliding_window, self.device))
-        cos, sin = self.rotary.lookup(self._tensor(positions), max(seq.num_tokens for seq in seqs))
+        first_token: dict[int, int] = {}  # index in seqs -> its first packed token
+        for i in order:
+            seq, chunk = seqs[i], chunks[i]
+            first_token[i] = len(token_ids)
+            token_ids.extend(seq.token_ids[chunk.start : chunk.end])
+            positions.extend(range(chunk.start, chunk.end))
+            slot_blocks.extend(seq.block_table[p // BLOCK_SIZE] for p in range(chunk.start, chunk.end))
+        rows = [
+            first_token[i] + chunk.end - chunk.start - 1
+            for i, (seq, chunk) in enumerate(zip(seqs, chunks, strict=True))
+            if chunk.end == seq.num_tokens
+        ]
+        # Per group: where its tokens sit once right-padded (none when all rows are full length),
+        # and for a continuing chunk the blocks its keys are read back from.
+        paddings: list[list[int]] = []
+        contexts: list[list[int]] = []
+        for start, end in spans:
+            group_lengths = lengths[start:end]
+            width = max(group_lengths)
+            ragged = any(n != width for n in group_lengths)
+            paddings.append(
+                [r * width + t for r, n in enumerate(group_lengths) for t in range(n)] if ragged else []
+            )
+            seq, chunk = seqs[order[start]], chunks[order[start]]
+            contexts.append(seq.block_table[: blocks_for_tokens(chunk.end)] if chunk.start else [])
+        token_ids_t, positions_t, slot_blocks_t, rows_t, *tails = self._upload(
+            token_ids, positions, slot_blocks, rows, *paddings, *contexts
+        )
+
+        groups: list[PrefillGroup] = []
+        packed = 0
+        for (start, end), padding, context in zip(
+            spans, tails[: len(spans)], tails[len(spans) :], strict=True
+        ):
+            chunk = chunks[order[start]]
+            tokens = sum(lengths[start:end])
+            query_len = max(lengths[start:end])
+            key_len = chunk.end if chunk.start else query_len
+            groups.append(
+                PrefillGroup(
+                    start=packed,
+                    end=packed + tokens,
+                    rows=end - start,
+                    query_len=query_len,
+                    key_len=key_len,
+                    padding=padding if padding.numel() else None,
+                    context_blocks=context if chunk.start else None,
+                    mask=prefill_mask(query_len, key_len, self.arch.sliding_window, self.device),
+                )
+            )
+            packed += tokens
+        cos, sin = self.rotary.lookup(positions_t, max(chunk.end for chunk in chunks))
         batch = AttentionBatch(
             is_prefill=True,
-            slot_blocks=self._tensor(slot_blocks),
-            slot_offsets=self._tensor(slot_offsets),
+            slot_blocks=slot_blocks_t,
+            slot_offsets=positions_t % BLOCK_SIZE,
             scale=self.scale,
             cos=cos,
             sin=sin,
-            seq_lens=seq_lens,
-            prefill_masks=masks if any(mask is not None for mask in masks) else None,
+            rotate=self.rotate,
+            prefill_groups=groups,
         )
-        rows = None if last_rows == list(range(len(token_ids))) else self._tensor(last_rows)
-        return self._tensor(token_ids), batch, rows
+        return token_ids_t, batch, rows_t
 
     def _decode_inputs(self, seqs: list[Sequence]):
         """Decode tensors with rows ordered by context length; `rows` maps them back to `seqs`' order."""
@@ -117,19 +183,30 @@ class ModelRunner:
         order = sorted(range(count), key=lambda i: seqs[i].num_tokens)
         ordered = [seqs[i] for i in order]
         last = [seq.num_tokens - 1 for seq in ordered]
-        # One tensor for the per-row integers: each torch.tensor call costs more than its data.
-        table = self._tensor(
-            [seq.last_token_id for seq in ordered]
-            + last
-            + [seq.block_table[p // BLOCK_SIZE] for seq, p in zip(ordered, last, strict=True)]
-        ).view(3, count)
-        token_ids, positions, slot_blocks = table
-        context_lens = positions + 1
         if self.paged_decode is not None:  # the kernel walks each row's own blocks: no padding to avoid
-            context_lens = context_lens.to(torch.int32)
             spans = [(0, count)]
         else:
-            spans = plan_decode_groups([len(seq.block_table) for seq in ordered])
+            spans = plan_groups([len(seq.block_table) for seq in ordered])
+        tables = []
+        for start, end in spans:
+            width = max(len(seq.block_table) for seq in ordered[start:end])
+            # Padding entries point at block 0; the mask (or the context length) keeps them out.
+            padded = (seq.block_table + [0] * (width - len(seq.block_table)) for seq in ordered[start:end])
+            tables.append(list(itertools.chain.from_iterable(padded)))
+        token_ids, positions, slot_blocks, rows, *flat_tables = self._upload(
+            [seq.last_token_id for seq in ordered],
+            last,
+            [seq.block_table[p // BLOCK_SIZE] for seq, p in zip(ordered, last, strict=True)],
+            sorted(range(count), key=order.__getitem__),  # the caller's order, from the sorted rows
+            *tables,
+        )
+        context_lens = positions + 1
+        if self.paged_decode is not None:
+            context_lens = context_lens.to(torch.int32)
+        groups = [
+            self._decode_group(start, end, table.view(end - start, -1), context_lens)
+            for (start, end), table in zip(spans, flat_tables, strict=True)
+        ]
         cos, sin = self.rotary.lookup(positions, ordered[-1].num_tokens)
         batch = AttentionBatch(
             is_prefill=False,
@@ -138,25 +215,18 @@ class ModelRunner:
             scale=self.scale,
             cos=cos,
             sin=sin,
-            seq_lens=[1] * count,
-            prefill_masks=None,
-            decode_groups=[self._decode_group(ordered, context_lens, start, end) for start, end in spans],
+            rotate=self.rotate,
+            decode_groups=groups,
             context_lens=context_lens,
             sliding_window=self.arch.sliding_window,
             paged_decode=self.paged_decode,
         )
-        # Logits come back in the caller's order: undo the sort on the (small) hidden states.
-        rows = None if order == sorted(order) else self._tensor(sorted(range(count), key=order.__getitem__))
-        return token_ids, batch, rows
+        return token_ids, batch, None if order == sorted(order) else rows
 
     def _decode_group(
-        self, ordered: list[Sequence], context_lens: torch.Tensor, start: int, end: int
+        self, start: int, end: int, tables: torch.Tensor, context_lens: torch.Tensor
     ) -> DecodeGroup:
-        rows = ordered[start:end]
-        max_blocks = max(len(seq.block_table) for seq in rows)
-        # Padding entries point at block 0; the mask keeps them out of every softmax.
-        tables = [seq.block_table + [0] * (max_blocks - len(seq.block_table)) for seq in rows]
         if self.paged_decode is not None:
-            return DecodeGroup(start, end, torch.tensor(tables, dtype=torch.int32, device=self.device), None)
-        mask = decode_mask(context_lens[start:end], max_blocks, self.arch.sliding_window)
-        return DecodeGroup(start, end, self._tensor(tables), mask)
+            return DecodeGroup(start, end, tables.to(torch.int32), None)
+        mask = decode_mask(context_lens[start:end], tables.shape[1], self.arch.sliding_window)
+        return DecodeGroup(start, end, tables, mask)

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from aegaeon.engine.batcher import ContinuousBatcher, ScheduledStep
+from aegaeon.engine.batcher import ContinuousBatcher, PrefillChunk, ScheduledStep
 from aegaeon.engine.kv_cache import BLOCK_SIZE, BlockAllocator, blocks_for_tokens
 from aegaeon.engine.sampling_params import SamplingParams
 from aegaeon.engine.sequence import Sequence, SequenceStatus
@@ -33,9 +33,10 @@ def make_batcher(num_blocks: int, max_num_seqs: int = 64, max_num_batched_tokens
 
 
 def advance(batcher: ContinuousBatcher, step: ScheduledStep) -> list[Sequence]:
-    """What the engine does after a forward pass: one token per scheduled sequence; retire the done."""
+    """What the engine does after a forward pass: one token per sequence that sampled (every decoded
+    one, and those whose prompt the step completed); retire the done."""
     done = []
-    for seq in step.seqs:
+    for seq in step.sampling:
         seq.output_token_ids.append(7)
         if len(seq.output_token_ids) >= seq.max_tokens:
             batcher.finish(seq)
@@ -45,6 +46,15 @@ def advance(batcher: ContinuousBatcher, step: ScheduledStep) -> list[Sequence]:
 
 def ids(seqs) -> list[int]:
     return [seq.seq_id for seq in seqs]
+
+
+def has_work(batcher: ContinuousBatcher) -> bool:
+    return bool(batcher.waiting or batcher.running or batcher.swapped)
+
+
+def chunks(step: ScheduledStep) -> list[tuple[int, int, int]]:
+    """(sequence id, start, end) of each chunk of a prefill step."""
+    return [(seq.seq_id, c.start, c.end) for seq, c in zip(step.seqs, step.chunks, strict=True)]
 
 
 def check_blocks(batcher: ContinuousBatcher) -> None:
@@ -105,14 +115,79 @@ def test_token_budget_splits_prefills():
     assert not step.is_prefill and ids(step.seqs) == [0, 1, 2]
 
 
-def test_prompt_longer_than_budget_runs_alone():
+def test_prompt_longer_than_budget_is_prefilled_in_chunks():
     batcher = make_batcher(num_blocks=20, max_num_batched_tokens=32)
-    short, long, other = make_seq(0, 4), make_seq(1, 50), make_seq(2, 4)
-    for seq in (short, long, other):
+    long = make_seq(0, 100)
+    batcher.add(long)
+    seen = []
+    while not long.output_token_ids:
+        step = batcher.schedule()
+        assert step.is_prefill and sum(c.end - c.start for c in step.chunks) <= 32
+        # Every block of the prompt is allocated up front: each chunk's KV has its slots.
+        assert len(long.block_table) == blocks_for_tokens(100)
+        seen.append(chunks(step))
+        assert step.sampling == ([long] if step.chunks[0].end == 100 else [])
+        advance(batcher, step)
+    assert seen == [[(0, 0, 32)], [(0, 32, 64)], [(0, 64, 96)], [(0, 96, 100)]]
+    step = batcher.schedule()
+    assert not step.is_prefill and ids(step.seqs) == [0]
+    check_blocks(batcher)
+
+
+def test_long_prompt_starts_with_the_budget_left_and_others_follow_its_last_chunk():
+    batcher = make_batcher(num_blocks=20, max_num_batched_tokens=32)
+    short, long, other, second = make_seq(0, 4), make_seq(1, 50), make_seq(2, 4), make_seq(3, 40)
+    for seq in (short, long, other, second):
         batcher.add(seq)
-    assert ids(batcher.schedule().seqs) == [0]
-    assert ids(batcher.schedule().seqs) == [1]  # alone, rather than never
-    assert ids(batcher.schedule().seqs) == [2]
+    step = batcher.schedule()
+    # A prompt that fits the budget is never split; a longer one takes what the step has left.
+    assert chunks(step) == [(0, 0, 4), (1, 0, 28)] and ids(step.sampling) == [0]
+    advance(batcher, step)
+    step = batcher.schedule()  # a decode of `short` between two chunks of `long`
+    assert not step.is_prefill and ids(step.seqs) == [0]
+    advance(batcher, step)
+    step = batcher.schedule()
+    # `long` goes on first; `other` fits whole after it; `second` (40 > 32) starts with the rest.
+    assert chunks(step) == [(1, 28, 50), (2, 0, 4), (3, 0, 6)] and ids(step.sampling) == [1, 2]
+    advance(batcher, step)
+    step = batcher.schedule()
+    assert not step.is_prefill and ids(step.seqs) == [0, 1, 2]  # `second` is mid-prompt: not decoded
+    advance(batcher, step)
+    step = batcher.schedule()
+    assert chunks(step) == [(3, 6, 38)] and step.sampling == []
+    advance(batcher, step)
+    assert ids(batcher.schedule().seqs) == [0, 1, 2]
+    step = batcher.schedule()
+    assert chunks(step) == [(3, 38, 40)] and ids(step.sampling) == [3]
+    check_blocks(batcher)
+
+
+def test_preempted_prompt_restarts_and_swapped_one_goes_on():
+    batcher = make_batcher(num_blocks=20, max_num_batched_tokens=16)
+    a, b = make_seq(0, 40), make_seq(1, 40)
+    batcher.add(a)
+    step = batcher.schedule()
+    assert chunks(step) == [(0, 0, 16)]
+    batcher.preempt(a)  # its KV is gone: the prompt starts over
+    assert a.status is SequenceStatus.WAITING and a not in batcher.prefilled
+    assert chunks(batcher.schedule()) == [(0, 0, 16)]
+    batcher.add(b)
+    # Swapped out mid-prompt and back in: the cached chunks came back with it, it goes on.
+    batcher.swap_out(a)
+    assert chunks(batcher.schedule()) == [(1, 0, 16)]
+    batcher.swap_out(b)
+    a.host_blocks = [0] * blocks_for_tokens(40)
+    batcher.swap_in(a)
+    assert chunks(batcher.schedule()) == [(0, 16, 32)]
+
+
+def test_only_keeps_the_chunks_of_the_kept_sequences():
+    seqs = [make_seq(i, 10 + i) for i in range(3)]
+    step = ScheduledStep(True, seqs, [PrefillChunk(0, 10), PrefillChunk(0, 5), PrefillChunk(4, 12)])
+    kept = step.only([seqs[0], seqs[2]])
+    assert ids(kept.seqs) == [0, 2] and kept.chunks == [PrefillChunk(0, 10), PrefillChunk(4, 12)]
+    assert ids(kept.sampling) == [0, 2]
+    assert ScheduledStep(True, seqs).chunks == [PrefillChunk(0, n) for n in (10, 11, 12)]
 
 
 def test_max_num_seqs_caps_the_running_batch():
@@ -136,7 +211,7 @@ def test_max_num_seqs_caps_the_running_batch():
 
 def test_idle_batcher_schedules_nothing():
     batcher = make_batcher(num_blocks=4)
-    assert batcher.schedule() is None and not batcher.has_work
+    assert batcher.schedule() is None and not has_work(batcher)
 
 
 # ---------------------------------------------------------------------------- blocks while decoding
@@ -230,7 +305,7 @@ def test_all_blocks_return_after_finish():
     for seq in seqs:
         batcher.add(seq)
     finished = []
-    while batcher.has_work:
+    while has_work(batcher):
         finished += advance(batcher, batcher.schedule())
         check_blocks(batcher)
     assert sorted(ids(finished)) == [0, 1, 2]
@@ -250,24 +325,25 @@ def test_finishing_a_waiting_sequence_removes_it():
     batcher.finish(waiting)  # an abort while queued
     assert waiting.status is SequenceStatus.FINISHED and not batcher.waiting
     batcher.finish(running)
-    assert not batcher.has_work and batcher.allocator.num_free == 1
+    assert not has_work(batcher) and batcher.allocator.num_free == 1
 
 
 @pytest.mark.parametrize("seed", range(5))
 def test_random_workload_keeps_invariants_and_finishes(seed):
     """Random prompts and lengths through a tight cache: blocks stay consistent, every sequence ends."""
     rng = random.Random(seed)
-    num_blocks, max_num_seqs = 12, 5
-    batcher = make_batcher(num_blocks, max_num_seqs=max_num_seqs, max_num_batched_tokens=64)
+    num_blocks, max_num_seqs, budget = 12, 5, 64
+    batcher = make_batcher(num_blocks, max_num_seqs=max_num_seqs, max_num_batched_tokens=budget)
     pending = []
     for i in range(25):
-        prompt = rng.randrange(1, 60)
+        prompt = rng.randrange(1, 150)  # some longer than the budget: prefilled in chunks
         # Alone, every sequence fits the cache (what the engine's max_model_len guarantees).
         max_tokens = rng.randrange(1, num_blocks * BLOCK_SIZE - prompt + 1)
         pending.append(make_seq(i, prompt, max_tokens))
     finished: list[Sequence] = []
     steps = 0
-    while pending or batcher.has_work:
+    cached: dict[int, int] = {}  # tokens of each sequence whose KV the steps so far computed
+    while pending or has_work(batcher):
         if pending and rng.random() < 0.3:
             batcher.add(pending.pop(0))
         step = batcher.schedule()
@@ -277,6 +353,16 @@ def test_random_workload_keeps_invariants_and_finishes(seed):
         for seq in step.seqs:
             assert seq.status is SequenceStatus.RUNNING
             assert len(seq.block_table) == blocks_for_tokens(seq.num_tokens)
+        if step.is_prefill:
+            assert sum(c.end - c.start for c in step.chunks) <= budget
+            for seq, chunk in zip(step.seqs, step.chunks, strict=True):
+                # A chunk follows on from the cached ones; a (re)admitted prompt starts from 0.
+                assert chunk.start == (cached.get(seq.seq_id, 0) if chunk.start else 0) < chunk.end
+                cached[seq.seq_id] = chunk.end
+        else:
+            for seq in step.seqs:  # only sequences whose whole prompt is cached decode
+                assert cached[seq.seq_id] == seq.num_tokens - 1
+                cached[seq.seq_id] += 1
         check_blocks(batcher)
         finished += advance(batcher, step)
         steps += 1

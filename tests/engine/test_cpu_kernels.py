@@ -1,5 +1,5 @@
-"""The CPU kernels in C (paged decode attention, add + RMS norm): against their torch definitions,
-in the engine, and the engine's fallback where they cannot be built."""
+"""The CPU kernels in C (paged decode attention, rotary, add + RMS norm, SiLU * up): against their
+torch definitions, in the engine, and the engine's fallback where they cannot be built."""
 
 from __future__ import annotations
 
@@ -14,7 +14,10 @@ import torch.nn.functional as F
 
 from aegaeon import LLM, SamplingParams
 from aegaeon.engine import cpu_kernels
-from aegaeon.engine.cpu_kernels import add_rms_norm, paged_decode_attention, silu_mul
+from aegaeon.engine.architecture import Architecture
+from aegaeon.engine.cpu_kernels import add_rms_norm, paged_decode_attention, rotate, silu_mul
+from aegaeon.engine.rope import RotaryTable, apply_rotary
+from aegaeon.engine.weights import DTYPES
 from tests.engine.test_paged_decode import DTYPE_NAMES, LAYER, check_kernel_against_reference, make_case
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -138,6 +141,37 @@ def test_silu_mul_matches_torch(dtype_name, rows):
     expected = F.silu(gate) * up
     tolerance = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]
     torch.testing.assert_close(silu_mul(gate_up), expected, atol=tolerance, rtol=tolerance)
+
+
+@pytest.mark.parametrize("dtype_name", list(DTYPE_NAMES))
+@pytest.mark.parametrize("rows", [1, 300])
+def test_rotate_equals_apply_rotary_bit_for_bit(dtype_name, rows, make_demo_model):
+    """In place on views of a fused qkv product (strided rows), as the prefill runs it; the same bits
+    as rope.apply_rotary, which rounds as transformers does (tests/engine/test_rope.py)."""
+    dtype = DTYPE_NAMES[dtype_name]
+    heads, kv_heads, head_dim = 12, 4, 64
+    rope = Architecture.from_pretrained(make_demo_model("llama")).rope  # llama3 scaling
+    generator = torch.Generator().manual_seed(rows)
+    qkv = (torch.randn(rows, (heads + 2 * kv_heads) * head_dim, generator=generator) * 4).to(dtype)
+    positions = torch.randint(0, 5000, (rows,), generator=generator)
+    cos, sin = RotaryTable(rope, head_dim, dtype, torch.device("cpu")).lookup(positions, 5000)
+    q = qkv[:, : heads * head_dim].view(rows, heads, head_dim)
+    k = qkv[:, heads * head_dim :].view(rows, 2, kv_heads, head_dim)[:, 0]
+    expected_q, expected_k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    v_before = qkv[:, (heads + kv_heads) * head_dim :].clone()
+    rotate(q, k, cos, sin)
+    assert torch.equal(q, expected_q) and torch.equal(k, expected_k)
+    assert torch.equal(qkv[:, (heads + kv_heads) * head_dim :], v_before)  # V untouched
+
+
+def test_rotate_refuses_what_it_cannot_hold():
+    q, k, angles = torch.randn(4, 2, 8), torch.randn(4, 1, 8), torch.randn(4, 1, 8)
+    with pytest.raises(ValueError, match="do not agree"):
+        rotate(q, k, angles[:3], angles[:3])
+    with pytest.raises(ValueError, match="contiguous heads"):
+        rotate(torch.randn(4, 8, 2).transpose(1, 2), k, angles, angles)
+    with pytest.raises(ValueError, match="one dtype"):
+        rotate(q, k.to(DTYPES["bfloat16"]), angles, angles)
 
 
 def test_add_rms_norm_refuses_mismatched_inputs():

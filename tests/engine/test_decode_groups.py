@@ -6,7 +6,7 @@ import random
 
 import torch
 
-from aegaeon.engine.attention import MAX_DECODE_GROUPS, decode_mask, plan_decode_groups
+from aegaeon.engine.attention import MAX_DECODE_GROUPS, decode_mask, plan_groups
 from aegaeon.engine.kv_cache import BLOCK_SIZE
 
 SEED = 0
@@ -16,11 +16,11 @@ def test_decode_groups_cover_rows_in_any_order() -> None:
     rng = random.Random(SEED)
     for _ in range(50):
         sizes = [rng.randint(1, 400) for _ in range(rng.randint(1, 20))]
-        groups = plan_decode_groups(sizes, group_cost=50)
+        groups = plan_groups(sizes, group_cost=50)
         assert len(groups) <= MAX_DECODE_GROUPS
         assert [g[0] for g in groups] == [0] + [g[1] for g in groups[:-1]] and groups[-1][1] == len(sizes)
     # Unsorted rows still split where the padding is: short rows at both ends of a long run.
-    assert plan_decode_groups([10, 10, 300, 300, 10, 10], group_cost=1) == [(0, 2), (2, 4), (4, 6)]
+    assert plan_groups([10, 10, 300, 300, 10, 10], group_cost=1) == [(0, 2), (2, 4), (4, 6)]
 
 
 def test_decode_mask() -> None:

@@ -38,6 +38,9 @@ BFLOAT16_LOGIT_TOLERANCE = 0.5
 # A KV cache this many blocks large cannot hold the 8 prompts with their 40 tokens at once
 # (they need 33 blocks at the end) but holds the longest one (110 tokens, 7 blocks) alone.
 PREEMPTION_NUM_BLOCKS = 12
+# Prompt tokens per step in the chunked-prefill test: the 40- and 70-token prompts (and recomputed
+# prompt + output) take several steps, in chunks that do not line up with the 16-token blocks.
+CHUNK_BUDGET = 24
 
 GREEDY = SamplingParams(temperature=0, max_tokens=GREEDY_TOKENS, ignore_eos=True)
 
@@ -114,8 +117,9 @@ def add_step(outputs: dict[str, RequestOutput], deltas: list[RequestDelta]) -> N
 def assert_engine_idle(engine: LLMEngine) -> None:
     """Nothing queued or running, and every KV block back in the free list."""
     assert not engine.has_unfinished_requests()
-    assert not engine.model().batcher.has_work
-    assert engine.model().batcher.allocator.num_free == engine.model().batcher.allocator.num_blocks
+    batcher = engine.model().batcher
+    assert not (batcher.waiting or batcher.running or batcher.swapped)
+    assert batcher.allocator.num_free == batcher.allocator.num_blocks
 
 
 # ---------------------------------------------------------------------------- correctness vs HF
@@ -208,6 +212,36 @@ def test_seeded_sampling_survives_preemption(model_dir, llm, prompts):
     assert preempted
     for request_id in requests:
         assert constrained[request_id].token_ids == unconstrained[request_id].token_ids
+
+
+@pytest.mark.parametrize("preempting", [False, True], ids=["roomy-cache", "small-cache"])
+def test_chunked_prefill_matches_hf(model_dir, llm, prompts, hf_greedy, preempting):
+    """Prompts longer than the token budget are prefilled over several steps, each chunk attending to
+    the earlier chunks' KV in the paged cache, with decode steps in between: the same tokens as HF."""
+    arch = llm.engine.model().arch
+    config = EngineConfig(max_num_batched_tokens=CHUNK_BUDGET)
+    if preempting:
+        kv_cache_bytes = PREEMPTION_NUM_BLOCKS * kv_block_bytes(arch, torch.float32)
+        config = EngineConfig(max_num_batched_tokens=CHUNK_BUDGET, kv_cache_bytes=kv_cache_bytes)
+    engine = LLMEngine(model_dir, config=config)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(str(i), prompt, GREEDY)
+    batcher = engine.model().batcher
+    outputs: dict[str, RequestOutput] = {}
+    chunked, preempted = set(), set()
+    while engine.has_unfinished_requests():
+        deltas = engine.step()
+        mid_prompt = {seq.request_id for seq in batcher.prefilled}
+        assert not mid_prompt & {d.request_id for d in deltas}, "a sequence got a token mid-prompt"
+        add_step(outputs, deltas)
+        chunked |= mid_prompt
+        preempted |= {seq.request_id for seq in batcher.waiting if seq.output_token_ids}
+    finished = {request_id: output for request_id, output in outputs.items() if output.finished}
+    assert {"6", "7"} <= chunked  # the 40- and 70-token prompts
+    assert bool(preempted) == preempting
+    for i, expected in enumerate(hf_greedy):
+        assert finished[str(i)].token_ids == expected, f"request {i} of {len(prompts[i])} tokens"
+    assert_engine_idle(engine)
 
 
 # ---------------------------------------------------------------------------- stop conditions
