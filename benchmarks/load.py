@@ -22,16 +22,13 @@ import argparse
 import asyncio
 import json
 import random
-import re
 import statistics
-import subprocess
-import sys
-import threading
 import time
 from collections import Counter
 from pathlib import Path
 
 import httpx
+from served import children, rss_bytes, scrape, start_server
 
 from aegaeon.demo import write_demo_models
 
@@ -42,82 +39,17 @@ TOKENS = 24
 CONCURRENCY = 8
 CALIBRATION_S = 15.0
 MAX_WAITING_PER_MODEL = 4
-STARTUP_TIMEOUT_S = 300.0
 REQUEST_TIMEOUT_S = 300.0
 SETTLE_S = 3.0
 RSS_TOLERANCE = 0.10  # RSS may differ from its baseline by this fraction (allocator slack)
 SEED = 0
-PAGE_KIB = 1024
+# The node's memory gauges: KV held in the host pool, requests running.
+GAUGES = ("aegaeon_host_kv_pool_allocated_bytes", "aegaeon_requests_running")
 
 
-def start_server(models: list[Path], profiles: Path) -> tuple[subprocess.Popen, str]:
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "aegaeon.cli",
-            "serve",
-            *[str(path) for path in models],
-            "--port",
-            "0",
-            "--profiles",
-            str(profiles),
-            "--max-waiting-per-model",
-            str(MAX_WAITING_PER_MODEL),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    url, deadline = None, time.monotonic() + STARTUP_TIMEOUT_S
-    for line in server.stdout:
-        if match := re.search(r"OpenAI API at (http://\S+)/v1", line):
-            url = match.group(1)
-        if "Uvicorn running" in line or time.monotonic() > deadline:
-            break
-    if url is None:
-        server.kill()
-        raise SystemExit("the server did not start")
-    # Keep draining its output, or a full pipe would stall it.
-    threading.Thread(target=lambda: [None for _ in server.stdout], daemon=True).start()
-    return server, url
-
-
-def rss_bytes(pid: int) -> int:
+def tree_rss_bytes(pid: int) -> int:
     """Resident memory of a process and its children (the instance processes)."""
-    pids = [pid] + [
-        int(path.name)
-        for path in Path("/proc").iterdir()
-        if path.name.isdigit() and _parent(int(path.name)) == pid
-    ]
-    total = 0
-    for member in pids:
-        try:
-            status = Path(f"/proc/{member}/status").read_text()
-        except OSError:
-            continue
-        match = re.search(r"VmRSS:\s+(\d+) kB", status)
-        total += int(match.group(1)) * PAGE_KIB if match else 0
-    return total
-
-
-def _parent(pid: int) -> int | None:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def scrape(url: str) -> dict[str, float]:
-    """The node's memory gauges from /metrics (summed over labels)."""
-    text = httpx.get(f"{url}/metrics", timeout=30).text
-    wanted = ("aegaeon_host_kv_pool_allocated_bytes", "aegaeon_requests_running")
-    values: dict[str, float] = dict.fromkeys(wanted, 0.0)
-    for line in text.splitlines():
-        name = line.split("{", 1)[0].split(" ", 1)[0]
-        if name in wanted:
-            values[name] += float(line.rsplit(" ", 1)[1])
-    return values
+    return sum(rss_bytes(member) for member in [pid, *children(pid)])
 
 
 async def complete(client: httpx.AsyncClient, model: str, prompt: str) -> tuple[str, str, int]:
@@ -230,15 +162,17 @@ def main() -> None:
 
     paths = write_demo_models(BENCH_DIR / "load-models", count=MODEL_COUNT, seed=SEED)
     models = [path.name for path in paths]
-    server, url = start_server(paths, BENCH_DIR / "profiles.json")
+    server, url = start_server(
+        paths, BENCH_DIR / "profiles.json", "--max-waiting-per-model", str(MAX_WAITING_PER_MODEL)
+    )
     try:
         answers = asyncio.run(expected_answers(url, models))
         rate = asyncio.run(sustainable_rate(url, models))
         time.sleep(SETTLE_S)
-        before = {"rss_bytes": rss_bytes(server.pid), **scrape(url)}
+        before = {"rss_bytes": tree_rss_bytes(server.pid), **scrape(url, GAUGES)}
         result = asyncio.run(overload(url, models, answers, args.overload * rate, args.duration))
         time.sleep(SETTLE_S)
-        after = {"rss_bytes": rss_bytes(server.pid), **scrape(url)}
+        after = {"rss_bytes": tree_rss_bytes(server.pid), **scrape(url, GAUGES)}
     finally:
         server.terminate()
         server.wait(60)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import re
 import subprocess
 import sys
 import threading
@@ -26,6 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import httpx
+from served import children, rss_bytes, scrape, start_server
 
 from aegaeon.demo import write_demo_models
 
@@ -36,10 +36,14 @@ DEFAULT_EVERY = 1_000
 DEFAULT_CONCURRENCY = 8
 TOKENS = 2  # short requests: the point is their number
 PROMPTS = ("Hi", "Tell me about rivers", "Count to five", "Why")
-STARTUP_TIMEOUT_S = 300.0
 REQUEST_TIMEOUT_S = 120.0
-KIB = 1024
-MIB = 1024 * KIB
+MIB = 1024 * 1024
+# The node's history gauges: what it holds of ended requests, in-flight ones and timeline events.
+GAUGES = (
+    "aegaeon_node_ended_requests_held",
+    "aegaeon_node_requests_in_flight",
+    "aegaeon_instance_timeline_events",
+)
 
 
 @dataclass(frozen=True)
@@ -53,69 +57,8 @@ class Sample:
     timeline_events: int
 
 
-def start_server(models: list[Path], profiles: Path) -> tuple[subprocess.Popen, str]:
-    server = subprocess.Popen(
-        [sys.executable, "-m", "aegaeon.cli", "serve", *map(str, models), "--port", "0"]
-        + ["--profiles", str(profiles), "--device", "cpu", "--colocated"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    url, deadline = None, time.monotonic() + STARTUP_TIMEOUT_S
-    for line in server.stdout:
-        if match := re.search(r"OpenAI API at (http://\S+)/v1", line):
-            url = match.group(1)
-        if "Uvicorn running" in line or time.monotonic() > deadline:
-            break
-    if url is None:
-        server.kill()
-        raise SystemExit("the server did not start")
-    # Keep draining its output, or a full pipe would stall it.
-    threading.Thread(target=lambda: [None for _ in server.stdout], daemon=True).start()
-    return server, url
-
-
-def rss_bytes(pid: int) -> int:
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return 0
-    match = re.search(r"VmRSS:\s+(\d+) kB", status)
-    return int(match.group(1)) * KIB if match else 0
-
-
-def children(pid: int) -> list[int]:
-    """The processes whose parent is `pid` (the server's instance processes)."""
-    found = []
-    for path in Path("/proc").iterdir():
-        if not path.name.isdigit():
-            continue
-        try:
-            parent = int((path / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        if parent == pid:
-            found.append(int(path.name))
-    return found
-
-
-def scrape(url: str) -> dict[str, float]:
-    """The node's history gauges from /metrics (summed over labels)."""
-    wanted = (
-        "aegaeon_node_ended_requests_held",
-        "aegaeon_node_requests_in_flight",
-        "aegaeon_instance_timeline_events",
-    )
-    values = dict.fromkeys(wanted, 0.0)
-    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
-        name = line.split("{", 1)[0].split(" ", 1)[0]
-        if name in values:
-            values[name] += float(line.rsplit(" ", 1)[1])
-    return values
-
-
 def sample(server: subprocess.Popen, url: str, requests: int, started: float) -> Sample:
-    gauges = scrape(url)
+    gauges = scrape(url, GAUGES)
     return Sample(
         requests=requests,
         seconds=round(time.monotonic() - started, 1),
@@ -195,7 +138,7 @@ def main() -> None:
     args = parser.parse_args()
     model_dir = BENCH_DIR / "soak-models"
     paths = sorted(model_dir.glob("demo-*")) or write_demo_models(model_dir, count=MODEL_COUNT)
-    server, url = start_server(paths, model_dir / "profiles.json")
+    server, url = start_server(paths, model_dir / "profiles.json", "--device", "cpu", "--colocated")
     try:
         models = [m["id"] for m in httpx.get(f"{url}/v1/models", timeout=30).json()["data"]]
         result = soak(url, server, models, args)
