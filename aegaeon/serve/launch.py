@@ -84,6 +84,10 @@ def run_server(config: ServeConfig) -> None:
     configure_logging(config.log_format)
     try:
         keys = keys_from_env_or(config.cluster_keys)
+        if config.role == "node":  # before loading anything: a refused address fails at once
+            from aegaeon.serve.node_server import check_listen_address
+
+            check_listen_address(config.host, keys, config.insecure)
     except ValueError as error:
         raise SystemExit(f"aegaeon serve: {error}") from None
     store = open_store(config.redis_url)

@@ -95,6 +95,16 @@ def advertised_host(host: str) -> str:
     return socket.gethostbyname(socket.gethostname()) if host in ANY_ADDRESS else host
 
 
+def check_listen_address(host: str, keys: ClusterKeys | None, insecure: bool) -> None:
+    """Refuse (ValueError) a node port reachable from other machines that anyone could submit to."""
+    if keys is None and not insecure and not is_loopback(host):
+        raise ValueError(
+            f"refusing to take requests on {host} without cluster keys: anyone reaching the port could "
+            "submit work; give --cluster-keys DIR (make one with `aegaeon keys DIR`), or --insecure on a "
+            "network you trust"
+        )
+
+
 class NodeServer:
     """Serves one `Node` to api servers; the node stays the caller's to close (after this server)."""
 
@@ -108,12 +118,7 @@ class NodeServer:
         keys: ClusterKeys | None = None,
         insecure: bool = False,
     ):
-        if keys is None and not insecure and not is_loopback(host):
-            raise ValueError(
-                f"refusing to take requests on {host} without cluster keys: anyone reaching the port could "
-                "submit work; give --cluster-keys DIR (make one with `aegaeon keys DIR`), or --insecure on a "
-                "network you trust"
-            )
+        check_listen_address(host, keys, insecure)
         self.node = node
         self.store = store
         self.node_id = node_id or f"node-{uuid.uuid4().hex[:8]}"

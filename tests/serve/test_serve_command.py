@@ -80,6 +80,10 @@ def test_serve_prints_a_curl_line_that_returns_a_completion(demo_model_dirs, pro
         (["--role", "node", "a=/m"], "redis_url"),
         (["--role", "api", "--redis-url", "redis://127.0.0.1:1/0", "a=/m"], "name models on the nodes"),
         (["--role", "cluster", "a=/m"], "invalid choice"),
+        (
+            ["--role", "node", "--host", "0.0.0.0", "--redis-url", "redis://127.0.0.1:1/0", "a=/m"],
+            "without cluster keys",
+        ),
     ],
 )
 def test_roles_that_cannot_work_are_refused_with_what_to_fix(argv, message):
@@ -88,6 +92,7 @@ def test_roles_that_cannot_work_are_refused_with_what_to_fix(argv, message):
     )
     assert result.returncode != 0
     assert message in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_api_keys_come_from_the_flag_and_a_keys_file(tmp_path):
