@@ -36,6 +36,7 @@ test: lint
 
 bench: install
 	$(BIN)/python benchmarks/engine.py
+	$(BIN)/python benchmarks/kv_moves.py
 	$(BIN)/aegaeon bench switch
 	$(BIN)/python benchmarks/scheduling.py
 	$(BIN)/python benchmarks/load.py
