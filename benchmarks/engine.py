@@ -1,7 +1,7 @@
 """Decode throughput and prefill time of the engine against `transformers` (and the compute ceiling).
 
     python benchmarks/engine.py [--json] [--repeats 3] [--model-dir DIR] [--compare-attention]
-                                [--sections decode,prefill] [--dtypes float32,bfloat16]
+                                [--sections decode,prefill] [--dtypes float32,bfloat16] [--threads N]
 
 The model is Llama-shaped, about 100M parameters (hidden 768, 8 layers, 12 heads / 4 KV heads,
 intermediate 2048, vocab 32k), random weights, on the CPU. It is written once to `--model-dir` and
@@ -20,7 +20,11 @@ of `--repeats`; engine, transformers and ceiling all run in that dtype:
 - aegaeon-gather (with --compare-attention): the engine with decode attention on the torch path
   (gather + SDPA) instead of the paged kernel, in the same process and repeats.
 - ceiling: the compute floor of this machine: the time of the model's own matrix products alone
-  (every weight matrix of one forward pass, at that batch size), as tokens per second.
+  (every weight matrix of one forward pass, at that batch size, `F.linear` on the engine's own
+  weight tensors), as tokens per second. One pass of them is timed right after each counted engine
+  step, and the rate is tokens over the summed pass times, as the engine's is over its summed step
+  times: on a shared machine both then see the same load (timed apart, a burst of other work that
+  hits one and not the other moves their ratio several-fold).
 
 Prefill (float32): the time to prefill ONE prompt of each of `PREFILL_LENGTHS` tokens, i.e. the
 engine steps from adding the request to its first token, against a plain `model(input_ids)` forward
@@ -36,6 +40,7 @@ import json
 import random
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,7 +57,6 @@ PROMPT_LENGTHS = (16, 256)
 OUTPUT_LENGTHS = (32, 160)
 BATCH_SIZES = (1, 16)
 REQUESTS_PER_SLOT = {1: 4, 16: 3}
-CEILING_REPEATS = 30
 PREFILL_LENGTHS = (512, 2000)
 MIN_PREFILL_REPEATS = 5
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -76,12 +80,15 @@ def make_requests(count: int, vocab_size: int, rng: random.Random) -> list[Reque
     ]
 
 
-def aegaeon_decode_rate(engine: LLMEngine, requests: list[Request], batch_size: int) -> float:
-    """Decode tokens/s over the steps that ran exactly `batch_size` sequences."""
+def aegaeon_decode_rate(
+    engine: LLMEngine, requests: list[Request], batch_size: int, products: Callable[[], None] | None = None
+) -> tuple[float, float | None]:
+    """Decode tokens/s over the steps that ran exactly `batch_size` sequences, and (given
+    `products`) the ceiling: tokens/s of one `products()` pass timed after each of those steps."""
     for i, request in enumerate(requests):
         params = SamplingParams(temperature=0, max_tokens=request.output_len, ignore_eos=True)
         engine.add_request(f"bench-{i}", request.prompt, params)
-    tokens, seconds = 0, 0.0
+    tokens, seconds, product_seconds = 0, 0.0, 0.0
     while engine.has_unfinished_requests():
         # With `batch_size` (= max_num_seqs) sequences running nothing can be admitted, so the step
         # decodes them all, whether or not requests wait for a slot; it is counted when it returned
@@ -93,7 +100,11 @@ def aegaeon_decode_rate(engine: LLMEngine, requests: list[Request], batch_size: 
         if full and len(outputs) == batch_size:
             tokens += batch_size
             seconds += elapsed
-    return tokens / seconds
+            if products is not None:
+                start = time.perf_counter()
+                products()
+                product_seconds += time.perf_counter() - start
+    return tokens / seconds, tokens / product_seconds if products is not None else None
 
 
 def transformers_decode_rate(model, requests: list[Request], batch_size: int) -> float:
@@ -125,22 +136,18 @@ def transformers_decode_rate(model, requests: list[Request], batch_size: int) ->
     return tokens / seconds
 
 
-def ceiling_rate(engine: LLMEngine, batch_size: int) -> float:
-    """Tokens/s if a decode step cost only its matrix products."""
+def matrix_products(engine: LLMEngine, batch_size: int) -> Callable[[], None]:
+    """One decode step's matrix products alone, on the engine's weights (what the ceiling times)."""
     matrices = list(engine.model().runner.weights.matrices())
     inputs = {w.shape[1]: torch.randn(batch_size, w.shape[1], dtype=w.dtype) for w in matrices}
 
     def products() -> None:
-        for weight in matrices:
-            F.linear(inputs[weight.shape[1]], weight)
+        with torch.inference_mode():
+            for weight in matrices:
+                F.linear(inputs[weight.shape[1]], weight)
 
-    products()
-    times = []
-    for _ in range(CEILING_REPEATS):
-        start = time.perf_counter()
-        products()
-        times.append(time.perf_counter() - start)
-    return batch_size / statistics.median(times)
+    products()  # first-call costs (oneDNN primitive creation) out of the way
+    return products
 
 
 def decode_section(model_dir: Path, dtype: torch.dtype, repeats: int, compare_attention: bool) -> dict:
@@ -156,16 +163,18 @@ def decode_section(model_dir: Path, dtype: torch.dtype, repeats: int, compare_at
         count = batch_size * REQUESTS_PER_SLOT[batch_size]
         requests = make_requests(count, BENCHMARK_MODEL_SHAPE["vocab_size"], rng)
         runs = {"aegaeon": [], "transformers": [], "ceiling": []}
+        products = matrix_products(engine, batch_size)
         if compare_attention:
             runs["aegaeon-gather"] = []
             gather_engine = LLMEngine(model_dir, config=config, dtype=dtype)
             gather_engine.model().runner.paged_decode = None
         for _ in range(repeats):
-            runs["aegaeon"].append(aegaeon_decode_rate(engine, requests, batch_size))
+            aegaeon, ceiling = aegaeon_decode_rate(engine, requests, batch_size, products)
+            runs["aegaeon"].append(aegaeon)
+            runs["ceiling"].append(ceiling)
             if compare_attention:
-                runs["aegaeon-gather"].append(aegaeon_decode_rate(gather_engine, requests, batch_size))
+                runs["aegaeon-gather"].append(aegaeon_decode_rate(gather_engine, requests, batch_size)[0])
             runs["transformers"].append(transformers_decode_rate(hf_model, requests, batch_size))
-            runs["ceiling"].append(ceiling_rate(engine, batch_size))
         results[f"batch_{batch_size}"] = {name: round(statistics.median(v), 2) for name, v in runs.items()}
     return results
 
@@ -244,7 +253,10 @@ def main() -> None:
     )
     parser.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated: decode, prefill")
     parser.add_argument("--dtypes", default=",".join(DTYPES), help="decode dtypes, comma-separated")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     sections = args.sections.split(",")
     dtypes = args.dtypes.split(",")
     for name in sections:
