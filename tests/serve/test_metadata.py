@@ -301,6 +301,18 @@ def test_finished_records_expire(make_store: StoreFactory) -> None:
     assert not store.update_request("finished", state="failed")
 
 
+def test_an_in_process_store_forgets_expired_records_nobody_looks_up() -> None:
+    """Records of finished requests leave memory after their TTL even if nothing reads them again
+    (a long-running server writes new ones, which sweeps the expired)."""
+    store = MemoryStore(finished_ttl_s=SHORT_TTL_S)
+    for i in range(50):
+        store.put_request(RequestRecord(f"old-{i}", "llama", state="finished"))
+    store.put_request(RequestRecord("running", "llama", state="decoding"))
+    time.sleep(EXPIRE_WAIT_S)
+    store.put_request(RequestRecord("new", "llama", state="finished"))
+    assert set(store._requests) == {"running", "new"}  # noqa: SLF001 - what the process holds
+
+
 def test_open_store() -> None:
     assert isinstance(open_store(None), MemoryStore)
     memory = open_store("memory://", key_prefix="ignored", finished_ttl_s=5)

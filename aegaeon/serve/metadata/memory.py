@@ -103,6 +103,7 @@ class MemoryStore(MetadataStore):
     def put_request(self, record: RequestRecord) -> None:
         record = from_hash(RequestRecord, to_hash(record))  # a private copy, typed as Redis gives it back
         with self._lock:
+            self._drop_expired()
             self._requests[record.request_id] = record
             self._set_expiry(record)
 
@@ -166,7 +167,18 @@ class MemoryStore(MetadataStore):
         return self._requests.get(request_id)
 
     def _set_expiry(self, record: RequestRecord) -> None:
+        # Re-inserted, never updated in place: `_expires_at` stays in the order of its deadlines
+        # (one TTL for all), so `_drop_expired` finds every expired record at its front.
+        self._expires_at.pop(record.request_id, None)
         if record.state.terminal:
             self._expires_at[record.request_id] = time.monotonic() + self.finished_ttl_s
-        else:
-            self._expires_at.pop(record.request_id, None)
+
+    def _drop_expired(self) -> None:
+        """Forget the records whose TTL has passed (as Redis expires them); under the lock."""
+        now = time.monotonic()
+        while self._expires_at:
+            request_id, deadline = next(iter(self._expires_at.items()))
+            if deadline > now:
+                return
+            del self._expires_at[request_id]
+            self._requests.pop(request_id, None)
