@@ -60,11 +60,9 @@ from aegaeon.config import BLOCK_SIZE, MEMORY_ALIGNMENT
 from aegaeon.memory.copies import Copy, CopyStream, block_runs
 from aegaeon.memory.shm import SharedRegion
 
-# Tokens per KV block (the engine's BLOCK_SIZE; fixed by the block-major cache layout).
-KV_BLOCK_TOKENS = BLOCK_SIZE
 # The smallest block any shape can have: K and V of 16 tokens of one 1-byte element. The bitmaps
 # have one bit per this many bytes of slab.
-MIN_KV_BLOCK_BYTES = 2 * KV_BLOCK_TOKENS
+MIN_KV_BLOCK_BYTES = 2 * BLOCK_SIZE
 # The data area starts on a page boundary.
 DATA_ALIGNMENT = 4096
 MAGIC = int.from_bytes(b"AEGKVP\x00\x01", "little")
@@ -115,7 +113,7 @@ class KVShape:
     @property
     def block_shape(self) -> tuple[int, int, int, int, int]:
         """`[layers, 2, 16, kv_heads, head_dim]`."""
-        return (self.layers, 2, KV_BLOCK_TOKENS, self.kv_heads, self.head_dim)
+        return (self.layers, 2, BLOCK_SIZE, self.kv_heads, self.head_dim)
 
     @property
     def block_bytes(self) -> int:
@@ -129,7 +127,7 @@ class KVShape:
         return key or 1
 
     def __str__(self) -> str:
-        return f"[{self.layers}, 2, {KV_BLOCK_TOKENS}, {self.kv_heads}, {self.head_dim}] {self.dtype}"
+        return f"[{self.layers}, 2, {BLOCK_SIZE}, {self.kv_heads}, {self.head_dim}] {self.dtype}"
 
 
 @dataclass(frozen=True)
@@ -406,9 +404,9 @@ class HostKVPool:
         self, handles: list[int], kv: torch.Tensor, blocks: list[int]
     ) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
         """The device KV region's bytes and the runs pairing its `blocks` with the pool's `handles`."""
-        if kv.dim() != 6 or kv.shape[2:4] != (2, KV_BLOCK_TOKENS) or not kv.is_contiguous():
+        if kv.dim() != 6 or kv.shape[2:4] != (2, BLOCK_SIZE) or not kv.is_contiguous():
             raise ValueError(
-                f"a KV region is a contiguous [blocks, layers, 2, {KV_BLOCK_TOKENS}, kv_heads, head_dim] "
+                f"a KV region is a contiguous [blocks, layers, 2, {BLOCK_SIZE}, kv_heads, head_dim] "
                 f"tensor, got {tuple(kv.shape)}"
             )
         shape = KVShape(kv.shape[1], kv.shape[4], kv.shape[5], kv.dtype)
