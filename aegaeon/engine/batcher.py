@@ -17,8 +17,9 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from aegaeon.engine.kv_cache import BlockAllocator, blocks_for_tokens
+from aegaeon.engine.kv_cache import BlockAllocator
 from aegaeon.engine.sequence import Sequence, SequenceStatus
+from aegaeon.scheduler.models import blocks_for_tokens
 
 
 @dataclass(frozen=True)

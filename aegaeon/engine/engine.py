@@ -18,7 +18,6 @@ from aegaeon.config import EngineConfig, MemoryConfig, default_model_name
 from aegaeon.engine import handoff
 from aegaeon.engine.batcher import ScheduledStep
 from aegaeon.engine.handoff import RequestHandoff
-from aegaeon.engine.kv_cache import blocks_for_tokens
 from aegaeon.engine.kv_mover import KVMover
 from aegaeon.engine.outputs import RequestDelta, SequenceDelta
 from aegaeon.engine.postprocess import append_token, step_deltas
@@ -30,6 +29,7 @@ from aegaeon.engine.tokenizer import Tokenizer
 from aegaeon.engine.weights import parse_dtype
 from aegaeon.memory.kv_pool import HostKVPool
 from aegaeon.memory.model_cache import HostModelCache
+from aegaeon.scheduler.models import blocks_for_tokens
 
 
 class LLMEngine:

@@ -34,11 +34,6 @@ def kv_block_bytes(arch: Architecture, dtype: torch.dtype) -> int:
     return math.prod(kv_block_shape(arch)) * torch.empty(0, dtype=dtype).element_size()
 
 
-def blocks_for_tokens(num_tokens: int) -> int:
-    """How many blocks hold `num_tokens` tokens."""
-    return -(-num_tokens // BLOCK_SIZE)
-
-
 class BlockAllocator:
     """Free list over the block ids of one KV tensor."""
 

@@ -20,12 +20,13 @@ from aegaeon.engine.attention import (
 )
 from aegaeon.engine.batcher import PrefillChunk, ScheduledStep
 from aegaeon.engine.cpu_kernels import LayerKernels, cpu_decode_supports, cpu_rotary_supports
-from aegaeon.engine.kv_cache import BLOCK_SIZE, blocks_for_tokens
+from aegaeon.engine.kv_cache import BLOCK_SIZE
 from aegaeon.engine.model import Transformer
 from aegaeon.engine.rope import RotaryTable, rotate
 from aegaeon.engine.sampler import Sampler, SamplerOutput, SamplingRow
 from aegaeon.engine.sequence import Sequence
 from aegaeon.engine.weights import ModelWeights
+from aegaeon.scheduler.models import blocks_for_tokens
 
 
 def paged_decode_kernel(

@@ -7,9 +7,10 @@ import random
 import pytest
 
 from aegaeon.engine.batcher import ContinuousBatcher, PrefillChunk, ScheduledStep
-from aegaeon.engine.kv_cache import BLOCK_SIZE, BlockAllocator, blocks_for_tokens
+from aegaeon.engine.kv_cache import BLOCK_SIZE, BlockAllocator
 from aegaeon.engine.sampling_params import SamplingParams
 from aegaeon.engine.sequence import Sequence, SequenceStatus
+from aegaeon.scheduler.models import blocks_for_tokens
 
 NO_LIMIT = 1 << 30
 

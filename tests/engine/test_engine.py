@@ -17,8 +17,9 @@ from aegaeon import LLM, SamplingParams
 from aegaeon.config import EngineConfig
 from aegaeon.demo import DEMO_ARCHITECTURES
 from aegaeon.engine.engine import LLMEngine
-from aegaeon.engine.kv_cache import blocks_for_tokens, kv_block_bytes
+from aegaeon.engine.kv_cache import kv_block_bytes
 from aegaeon.engine.outputs import RequestDelta, RequestOutput
+from aegaeon.scheduler.models import blocks_for_tokens
 
 # Lengths cross the 16-token block boundary (15, 16, 17) and Mistral's 16-token sliding window;
 # 70 + 40 generated tokens also runs past llama3's original_max_position_embeddings (64).
