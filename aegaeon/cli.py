@@ -93,6 +93,7 @@ def serve_config_from_args(args: argparse.Namespace):
         "redis_url": args.redis_url,
         "node_port": args.node_port,
         "drain_timeout_s": args.drain_timeout,
+        "finished_ttl_s": args.finished_ttl,
         "metrics_port": args.metrics_port,
         "log_format": args.log_format,
         "max_waiting_per_model": args.max_waiting_per_model,
@@ -215,6 +216,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         metavar="SECONDS",
         help="on SIGTERM, how long requests in flight may finish before the server stops (default: 30)",
+    )
+    serve.add_argument(
+        "--finished-ttl",
+        type=float,
+        metavar="SECONDS",
+        help="how long the metadata store keeps an ended request's record (default: 3600)",
     )
     serve.add_argument(
         "--max-waiting-per-model",

@@ -220,6 +220,9 @@ ROLES = ("all", "api", "node")
 # How `aegaeon serve` writes its log: readable lines, or one JSON object per line (aegaeon/logs.py).
 LOG_FORMATS = ("text", "json")
 DEFAULT_DRAIN_TIMEOUT_S = 30.0
+# A finished, failed or aborted request's record stays in the metadata store this long, then is
+# dropped (a client may still read its outcome meanwhile: resume, retrieval, the dashboard).
+DEFAULT_FINISHED_TTL_S = 3600.0
 
 
 # Request limits of the OpenAI api server (docs/api.md, "Limits").
@@ -279,6 +282,9 @@ class ServeConfig:
     node_port: int = 0
     # On SIGTERM, how long requests in flight may run on before the server stops anyway.
     drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S
+    # How long the metadata store keeps an ended request's record (memory it holds grows with
+    # the request rate times this).
+    finished_ttl_s: float = DEFAULT_FINISHED_TTL_S
     # A `--role node` process serves /metrics and /dashboard on this port (None: it does not; 0: any).
     metrics_port: int | None = None
     # "text" lines, or one JSON object per line (with request ids) for log pipelines.
@@ -307,6 +313,8 @@ class ServeConfig:
             raise ValueError(f"log_format must be one of {', '.join(LOG_FORMATS)}, got {self.log_format!r}")
         if self.drain_timeout_s < 0:
             raise ValueError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
+        if self.finished_ttl_s <= 0:
+            raise ValueError(f"finished_ttl_s must be positive, got {self.finished_ttl_s}")
         names = [model.name for model in self.models]
         if len(set(names)) != len(names):
             raise ValueError(f"model names must be unique, got {names}")
@@ -349,6 +357,7 @@ _SERVE_FIELD_KEYS = (
     "redis_url",
     "node_port",
     "drain_timeout_s",
+    "finished_ttl_s",
     "metrics_port",
     "log_format",
     "cluster_keys",

@@ -134,11 +134,18 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=DEFAULT_REQUESTS, help="requests to send")
     parser.add_argument("--every", type=int, default=DEFAULT_EVERY, help="sample after this many")
     parser.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY, help="clients at once")
+    parser.add_argument(
+        "--finished-ttl",
+        type=float,
+        metavar="SECONDS",
+        help="the server's --finished-ttl: how long the store keeps ended requests (default: its own)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
     model_dir = BENCH_DIR / "soak-models"
     paths = sorted(model_dir.glob("demo-*")) or write_demo_models(model_dir, count=MODEL_COUNT)
-    server, url = start_server(paths, model_dir / "profiles.json", "--device", "cpu", "--colocated")
+    extra = ["--finished-ttl", str(args.finished_ttl)] if args.finished_ttl else []
+    server, url = start_server(paths, model_dir / "profiles.json", "--device", "cpu", "--colocated", *extra)
     try:
         models = [m["id"] for m in httpx.get(f"{url}/v1/models", timeout=30).json()["data"]]
         result = soak(url, server, models, args)

@@ -90,7 +90,7 @@ def run_server(config: ServeConfig) -> None:
             check_listen_address(config.host, keys, config.insecure)
     except ValueError as error:
         raise SystemExit(f"aegaeon serve: {error}") from None
-    store = open_store(config.redis_url)
+    store = open_store(config.redis_url, finished_ttl_s=config.finished_ttl_s)
     try:
         if config.role == "api":
             _run_api(config, store, keys)

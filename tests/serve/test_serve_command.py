@@ -55,6 +55,7 @@ def test_models_from_paths_are_named_by_their_last_part():
         ({"models": ["a=/m", "a=/n"]}, "unique"),
         ({"models": ["a=/m"], "port": 70000}, "port"),
         ({"models": ["a=/m"], "tbt_s": -1}, "positive"),
+        ({"models": ["a=/m"], "finished_ttl_s": 0}, "finished_ttl_s"),
     ],
 )
 def test_bad_settings_say_what_to_fix(settings, message):
@@ -118,3 +119,12 @@ def test_request_limits_come_from_flags_and_yaml(tmp_path):
         256,
         1024,
     )
+
+
+def test_the_finished_record_ttl_comes_from_flags_and_yaml(tmp_path):
+    """An operator bounds the store's memory of ended requests from the command line or the YAML."""
+    config_file = tmp_path / "pool.yaml"
+    config_file.write_text(yaml.safe_dump({"models": ["a=/m"], "finished_ttl_s": 120}))
+    assert serve_config_from_args(parse("--config", str(config_file))).finished_ttl_s == 120
+    assert serve_config_from_args(parse("a=/m", "--finished-ttl", "30")).finished_ttl_s == 30
+    assert serve_config_from_args(parse("a=/m")).finished_ttl_s == 3600

@@ -9,10 +9,10 @@ Torch-free and engine-free: api servers import this without loading a model.
 
 from __future__ import annotations
 
+from aegaeon.config import DEFAULT_FINISHED_TTL_S
 from aegaeon.serve.metadata.memory import MemoryStore
 from aegaeon.serve.metadata.records import (
     DEFAULT_ALIVE_WITHIN_S,
-    DEFAULT_FINISHED_TTL_S,
     DEFAULT_INSTANCE_TTL_S,
     LOAD_KV_USAGE,
     LOAD_RUNNING,

@@ -8,9 +8,9 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+from aegaeon.config import DEFAULT_FINISHED_TTL_S
 from aegaeon.serve.metadata.codec import check_update, coerce, from_hash, to_hash
 from aegaeon.serve.metadata.records import (
-    DEFAULT_FINISHED_TTL_S,
     DEFAULT_INSTANCE_TTL_S,
     InstanceInfo,
     InstanceStatus,

@@ -6,8 +6,6 @@ import enum
 import time
 from dataclasses import dataclass, field, fields
 
-# A finished, failed or aborted request's record is kept this long, then dropped.
-DEFAULT_FINISHED_TTL_S = 3600.0
 # An instance silent this long is dropped from the registry (liveness itself is `alive_within_s`).
 DEFAULT_INSTANCE_TTL_S = 300.0
 # The liveness window `pick_node` uses: a few missed heartbeats of a node beating every second or two.

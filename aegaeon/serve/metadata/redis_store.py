@@ -11,10 +11,10 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from aegaeon.config import DEFAULT_FINISHED_TTL_S
 from aegaeon.serve.metadata import redis_scripts
 from aegaeon.serve.metadata.codec import check_update, encode_value, from_hash, to_hash
 from aegaeon.serve.metadata.records import (
-    DEFAULT_FINISHED_TTL_S,
     DEFAULT_INSTANCE_TTL_S,
     InstanceInfo,
     InstanceStatus,
