@@ -8,8 +8,11 @@ the region's shape is refused before anything is copied.
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
+import subprocess
+import sys
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -30,6 +33,7 @@ from aegaeon.memory.copies import (
 from aegaeon.memory.kv_pool import HostKVPool, KVShape
 
 SLAB = 1 * MIB
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DEVICE_BLOCKS = 96
 
 
@@ -134,6 +138,23 @@ def test_a_copy_job_lands_every_byte_of_unaligned_runs_and_nothing_else(total: i
     target.zero_()
     job.run(helper=True)
     assert not target.any()
+
+
+def test_without_a_compiler_copies_still_land(tmp_path: Path) -> None:
+    """A failing compiler leaves a warning and copies on the calling thread, not a broken copy."""
+    code = (
+        "import logging, torch; logging.basicConfig()\n"
+        "from aegaeon.memory.copies import CopyStream\n"
+        "source = torch.randn(3 << 20); target = torch.zeros_like(source)\n"
+        "CopyStream(torch.device('cpu')).copy([(target, source)])\n"
+        "print('equal', torch.equal(target, source))\n"
+    )
+    env = {**os.environ, "CC": "false", "PYTHONPATH": str(REPO_ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, check=True
+    )
+    assert "equal True" in proc.stdout
+    assert "building the CPU copy kernel failed" in proc.stderr
 
 
 def test_bad_moves_are_refused_before_anything_is_copied(pool: HostKVPool) -> None:
