@@ -1,31 +1,22 @@
 """The engine's CPU kernels (`cpu_kernels.c`): paged decode attention, rotary embedding, residual
 add + RMS norm, SiLU * up.
 
-They are built with the system's C compiler for this CPU (`-march=native`) into `KERNEL_CACHE_DIR`,
-keyed by source, flags and CPU, and loaded with ctypes. Where no compiler is found the engine keeps
-its torch paths (gather + SDPA, torch's norm), which give the same results, only slower.
+They are built with the system's C compiler for this CPU (`-march=native`, aegaeon/native.py) and
+loaded with ctypes. Where no compiler is found the engine keeps its torch paths (gather + SDPA,
+torch's norm), which give the same results, only slower.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from aegaeon.config import KERNEL_CACHE_DIR
 from aegaeon.engine.paged_decode import check_paged_decode_inputs
-
-log = logging.getLogger(__name__)
+from aegaeon.native import load_library
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 # Vectorising a float sum needs reassociation; -ffast-math would also do it, but GCC then links
@@ -35,7 +26,6 @@ CFLAGS = (
     "-fno-math-errno", "-fno-trapping-math", "-fassociative-math", "-fno-signed-zeros",
     "-ffp-contract=off",  # rotary products and sums round as torch rounds them (intrinsics still fuse)
 )  # fmt: skip
-COMPILE_TIMEOUT_S = 120
 _DTYPE_SUFFIXES = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
 _PAGED_DECODE_ARGTYPES = [
     ctypes.c_void_p, ctypes.c_int64,  # q, q_row_stride
@@ -68,58 +58,10 @@ _ARGTYPES = {
 }
 
 
-def _cpu_signature() -> str:
-    """What `-march=native` depends on: the CPU's model and feature flags."""
-    try:
-        with open("/proc/cpuinfo") as info:
-            lines = [line for line in info if line.startswith(("model name", "flags"))]
-        return "".join(sorted(set(lines)))
-    except OSError:
-        return platform.processor() or platform.machine()
-
-
-def _compiler() -> str | None:
-    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-
-
-def _build(compiler: str) -> Path:
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, " ".join(CFLAGS).encode(), compiler.encode(),
-                                     _cpu_signature().encode()])).hexdigest()[:16]  # fmt: skip
-    directory = Path(KERNEL_CACHE_DIR).expanduser()
-    target = directory / f"cpu_kernels-{key}.so"
-    if target.exists():
-        return target
-    directory.mkdir(parents=True, exist_ok=True)
-    # Compile beside the target and rename: instance processes starting together may all build it.
-    fd, partial = tempfile.mkstemp(dir=directory, suffix=".so.partial")
-    os.close(fd)
-    try:
-        subprocess.run(
-            [compiler, *CFLAGS, str(SOURCE), "-o", partial, "-lm"],
-            check=True, capture_output=True, timeout=COMPILE_TIMEOUT_S,
-        )  # fmt: skip
-        os.replace(partial, target)
-    finally:
-        if os.path.exists(partial):
-            os.unlink(partial)
-    return target
-
-
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    compiler = _compiler()
-    if compiler is None:
-        log.warning("no C compiler found: the CPU kernels run on their slower torch paths")
-        return None
-    try:
-        library = ctypes.CDLL(str(_build(compiler)))
-    except (OSError, subprocess.SubprocessError) as error:
-        detail = getattr(error, "stderr", b"") or b""
-        log.warning(
-            "building the CPU kernels failed (%s%s): they run on their slower torch paths",
-            error, ": " + detail.decode(errors="replace")[-2000:] if detail else "",
-        )  # fmt: skip
+    library = load_library(SOURCE, CFLAGS, "the CPU kernels", "they run on their slower torch paths")
+    if library is None:
         return None
     for suffix in _DTYPE_SUFFIXES.values():
         for name, argtypes in _ARGTYPES.items():

@@ -6,25 +6,42 @@ copies are issued on a dedicated stream of the engine's device from page-locked 
 event marks their end, so the compute stream keeps working meanwhile and later waits only on what
 it reads. Every stream and event call names that device: the current device of the process may be
 another one. On the CPU there is no second engine to copy with: a copy runs inline, or on a
-background thread when asked (a memmove releases the GIL), and its thread marks its end.
+background thread when asked, and its thread marks its end; either way its bytes are copied by
+copies.c, shared among threads in chunks.
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
+import numpy as np
 import torch
 
 from aegaeon.config import MIB
+from aegaeon.native import load_library
 
 CopyPairs = Sequence[tuple[torch.Tensor, torch.Tensor]]  # (target, source)
 Run = tuple[int, int, int]  # (target offset, source offset, bytes)
-# A CPU copy of fewer bytes runs on the calling thread alone: handing a share of it to another
-# thread would cost more than it saves.
+# A CPU copy of fewer bytes runs on the calling thread alone: waking another thread for a share of
+# it would cost more than it saves.
 PARALLEL_COPY_MIN_BYTES = 4 * MIB
+# The piece of a copy a thread takes at a time: small enough that a thread scheduled late, or slowed
+# by another process on its core, leaves the others little to wait for; large enough that taking one
+# costs nothing next to copying it (~0.1 ms).
+COPY_CHUNK_BYTES = 1 * MIB
+# A CPU copy of at least this many bytes streams its stores past the caches: its target would not
+# stay cached until read anyway, and not reading each target line before writing it saves a third
+# of the memory traffic. (Below it, the target may be read soon from the cache, as KV just swapped in.)
+STREAM_COPY_MIN_BYTES = 4 * MIB
+KERNEL_SOURCE = Path(__file__).with_name("copies.c")
+KERNEL_FLAGS = ("-O3", "-march=native", "-fPIC", "-shared")
+# The header of a job of copies.c: next chunk, helpers inside, runs, chunk bytes, stream stores.
+_JOB_HEADER = 5
 
 
 def block_runs(targets: Sequence[int], sources: Sequence[int], block_bytes: int) -> list[Run]:
@@ -44,25 +61,34 @@ def block_runs(targets: Sequence[int], sources: Sequence[int], block_bytes: int)
     return [(target, source, nbytes) for target, source, nbytes in runs]
 
 
-def split_ranges(ranges: list[Run], parts: int) -> list[list[Run]]:
-    """`ranges` of (target, source, bytes) cut into `parts` shares of about equal bytes, in order."""
-    share = -(-sum(nbytes for _, _, nbytes in ranges) // parts)
-    shares: list[list[Run]] = [[]]
-    room = share
-    for target, source, nbytes in ranges:
-        while nbytes:
-            if room == 0:
-                shares.append([])
-                room = share
-            take = min(nbytes, room)
-            shares[-1].append((target, source, take))
-            target, source, nbytes, room = target + take, source + take, nbytes - take, room - take
-    return shares
+@functools.cache
+def _kernel() -> Callable[[int, int], None] | None:
+    """copies.c's `copy_job_run(job, helper)`; None where it cannot be built."""
+    library = load_library(KERNEL_SOURCE, KERNEL_FLAGS, "the CPU copy kernel", "CPU copies run on one thread")
+    if library is None:
+        return None
+    library.copy_job_run.argtypes, library.copy_job_run.restype = [ctypes.c_void_p, ctypes.c_int32], None
+    return library.copy_job_run
 
 
-def memmove_all(ranges: list[Run]) -> None:
-    for target, source, nbytes in ranges:
-        ctypes.memmove(target, source, nbytes)
+class CopyJob:
+    """Byte runs to copy, shared among the threads that `run` it (copies.c takes them chunk by chunk)."""
+
+    def __init__(self, ranges: list[Run]):
+        self.nbytes = sum(nbytes for _, _, nbytes in ranges)
+        self._job = np.zeros(_JOB_HEADER + 3 * len(ranges), dtype=np.int64)
+        self._job[2:_JOB_HEADER] = len(ranges), COPY_CHUNK_BYTES, self.nbytes >= STREAM_COPY_MIN_BYTES
+        self._job[_JOB_HEADER:] = np.array(ranges, dtype=np.int64).reshape(-1)
+
+    def run(self, helper: bool) -> None:
+        """Copy chunks until none is left; the caller's run (not a `helper`'s) returns once all landed."""
+        kernel = _kernel()
+        if kernel is not None:
+            kernel(self._job.ctypes.data, int(helper))
+        elif not helper:
+            runs = self._job[_JOB_HEADER:].reshape(-1, 3).tolist()
+            for target, source, nbytes in runs:
+                ctypes.memmove(target, source, nbytes)
 
 
 class Copy:
@@ -135,13 +161,15 @@ class CopyStream:
         return copy
 
     def _copy_on_cpu(self, pairs: CopyPairs) -> None:
-        """`target.copy_(source)` for each pair; memmoves shared among threads where both are the same
-        contiguous bytes.
+        """`target.copy_(source)` for each pair; one `CopyJob` of all pairs whose two sides are the
+        same contiguous bytes, shared among `torch.get_num_threads()` threads.
 
-        torch spreads each copy over its thread pool, and on a busy host every copy then waits for
-        the pool's threads to be scheduled: a batch of megabyte copies ran several times slower than
-        one memcpy of the same bytes. Here the whole batch is one split among `torch.get_num_threads()`
-        threads (a memmove releases the GIL).
+        torch spreads each copy over its thread pool: a batch of copies is then a fork and join per
+        copy, each waiting for the slowest thread, and on a busy host for threads not yet scheduled.
+        A job is taken chunk by chunk by whichever threads run: its caller never waits for a helper
+        that has not started, and helpers come from a pool of their own (torch's threads keep
+        spinning on the cores for milliseconds after each parallel op: a fixed half of the bytes
+        handed to a thread sharing a core with them took twice as long as the other half).
         """
         ranges: list[Run] = []
         for target, source in pairs:
@@ -150,12 +178,12 @@ class CopyStream:
                 ranges.append((target.data_ptr(), source.data_ptr(), target.nbytes))
             else:
                 target.copy_(source)
-        total = sum(nbytes for _, _, nbytes in ranges)
-        if self._helpers is None or total < PARALLEL_COPY_MIN_BYTES:
-            memmove_all(ranges)
+        if not ranges:
             return
-        first, *rest = split_ranges(ranges, self._threads)
-        helping = [self._helpers.submit(memmove_all, share) for share in rest]
-        memmove_all(first)
-        for done in helping:
-            done.result()
+        job = CopyJob(ranges)
+        if self._helpers is not None and job.nbytes >= PARALLEL_COPY_MIN_BYTES:
+            for _ in range(self._threads - 1):
+                # The future is dropped: a helper's run copies or finds nothing left, and the job's
+                # own run below waits for every helper that started.
+                self._helpers.submit(job.run, True)
+        job.run(helper=False)

@@ -8,9 +8,13 @@ the region's shape is refused before anything is copied.
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
+import subprocess
+import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,10 +22,18 @@ import pytest
 import torch
 
 from aegaeon.config import MIB
-from aegaeon.memory.copies import PARALLEL_COPY_MIN_BYTES, CopyStream, block_runs, split_ranges
+from aegaeon.memory.copies import (
+    COPY_CHUNK_BYTES,
+    PARALLEL_COPY_MIN_BYTES,
+    STREAM_COPY_MIN_BYTES,
+    CopyJob,
+    CopyStream,
+    block_runs,
+)
 from aegaeon.memory.kv_pool import HostKVPool, KVShape
 
 SLAB = 1 * MIB
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DEVICE_BLOCKS = 96
 
 
@@ -58,24 +70,6 @@ def test_block_runs_join_blocks_consecutive_on_both_sides() -> None:
     assert block_runs([], [], 10) == []
     with pytest.raises(ValueError):
         block_runs([0, 10], [0], 10)
-
-
-def test_split_ranges_covers_every_byte_once_in_near_equal_shares() -> None:
-    rng = random.Random(3)
-    for _ in range(200):
-        ranges, cursor = [], 0
-        for _ in range(rng.randint(1, 6)):
-            nbytes = rng.randint(1, 50)
-            ranges.append((cursor, 10_000 + cursor, nbytes))
-            cursor += nbytes + rng.randint(0, 5)
-        parts = rng.randint(1, 4)
-        shares = split_ranges(ranges, parts)
-        total = sum(n for _, _, n in ranges)
-        assert len(shares) <= parts
-        assert max(sum(n for _, _, n in share) for share in shares) <= -(-total // parts)
-        pieces = [piece for share in shares for piece in share]
-        covered = [(t + i, s + i) for t, s, n in pieces for i in range(n)]
-        assert covered == [(t + i, s + i) for t, s, n in ranges for i in range(n)]
 
 
 @pytest.mark.parametrize(
@@ -117,6 +111,50 @@ def test_a_large_copy_in_the_background_lands_when_waited_for() -> None:
     copy = CopyStream(torch.device("cpu")).copy([(target, source)], background=True)
     copy.wait()
     assert copy.done() and torch.equal(target, source)
+
+
+@pytest.mark.parametrize("total", [STREAM_COPY_MIN_BYTES // 3, STREAM_COPY_MIN_BYTES + 12_345])
+def test_a_copy_job_lands_every_byte_of_unaligned_runs_and_nothing_else(total: int) -> None:
+    """Runs of odd sizes at odd offsets, several chunks each (streamed stores above the threshold)."""
+    rng = random.Random(total)
+    generator = torch.Generator().manual_seed(5)
+    source = torch.randint(1, 256, (total + 4096,), dtype=torch.uint8, generator=generator)
+    target = torch.zeros(2 * total + 8192, dtype=torch.uint8)
+    ranges, expected, read, written = [], torch.zeros_like(target), 3, 1
+    while read < total:
+        nbytes = min(rng.randint(1, 3 * COPY_CHUNK_BYTES // 2), total - read)
+        ranges.append((target.data_ptr() + written, source.data_ptr() + read, nbytes))
+        expected[written : written + nbytes] = source[read : read + nbytes]
+        read, written = read + nbytes + rng.randint(0, 70), written + nbytes + rng.randint(1, 70)
+    job = CopyJob(ranges)
+    helpers = [threading.Thread(target=job.run, args=(True,)) for _ in range(2)]
+    for helper in helpers:
+        helper.start()
+    job.run(helper=False)
+    assert torch.equal(target, expected)  # before joining: the caller's run waits for started helpers
+    for helper in helpers:
+        helper.join()
+    # A helper scheduled after the job was done finds nothing left to copy.
+    target.zero_()
+    job.run(helper=True)
+    assert not target.any()
+
+
+def test_without_a_compiler_copies_still_land(tmp_path: Path) -> None:
+    """A failing compiler leaves a warning and copies on the calling thread, not a broken copy."""
+    code = (
+        "import logging, torch; logging.basicConfig()\n"
+        "from aegaeon.memory.copies import CopyStream\n"
+        "source = torch.randn(3 << 20); target = torch.zeros_like(source)\n"
+        "CopyStream(torch.device('cpu')).copy([(target, source)])\n"
+        "print('equal', torch.equal(target, source))\n"
+    )
+    env = {**os.environ, "CC": "false", "PYTHONPATH": str(REPO_ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, check=True
+    )
+    assert "equal True" in proc.stdout
+    assert "building the CPU copy kernel failed" in proc.stderr
 
 
 def test_bad_moves_are_refused_before_anything_is_copied(pool: HostKVPool) -> None:
