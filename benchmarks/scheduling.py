@@ -85,7 +85,8 @@ def run_policy(models: dict[str, Path], policy: str, rate: float, duration: floa
     return {
         "requests": len(requests),
         "finished": report.num_finished,
-        "attainment": report.mean_score,
+        "attainment": report.attainment,
+        "stall_attainment": report.stall_attainment,
         "strict_attainment": report.strict_attainment,
         "mean_ttft_s": report.mean_ttft_s,
         "tbt_p50_s": report.tbt_s["p50"],
