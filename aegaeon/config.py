@@ -101,6 +101,10 @@ DEFAULT_ALPHA_FLOOR = 0.5
 # switches (a resident model costs a few ms) would otherwise shrink turns to one or two steps, each
 # paying a full KV swap in and out; the turns stay long enough that swaps are a small fraction of them.
 DEFAULT_MAX_SWITCH_SHARE = 0.1
+# Decode: the longest QMAX a round may choose when its switches are so slow that QMAX turns cannot keep
+# alpha <= 1 (the TBT SLO); None keeps QMAX fixed. A round then takes the smallest QMAX in
+# [qmax_s, qmax_max_s] that gets alpha to 1.
+DEFAULT_QMAX_MAX_S = None
 # Decode: a request joins a batch only if the batch's KV still fits with this many tokens to spare.
 DEFAULT_KV_LOOKAHEAD_TOKENS = 64
 # A request scores "within deadline" when its paper-style time-fraction score is at least this.
@@ -130,6 +134,7 @@ class SchedulerConfig:
     qmax_s: float = DEFAULT_QMAX_S
     alpha_floor: float = DEFAULT_ALPHA_FLOOR
     max_switch_share: float = DEFAULT_MAX_SWITCH_SHARE
+    qmax_max_s: float | None = DEFAULT_QMAX_MAX_S
     kv_lookahead_tokens: int = DEFAULT_KV_LOOKAHEAD_TOKENS
 
     def __post_init__(self) -> None:
@@ -139,6 +144,8 @@ class SchedulerConfig:
             raise ValueError(f"qmax_s must be positive, got {self.qmax_s}")
         if self.alpha_floor <= 0:
             raise ValueError(f"alpha_floor must be positive, got {self.alpha_floor}")
+        if self.qmax_max_s is not None and self.qmax_max_s < self.qmax_s:
+            raise ValueError(f"qmax_max_s must be >= qmax_s ({self.qmax_s}), got {self.qmax_max_s}")
         if not 0 < self.max_switch_share < 1:
             raise ValueError(f"max_switch_share must be in (0, 1), got {self.max_switch_share}")
         if self.kv_lookahead_tokens < 0:
@@ -346,7 +353,14 @@ _NODE_KEYS = (
     "timeline_events",
 )
 _SLO_KEYS = ("ttft_s", "tbt_s")
-_SCHEDULER_KEYS = ("max_group_size", "qmax_s", "alpha_floor", "max_switch_share", "kv_lookahead_tokens")
+_SCHEDULER_KEYS = (
+    "max_group_size",
+    "qmax_s",
+    "qmax_max_s",
+    "alpha_floor",
+    "max_switch_share",
+    "kv_lookahead_tokens",
+)
 _LIMIT_KEYS = ("max_body_bytes", "max_n", "max_prompt_tokens", "max_output_tokens", "requests_per_minute")
 # ServeConfig fields taken from the settings as they are.
 _SERVE_FIELD_KEYS = (

@@ -15,6 +15,10 @@ shrink them to one or two steps, each paying a KV swap in and out, and spend hal
 switching. So the floor gives way where it would push that share above `max_switch_share`: α is
 then at most S / (1 − max_switch_share), a minimum quota that keeps swaps a small part of each turn.
 
+QMAX per round (`qmax_max_s` set): when switches are slow, QMAX turns may leave α > 1 (the round
+misses the TBT SLO); the round then takes the smallest QMAX in [qmax_s, qmax_max_s] that brings α
+to 1, c · max_i(1/n_i) / (1 − S), so longer turns amortise the switches.
+
 Edge cases (c = 0: nothing to amortise, the formula is 0/0 or gives zero quotas):
 - one batch, c = 0: it runs alone with quota QMAX (α = S = d / TBT, its plain step ratio) and the plan
   is `open_ended`: the turn also ends as soon as the instance's batches change, so a newcomer never
@@ -94,6 +98,15 @@ class RoundPlan:
         return cls((), (), (), (), (), (), (), (), 0.0, 0.0, 0.0, False, False)
 
 
+def round_qmax(c: float, s: float, max_inv_n: float, config: SchedulerConfig) -> float:
+    """QMAX of one round: `qmax_s`, or with `qmax_max_s` the smallest value up to it that keeps α ≤ 1."""
+    if config.qmax_max_s is None or c * max_inv_n / config.qmax_s + s <= 1.0:
+        return config.qmax_s
+    if s >= 1.0:
+        return config.qmax_max_s  # the steps alone miss the TBT: amortise the switches all it can
+    return min(c * max_inv_n / (1.0 - s), config.qmax_max_s)
+
+
 def plan_quotas(
     step_s: Sequence[float], tbt_s: Sequence[float], c: float, config: SchedulerConfig
 ) -> tuple[list[float], float, float, list[float]]:
@@ -109,7 +122,7 @@ def plan_quotas(
     n = [1.0 / x for x in inv_n]
     s = sum(inv_n)
     max_inv_n = max(inv_n)  # 1 / min_i n_i: the slowest batch
-    qmax = config.qmax_s
+    qmax = round_qmax(c, s, max_inv_n, config)
     excess = c * max_inv_n / qmax  # α − S before the floor
     alpha = excess + s
     # The floor, lowered where it would spend more than max_switch_share of the round switching.

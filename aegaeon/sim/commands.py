@@ -114,6 +114,11 @@ def _add_cluster_args(parser: argparse.ArgumentParser, gpus_flag: bool = True) -
     knobs.add_argument("--tbt", type=float, default=DEFAULT_TBT_SLO_S, help="TBT SLO in s (0.1)")
     knobs.add_argument("--qmax", type=float, default=DEFAULT_QMAX_S, help="aegaeon: longest turn in s (1)")
     knobs.add_argument(
+        "--qmax-max",
+        type=float,
+        help="aegaeon: slow switches may raise a round's QMAX up to this to keep alpha <= 1 (default: fixed)",
+    )
+    knobs.add_argument(
         "--arena",
         choices=ARENA_KINDS,
         default="engine",
@@ -179,7 +184,9 @@ def _scenario(args: argparse.Namespace, gpus: int | None = None) -> Scenario:
         mix=mix,
         kv_bytes=args.kv_bytes,
         link_efficiency=args.link_efficiency,
-        scheduler=SchedulerConfig(default_slo=SLO(args.ttft, args.tbt), qmax_s=args.qmax),
+        scheduler=SchedulerConfig(
+            default_slo=SLO(args.ttft, args.tbt), qmax_s=args.qmax, qmax_max_s=args.qmax_max
+        ),
         options=SimOptions(
             drain_s=args.drain,
             aegaeon=AegaeonOptions(arena=args.arena),

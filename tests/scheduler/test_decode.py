@@ -410,3 +410,21 @@ def test_discrete_round_matches_the_formula() -> None:
         for i in range(len(steps)):
             assert now / tokens[i] == pytest.approx(alpha * tbts[i], rel=slack[i])
     assert checked >= 30
+
+
+def test_slow_switches_raise_the_rounds_qmax_to_keep_alpha_at_one() -> None:
+    # Three batches, d = 10 ms, TBT 100 ms: 1/n = 0.1 each, S = 0.3; c = 12 s of switches.
+    steps, tbts = [0.01] * 3, [0.1] * 3
+    # Fixed QMAX 1 s: α = 12 · 0.1 / 1 + 0.3 = 1.5, the round misses the TBT SLO.
+    quotas, alpha, _, _ = plan_quotas(steps, tbts, 12.0, SchedulerConfig(qmax_s=1.0))
+    assert alpha == pytest.approx(1.5) and quotas == pytest.approx([1.0] * 3)
+    # Up to 4 s: the smallest QMAX with α = 1 is 12 · 0.1 / (1 − 0.3) = 12/7 s.
+    quotas, alpha, _, _ = plan_quotas(steps, tbts, 12.0, SchedulerConfig(qmax_s=1.0, qmax_max_s=4.0))
+    assert alpha == pytest.approx(1.0) and quotas == pytest.approx([12 / 7] * 3)
+    # Capped at 1.5 s: α = 1.2 / 1.5 + 0.3 = 1.1.
+    quotas, alpha, _, _ = plan_quotas(steps, tbts, 12.0, SchedulerConfig(qmax_s=1.0, qmax_max_s=1.5))
+    assert alpha == pytest.approx(1.1) and quotas == pytest.approx([1.5] * 3)
+    # Fast switches (c = 1 s: α = 0.4 at 1 s) keep QMAX at 1 s.
+    assert plan_quotas(steps, tbts, 1.0, SchedulerConfig(qmax_s=1.0, qmax_max_s=4.0))[0] == pytest.approx(
+        [1.0] * 3
+    )
