@@ -136,14 +136,19 @@ def turn_lengths(models: dict[str, Path], rates: list[float], duration: float) -
     }
 
 
+def _num(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
 def print_turns(results: dict) -> None:
     columns = ("rate/model", "quotas", "turns", "steps/turn", "swaps/token", "attain", "stall", "switches")
     print(" ".join(f"{c:>12}" for c in columns))
     for rate, by_quota in results.items():
         for name, r in by_quota.items():
             print(
-                f"{rate:>12} {name:>12} {r['turns']:>12} {r['steps_per_turn']:>12.1f} "
-                f"{r['swaps_per_token']:>12.3f} {r['attainment']:>12.1%} {r['stall_attainment']:>12.1%} "
+                f"{rate:>12} {name:>12} {r['turns']:>12} {_num(r['steps_per_turn'], '.1f'):>12} "
+                f"{_num(r['swaps_per_token'], '.3f'):>12} {r['attainment']:>12.1%} "
+                f"{r['stall_attainment']:>12.1%} "
                 f"{r['switches']:>7} ({r['resident_switches']} resident)"
             )
 
