@@ -92,11 +92,19 @@ DEFAULT_MAX_GROUP_SIZE = 8
 # Decode: the longest turn any batch gets in a round, in seconds. DESIGN.md (the paper) says 4 s, but
 # at H100 step times (8-12 ms) a 4 s turn is 300-500 tokens, longer than a whole typical request, and
 # a round of several batches then outlasts the 10 s TTFT slack of a request waiting for its second
-# turn. The simulator's paper-setup sweep (docs/simulation.md, acceptance 1) sustains 112 models on
-# 16 GPUs with 1 s against 72 with 4 s.
+# turn. The simulator's paper-setup sweep (docs/simulation.md) sustained more models on 16 GPUs with
+# 1 s than with 4 s.
 DEFAULT_QMAX_S = 1.0
-# Decode: alpha never drops below this (a round never aims at half the TBT SLO or less).
+# Decode: alpha never drops below this (a round never aims at half the TBT SLO or less)...
 DEFAULT_ALPHA_FLOOR = 0.5
+# ... unless the floor would spend more than this share of a round on switches and KV swaps. Cheap
+# switches (a resident model costs a few ms) would otherwise shrink turns to one or two steps, each
+# paying a full KV swap in and out; the turns stay long enough that swaps are a small fraction of them.
+DEFAULT_MAX_SWITCH_SHARE = 0.1
+# Decode: the longest QMAX a round may choose when its switches are so slow that QMAX turns cannot keep
+# alpha <= 1 (the TBT SLO); None keeps QMAX fixed. A round then takes the smallest QMAX in
+# [qmax_s, qmax_max_s] that gets alpha to 1.
+DEFAULT_QMAX_MAX_S = None
 # Decode: a request joins a batch only if the batch's KV still fits with this many tokens to spare.
 DEFAULT_KV_LOOKAHEAD_TOKENS = 64
 # A request scores "within deadline" when its paper-style time-fraction score is at least this.
@@ -125,6 +133,8 @@ class SchedulerConfig:
     max_group_size: int = DEFAULT_MAX_GROUP_SIZE
     qmax_s: float = DEFAULT_QMAX_S
     alpha_floor: float = DEFAULT_ALPHA_FLOOR
+    max_switch_share: float = DEFAULT_MAX_SWITCH_SHARE
+    qmax_max_s: float | None = DEFAULT_QMAX_MAX_S
     kv_lookahead_tokens: int = DEFAULT_KV_LOOKAHEAD_TOKENS
 
     def __post_init__(self) -> None:
@@ -134,6 +144,10 @@ class SchedulerConfig:
             raise ValueError(f"qmax_s must be positive, got {self.qmax_s}")
         if self.alpha_floor <= 0:
             raise ValueError(f"alpha_floor must be positive, got {self.alpha_floor}")
+        if self.qmax_max_s is not None and self.qmax_max_s < self.qmax_s:
+            raise ValueError(f"qmax_max_s must be >= qmax_s ({self.qmax_s}), got {self.qmax_max_s}")
+        if not 0 < self.max_switch_share < 1:
+            raise ValueError(f"max_switch_share must be in (0, 1), got {self.max_switch_share}")
         if self.kv_lookahead_tokens < 0:
             raise ValueError(f"kv_lookahead_tokens must be >= 0, got {self.kv_lookahead_tokens}")
 
@@ -347,7 +361,14 @@ _NODE_KEYS = (
     "timeline_events",
 )
 _SLO_KEYS = ("ttft_s", "tbt_s")
-_SCHEDULER_KEYS = ("max_group_size", "qmax_s", "alpha_floor", "kv_lookahead_tokens")
+_SCHEDULER_KEYS = (
+    "max_group_size",
+    "qmax_s",
+    "qmax_max_s",
+    "alpha_floor",
+    "max_switch_share",
+    "kv_lookahead_tokens",
+)
 _LIMIT_KEYS = ("max_body_bytes", "max_n", "max_prompt_tokens", "max_output_tokens", "requests_per_minute")
 # ServeConfig fields taken from the settings as they are.
 _SERVE_FIELD_KEYS = (

@@ -32,9 +32,10 @@ class ModelTotals:
     failed: int = 0
     prompt_tokens: int = 0
     generation_tokens: int = 0
-    slo_met: int = 0  # score >= the attainment target
+    slo_met: int = 0  # paper QoS >= the attainment target
     slo_strict: int = 0  # finished, met TTFT and every TBT
-    score_sum: float = 0.0
+    qos_sum: float = 0.0  # paper QoS (scheduler/slo.py)
+    stall_score_sum: float = 0.0  # every stall charged
 
     @property
     def ended(self) -> int:
@@ -50,8 +51,9 @@ class ModelTotals:
             self.finished += 1
         self.prompt_tokens += request.prompt_len
         self.generation_tokens += request.generated
-        self.score_sum += score.score
-        self.slo_met += score.score >= target
+        self.qos_sum += score.qos
+        self.stall_score_sum += score.stall_score
+        self.slo_met += score.qos >= target
         self.slo_strict += score.strict
 
 

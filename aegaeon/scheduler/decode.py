@@ -3,11 +3,21 @@
 Each round, batch i (one model) gets a turn of q_i seconds of decode steps. With d_i the predicted
 step time, n_i = TBT_i / d_i, c the round's switch overhead and S = Σ 1/n_i:
 
-    α   = max(c / (min_i n_i · QMAX) + S, alpha_floor)
+    α   = max(c / (min_i n_i · QMAX) + S, min(alpha_floor, S / (1 − max_switch_share)))
     q_i = c / (n_i · (α − S))
 
 so every batch emits q_i / d_i = c / (TBT_i · (α − S)) tokens per round (the same number when the
 TBTs agree) and the mean token gap, round length / tokens = (c + Σ q_i) / (q_i / d_i), is α · TBT_i.
+
+The round lasts c + Σ q_i = c · α / (α − S), so switches take (α − S) / α of it. The paper's floor
+(α ≥ 0.5) shortens turns when switching is cheap; with a resident model's few-ms switch it would
+shrink them to one or two steps, each paying a KV swap in and out, and spend half the round on
+switching. So the floor gives way where it would push that share above `max_switch_share`: α is
+then at most S / (1 − max_switch_share), a minimum quota that keeps swaps a small part of each turn.
+
+QMAX per round (`qmax_max_s` set): when switches are slow, QMAX turns may leave α > 1 (the round
+misses the TBT SLO); the round then takes the smallest QMAX in [qmax_s, qmax_max_s] that brings α
+to 1, c · max_i(1/n_i) / (1 − S), so longer turns amortise the switches.
 
 Edge cases (c = 0: nothing to amortise, the formula is 0/0 or gives zero quotas):
 - one batch, c = 0: it runs alone with quota QMAX (α = S = d / TBT, its plain step ratio) and the plan
@@ -88,6 +98,15 @@ class RoundPlan:
         return cls((), (), (), (), (), (), (), (), 0.0, 0.0, 0.0, False, False)
 
 
+def round_qmax(c: float, s: float, max_inv_n: float, config: SchedulerConfig) -> float:
+    """QMAX of one round: `qmax_s`, or with `qmax_max_s` the smallest value up to it that keeps α ≤ 1."""
+    if config.qmax_max_s is None or c * max_inv_n / config.qmax_s + s <= 1.0:
+        return config.qmax_s
+    if s >= 1.0:
+        return config.qmax_max_s  # the steps alone miss the TBT: amortise the switches all it can
+    return min(c * max_inv_n / (1.0 - s), config.qmax_max_s)
+
+
 def plan_quotas(
     step_s: Sequence[float], tbt_s: Sequence[float], c: float, config: SchedulerConfig
 ) -> tuple[list[float], float, float, list[float]]:
@@ -103,11 +122,13 @@ def plan_quotas(
     n = [1.0 / x for x in inv_n]
     s = sum(inv_n)
     max_inv_n = max(inv_n)  # 1 / min_i n_i: the slowest batch
-    qmax = config.qmax_s
+    qmax = round_qmax(c, s, max_inv_n, config)
     excess = c * max_inv_n / qmax  # α − S before the floor
     alpha = excess + s
-    if c > 0 and alpha < config.alpha_floor:
-        alpha, excess = config.alpha_floor, config.alpha_floor - s
+    # The floor, lowered where it would spend more than max_switch_share of the round switching.
+    floor = min(config.alpha_floor, s / (1.0 - config.max_switch_share))
+    if c > 0 and alpha < floor:
+        alpha, excess = floor, floor - s
         return [c * x / excess for x in inv_n], alpha, s, n
     # Floor not binding: q_i = c / (n_i · c / (min n · QMAX)) = QMAX · (min n) / n_i. c cancels, so
     # this form keeps full precision for a tiny c and is also the c = 0 rule (module docstring).

@@ -168,7 +168,7 @@ def _model_view(model: ModelSnapshot, recent: list[SchedRequest], target: float)
         "failed": totals.failed,
         "prompt_tokens": totals.prompt_tokens,
         "generation_tokens": totals.generation_tokens,
-        "attainment": totals.share(totals.slo_met),
+        "attainment": totals.share(totals.qos_sum),
         "strict_attainment": totals.share(totals.slo_strict),
         # Over the requests that ended within the window: what the operator sees now.
         "recent": None

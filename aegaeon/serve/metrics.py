@@ -152,7 +152,7 @@ def _model_families(models: tuple[ModelSnapshot, ...]) -> Iterator[Metric]:
     )
     met = CounterMetricFamily(
         f"{PREFIX}slo_met_requests",
-        "Ended requests whose SLO score (share of lifetime within deadlines) reached the target.",
+        "Ended requests whose paper QoS score reached the target.",
         labels=["model"],
     )
     strict = CounterMetricFamily(
@@ -162,7 +162,7 @@ def _model_families(models: tuple[ModelSnapshot, ...]) -> Iterator[Metric]:
     )
     attainment = GaugeMetricFamily(
         f"{PREFIX}slo_attainment_ratio",
-        "Share of the requests ended since start whose SLO score reached the target.",
+        "The paper's SLO attainment: mean QoS score of the requests ended since start.",
         labels=["model"],
     )
     strict_ratio = GaugeMetricFamily(
@@ -170,9 +170,9 @@ def _model_families(models: tuple[ModelSnapshot, ...]) -> Iterator[Metric]:
         "Share of the requests ended since start that met TTFT and every TBT.",
         labels=["model"],
     )
-    mean_score = GaugeMetricFamily(
-        f"{PREFIX}slo_mean_score_ratio",
-        "Mean SLO score (share of lifetime within deadlines) of the requests ended since start.",
+    stall_attainment = GaugeMetricFamily(
+        f"{PREFIX}slo_stall_attainment_ratio",
+        "Mean every-stall-charged score (share of lifetime not late) of the requests ended since start.",
         labels=["model"],
     )
     ttft_target = GaugeMetricFamily(
@@ -202,15 +202,15 @@ def _model_families(models: tuple[ModelSnapshot, ...]) -> Iterator[Metric]:
         strict.add_metric([model], totals.slo_strict)
         # With nothing ended yet there is no ratio: the series is left out rather than shown as 0 or 1.
         if totals.ended:
-            attainment.add_metric([model], totals.share(totals.slo_met))
+            attainment.add_metric([model], totals.share(totals.qos_sum))
             strict_ratio.add_metric([model], totals.share(totals.slo_strict))
-            mean_score.add_metric([model], totals.share(totals.score_sum))
+            stall_attainment.add_metric([model], totals.share(totals.stall_score_sum))
         ttft_target.add_metric([model], snapshot.slo.ttft_s)
         tbt_target.add_metric([model], snapshot.slo.tbt_s)
         waiting.add_metric([model], snapshot.waiting)
         running.add_metric([model], snapshot.running)
         weights.add_metric([model], snapshot.weight_bytes)
-    yield from (requests, prompt, generation, met, strict, attainment, strict_ratio, mean_score)
+    yield from (requests, prompt, generation, met, strict, attainment, strict_ratio, stall_attainment)
     yield from (ttft_target, tbt_target, waiting, running, weights)
 
 

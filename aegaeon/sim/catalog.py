@@ -104,7 +104,8 @@ class GPUSpec:
     memory_bytes: int
     hbm_bytes_per_s: float
     bf16_flops: float
-    # Pinned host-to-device bandwidth a model load or KV swap reaches.
+    # The host link's bandwidth per direction (its datasheet figure); derive.py applies the share of
+    # it a model load or KV swap reaches.
     host_link_bytes_per_s: float
     source: str = ""
 

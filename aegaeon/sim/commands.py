@@ -15,6 +15,7 @@ from aegaeon.config import (
     SchedulerConfig,
 )
 from aegaeon.sim.cluster import DEFAULT_GPUS_PER_NODE
+from aegaeon.sim.derive import ARTIFACT_HOST_LINK_EFFICIENCY, DEFAULT_HOST_LINK_EFFICIENCY
 from aegaeon.sim.models import DEFAULT_GPU, PAPER_KINDS, PAPER_MIX
 from aegaeon.sim.plan import DEFAULT_MAX_GPUS
 from aegaeon.sim.policies.aegaeon import ARENA_KINDS, AegaeonOptions
@@ -100,11 +101,23 @@ def _add_cluster_args(parser: argparse.ArgumentParser, gpus_flag: bool = True) -
     )
     group.add_argument("--mix", type=_mix, help="ratio of models per kind, like 6:2:2 (the default)")
     group.add_argument("--kv-bytes", type=int, help="KV region per device (default: what memory leaves)")
+    group.add_argument(
+        "--link-efficiency",
+        type=float,
+        help=f"share of the host link a weight load or KV move reaches, bundled profiles only "
+        f"(default {DEFAULT_HOST_LINK_EFFICIENCY}; the paper artifact's 3-5 s switches: "
+        f"{ARTIFACT_HOST_LINK_EFFICIENCY})",
+    )
 
     knobs = parser.add_argument_group("scheduler and policies")
     knobs.add_argument("--ttft", type=float, default=DEFAULT_TTFT_SLO_S, help="TTFT SLO in s (10)")
     knobs.add_argument("--tbt", type=float, default=DEFAULT_TBT_SLO_S, help="TBT SLO in s (0.1)")
     knobs.add_argument("--qmax", type=float, default=DEFAULT_QMAX_S, help="aegaeon: longest turn in s (1)")
+    knobs.add_argument(
+        "--qmax-max",
+        type=float,
+        help="aegaeon: slow switches may raise a round's QMAX up to this to keep alpha <= 1 (default: fixed)",
+    )
     knobs.add_argument(
         "--arena",
         choices=ARENA_KINDS,
@@ -170,7 +183,10 @@ def _scenario(args: argparse.Namespace, gpus: int | None = None) -> Scenario:
         kinds=kinds,
         mix=mix,
         kv_bytes=args.kv_bytes,
-        scheduler=SchedulerConfig(default_slo=SLO(args.ttft, args.tbt), qmax_s=args.qmax),
+        link_efficiency=args.link_efficiency,
+        scheduler=SchedulerConfig(
+            default_slo=SLO(args.ttft, args.tbt), qmax_s=args.qmax, qmax_max_s=args.qmax_max
+        ),
         options=SimOptions(
             drain_s=args.drain,
             aegaeon=AegaeonOptions(arena=args.arena),

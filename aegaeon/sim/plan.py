@@ -31,6 +31,7 @@ class PlanResult:
             "policy": self.policy,
             "gpus": self.gpus,
             "attainment": self.result.attainment if self.result else None,
+            "stall_attainment": self.result.stall_attainment if self.result else None,
             "strict_attainment": self.result.strict_attainment if self.result else None,
             "tried": {str(k): v for k, v in sorted(self.tried.items())},
         }

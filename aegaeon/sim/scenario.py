@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from aegaeon.config import DEFAULT_KV_CACHE_BYTES, SchedulerConfig
+from aegaeon.scheduler.predictor import ProfileStore
 from aegaeon.sim.catalog import load_catalog
 from aegaeon.sim.cluster import (
     DEFAULT_GPUS_PER_NODE,
@@ -18,6 +19,7 @@ from aegaeon.sim.cluster import (
     colocated_layout,
     layout_for_gpus,
 )
+from aegaeon.sim.derive import Efficiency, derive_bundled_profiles
 from aegaeon.sim.models import (
     DEFAULT_GPU,
     PAPER_KINDS,
@@ -50,6 +52,9 @@ class Scenario:
     mix: tuple[float, ...] | None = PAPER_MIX
     # KV region per device (None: what a GPU's memory leaves; the engine's default elsewhere).
     kv_bytes: int | None = None
+    # Share of the host link a load or KV move reaches (None: the bundled profiles' own,
+    # derive.DEFAULT_HOST_LINK_EFFICIENCY); re-derives the bundled profiles, so not with `profiles`.
+    link_efficiency: float | None = None
     scheduler: SchedulerConfig = SchedulerConfig()
     options: SimOptions = field(default_factory=SimOptions)
 
@@ -74,11 +79,20 @@ class Scenario:
     def model_set(self, models: Sequence[str]) -> ModelSet:
         """The models mapped onto kinds in sorted name order, so a trace and its synthetic twin agree."""
         models = sorted(set(models))
-        store = load_profiles(self.profiles)
+        store = self.profile_store()
         kinds, mix = self.kinds, self.mix
         if self.profiles is not None and kinds == PAPER_KINDS:
             kinds, mix = None, None  # a measured file: every kind it holds, in equal parts
         return build_model_set(models, store, self.device_name(), kinds, mix)
+
+    def profile_store(self) -> ProfileStore:
+        if self.link_efficiency is None:
+            return load_profiles(self.profiles)
+        if self.profiles is not None:
+            raise ValueError(
+                "a link efficiency re-derives the bundled profiles; a profile file has its own switches"
+            )
+        return derive_bundled_profiles(Efficiency(host_link=self.link_efficiency))
 
     def memory(self, device: str) -> MemoryConfig:
         for spec in load_catalog().gpus.values():

@@ -18,9 +18,12 @@ from aegaeon.scheduler.decode import (
 from tests.scheduler.helpers import predictor, profile, req, spec
 
 # The paper's QMAX of 4 s (the default is 1 s, docs/scheduling.md): the hand-computed values below use it.
-CONFIG = SchedulerConfig(qmax_s=4.0)  # alpha floor 0.5, lookahead 64
+CONFIG = SchedulerConfig(qmax_s=4.0)  # alpha floor 0.5, switch share 0.1, lookahead 64
 QMAX = CONFIG.qmax_s
 FLOOR = CONFIG.alpha_floor
+SHARE = CONFIG.max_switch_share
+# The paper's formula alone: a floor that never gives way (any switch share allowed).
+PAPER = SchedulerConfig(qmax_s=4.0, max_switch_share=0.999)
 
 
 # --- the quota formula ------------------------------------------------------------------------
@@ -53,7 +56,8 @@ def test_quota_promises_hold_for_random_rounds() -> None:
             # α ≤ 1 exactly when the round meets the TBT SLO.
             assert (round_s / k <= t * (1 + 1e-12)) == (alpha <= 1 + 1e-12)
         unfloored = c / (min(n) * QMAX) + s
-        if unfloored >= FLOOR:
+        floor = min(FLOOR, s / (1 - SHARE))
+        if unfloored >= floor:
             free += 1
             assert alpha == pytest.approx(unfloored)
             # The slowest batch (smallest n_i) gets exactly QMAX; every other gets less.
@@ -62,8 +66,10 @@ def test_quota_promises_hold_for_random_rounds() -> None:
             assert max(quotas) == pytest.approx(QMAX)
         else:
             floor_bound += 1
-            assert alpha == FLOOR
+            assert alpha == pytest.approx(floor)
             assert max(quotas) < QMAX
+            # The floor never makes switches more than SHARE of the round (unless it is the paper's).
+            assert c / round_s <= SHARE * (1 + 1e-9) or alpha == FLOOR
     assert floor_bound > 20 and free > 20  # both regimes were exercised
 
 
@@ -74,13 +80,27 @@ def test_equal_tbts_give_equal_tokens_per_round() -> None:
     assert tokens == pytest.approx([tokens[0]] * 3)
 
 
-def test_alpha_floor_applies_when_switching_is_cheap() -> None:
+def test_paper_alpha_floor_applies_when_switching_is_cheap() -> None:
     # c/(min n · QMAX) + S = 0.01/(5·4) + 0.2 + 0.2 = 0.4005 < 0.5.
-    quotas, alpha, s, n = plan_quotas([0.02, 0.02], [0.1, 0.1], 0.01, CONFIG)
+    quotas, alpha, s, n = plan_quotas([0.02, 0.02], [0.1, 0.1], 0.01, PAPER)
     assert s == pytest.approx(0.4) and n == pytest.approx([5.0, 5.0])
     assert alpha == FLOOR
-    assert quotas == pytest.approx([0.01 / (5 * 0.1)] * 2)  # q = c / (n (α − S)) = 0.02 s, well below QMAX
+    assert quotas == pytest.approx([0.01 / (5 * 0.1)] * 2)  # q = c / (n (α − S)) = 0.02 s: one step
     assert (0.01 + sum(quotas)) / (quotas[0] / 0.02) == pytest.approx(0.5 * 0.1)
+
+
+def test_cheap_switches_keep_turns_long_enough_to_amortise_them() -> None:
+    # The same round with the default share 0.1: the floor 0.5 would spend (0.5 − 0.4)/0.5 = 20% of
+    # the round switching, so α = S / (1 − 0.1) = 4/9; α − S = 0.4/9, q = c / (n (α − S)) = 0.045 s:
+    # 2.25 steps of 20 ms instead of one, and the switch is 0.01 / (0.01 + 0.09) = 10% of the round.
+    quotas, alpha, s, _ = plan_quotas([0.02, 0.02], [0.1, 0.1], 0.01, CONFIG)
+    assert alpha == pytest.approx(4 / 9)
+    assert quotas == pytest.approx([0.045, 0.045])
+    assert 0.01 / (0.01 + sum(quotas)) == pytest.approx(SHARE)
+    # Where the floor costs less than that share it still applies: d = 23 ms, S = 0.46 < 0.5 and
+    # S / 0.9 > 0.5, so α = 0.5 and switches take (0.5 − 0.46) / 0.5 = 8% of the round.
+    _, alpha, s, _ = plan_quotas([0.023, 0.023], [0.1, 0.1], 0.01, CONFIG)
+    assert s == pytest.approx(0.46) and alpha == FLOOR
 
 
 def test_overloaded_round_reports_alpha_above_one() -> None:
@@ -90,9 +110,13 @@ def test_overloaded_round_reports_alpha_above_one() -> None:
 
 def test_hand_computed_quotas() -> None:
     # d = (10, 20) ms, TBT 100 ms: n = (10, 5), S = 0.3, c = 2 s: α = 2/(5·4) + 0.3 = 0.4 -> floor 0.5.
-    quotas, alpha, s, n = plan_quotas([0.01, 0.02], [0.1, 0.1], 2.0, CONFIG)
+    quotas, alpha, s, n = plan_quotas([0.01, 0.02], [0.1, 0.1], 2.0, PAPER)
     assert alpha == 0.5 and s == pytest.approx(0.3)
     assert quotas == pytest.approx([2.0 / (10 * 0.2), 2.0 / (5 * 0.2)])  # (1 s, 2 s)
+    # By default the floor gives way (it would switch (0.5 − 0.3)/0.5 = 40% of the round; S / 0.9 =
+    # 1/3 < 0.4): α = 0.4 and the slowest batch gets QMAX, q = (2, 4) s.
+    quotas, alpha, _, _ = plan_quotas([0.01, 0.02], [0.1, 0.1], 2.0, CONFIG)
+    assert alpha == pytest.approx(0.4) and quotas == pytest.approx([2.0, 4.0])
     # c = 6 s: α = 6/20 + 0.3 = 0.6 (floor not binding): q = (2, 4) s, the slowest gets QMAX.
     quotas, alpha, _, _ = plan_quotas([0.01, 0.02], [0.1, 0.1], 6.0, CONFIG)
     assert alpha == pytest.approx(0.6) and quotas == pytest.approx([2.0, 4.0])
@@ -386,3 +410,21 @@ def test_discrete_round_matches_the_formula() -> None:
         for i in range(len(steps)):
             assert now / tokens[i] == pytest.approx(alpha * tbts[i], rel=slack[i])
     assert checked >= 30
+
+
+def test_slow_switches_raise_the_rounds_qmax_to_keep_alpha_at_one() -> None:
+    # Three batches, d = 10 ms, TBT 100 ms: 1/n = 0.1 each, S = 0.3; c = 12 s of switches.
+    steps, tbts = [0.01] * 3, [0.1] * 3
+    # Fixed QMAX 1 s: α = 12 · 0.1 / 1 + 0.3 = 1.5, the round misses the TBT SLO.
+    quotas, alpha, _, _ = plan_quotas(steps, tbts, 12.0, SchedulerConfig(qmax_s=1.0))
+    assert alpha == pytest.approx(1.5) and quotas == pytest.approx([1.0] * 3)
+    # Up to 4 s: the smallest QMAX with α = 1 is 12 · 0.1 / (1 − 0.3) = 12/7 s.
+    quotas, alpha, _, _ = plan_quotas(steps, tbts, 12.0, SchedulerConfig(qmax_s=1.0, qmax_max_s=4.0))
+    assert alpha == pytest.approx(1.0) and quotas == pytest.approx([12 / 7] * 3)
+    # Capped at 1.5 s: α = 1.2 / 1.5 + 0.3 = 1.1.
+    quotas, alpha, _, _ = plan_quotas(steps, tbts, 12.0, SchedulerConfig(qmax_s=1.0, qmax_max_s=1.5))
+    assert alpha == pytest.approx(1.1) and quotas == pytest.approx([1.5] * 3)
+    # Fast switches (c = 1 s: α = 0.4 at 1 s) keep QMAX at 1 s.
+    assert plan_quotas(steps, tbts, 1.0, SchedulerConfig(qmax_s=1.0, qmax_max_s=4.0))[0] == pytest.approx(
+        [1.0] * 3
+    )

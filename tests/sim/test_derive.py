@@ -3,8 +3,14 @@ from __future__ import annotations
 import pytest
 
 from aegaeon.sim.catalog import load_catalog
-from aegaeon.sim.derive import Efficiency, derive_bundled_profiles, derive_profile
+from aegaeon.sim.derive import (
+    ARTIFACT_HOST_LINK_EFFICIENCY,
+    Efficiency,
+    derive_bundled_profiles,
+    derive_profile,
+)
 from aegaeon.sim.models import load_bundled_profiles
+from aegaeon.sim.scenario import Scenario
 
 
 def test_bundled_file_is_what_the_derivation_gives() -> None:
@@ -33,3 +39,26 @@ def test_efficiency_scales_the_roofline() -> None:
     assert slow.decode[0] == pytest.approx(2 * fast.decode[0])
     with pytest.raises(ValueError):
         Efficiency(memory=0)
+
+
+def test_switch_time_is_the_weights_over_the_link_share() -> None:
+    catalog = load_catalog()
+    shape, gpu = catalog.model("Llama-2-13B"), catalog.gpu("H100")
+    default = derive_profile(shape, gpu)
+    # 26 GB over half of 64 GB/s: 0.81 s; at the artifact's share the 3-5 s its planner estimates.
+    assert default.switch_s == pytest.approx(shape.weight_bytes("bfloat16") / 32e9)
+    artifact = derive_profile(shape, gpu, Efficiency(host_link=ARTIFACT_HOST_LINK_EFFICIENCY))
+    assert 3.0 < artifact.switch_s <= 5.5
+    assert artifact.switch_s == pytest.approx(default.switch_s * 0.5 / ARTIFACT_HOST_LINK_EFFICIENCY)
+    with pytest.raises(ValueError):
+        Efficiency(host_link=1.5)
+
+
+def test_a_scenario_rederives_the_bundled_profiles_at_its_link_share() -> None:
+    models = Scenario(link_efficiency=0.25).model_set(["a"])
+    bundled = Scenario().model_set(["a"])
+    assert models.profiles["a"].switch_s == pytest.approx(2 * bundled.profiles["a"].switch_s)
+    # Twice the KV move time too: weights and KV share the copy link.
+    assert models.kv_move_s("a", 1000) == pytest.approx(2 * bundled.kv_move_s("a", 1000))
+    with pytest.raises(ValueError, match="profile file"):
+        Scenario(link_efficiency=0.25, profiles="any.json").model_set(["a"])

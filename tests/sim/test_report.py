@@ -15,4 +15,4 @@ def test_sweep_table_columns_stay_aligned_under_a_long_series_name() -> None:
     header, row, sustained = sweep_table("models", points, 0.9).splitlines()
     assert long_name in header
     assert len(header) == len(row) == len(sustained)
-    assert row.endswith("100.0% (100.0%)") and sustained.split() == ["sustained", "1", "1"]
+    assert row.endswith("100.0% / 100.0% / 100.0%") and sustained.split() == ["sustained", "1", "1"]
