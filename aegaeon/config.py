@@ -220,6 +220,8 @@ ROLES = ("all", "api", "node")
 # How `aegaeon serve` writes its log: readable lines, or one JSON object per line (aegaeon/logs.py).
 LOG_FORMATS = ("text", "json")
 DEFAULT_DRAIN_TIMEOUT_S = 30.0
+# The environment variable `aegaeon serve` takes the admin key from when no --admin-key is given.
+ADMIN_KEY_ENV = "AEGAEON_ADMIN_KEY"
 
 
 # Request limits of the OpenAI api server (docs/api.md, "Limits").
@@ -289,6 +291,10 @@ class ServeConfig:
     # A node without keys listens on loopback only, unless this says the network is trusted.
     insecure: bool = False
     node: NodeConfig = NodeConfig()
+    # --- the live model registry ---
+    # Holders of this key may add and remove models while serving (`/v1/admin/...`); None: no admin
+    # routes (they answer 404). Separate from the API keys, which never grant it.
+    admin_key: str | None = None
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -312,6 +318,8 @@ class ServeConfig:
             raise ValueError(f"model names must be unique, got {names}")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.admin_key is not None and self.admin_key in self.api_keys:
+            raise ValueError("admin_key must differ from every API key (an API key must not grant admin rights)")
 
 
 # Settings a YAML file (and the matching flags) may give, by the config record they belong to.
@@ -353,6 +361,7 @@ _SERVE_FIELD_KEYS = (
     "log_format",
     "cluster_keys",
     "insecure",
+    "admin_key",
 )
 # ... and those read into other fields: the model entries, the API keys.
 _SERVE_KEYS = ("models", "api_key", "api_key_file", *_SERVE_FIELD_KEYS)
