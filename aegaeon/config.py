@@ -319,7 +319,7 @@ class ServeConfig:
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.admin_key is not None and self.admin_key in self.api_keys:
-            raise ValueError("admin_key must differ from every API key (an API key must not grant admin rights)")
+            raise ValueError("admin_key must differ from every API key: an API key grants no admin rights")
 
 
 # Settings a YAML file (and the matching flags) may give, by the config record they belong to.
