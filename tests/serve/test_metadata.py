@@ -179,7 +179,8 @@ def test_nodes_and_placements(store: MetadataStore) -> None:
 
 
 def test_model_registry(make_store: StoreFactory) -> None:
-    store, other = make_store(), make_store()  # two clients: an api server's and a node's, say
+    store = make_store()
+    other = make_store() if isinstance(store, RedisStore) else store  # Redis: another client of it
     llama = ModelRecord("llama", "/models/llama", registered_at=10.0)
     tuned = ModelRecord(
         "qwen", "/models/qwen", ttft_s=2.5, tbt_s=0.1, priority=3, pinned=True, registered_at=11.0
