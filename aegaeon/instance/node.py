@@ -147,7 +147,13 @@ class Node:
             name: Tokenizer.from_pretrained(facts.model_dir) for name, facts in self.models.items()
         }
         self.specs = {name: model_spec(facts) for name, facts in self.models.items()}
-        self.predictor = Predictor({name: self._profile(spec, progress) for name, spec in self.specs.items()})
+        first = self.engines[0]  # idle until the instances start: it measures the shapes not profiled
+        self.predictor = Predictor(
+            {
+                name: self._profile(spec, lambda name=name: first.profile(name, progress))
+                for name, spec in self.specs.items()
+            }
+        )
         # Models added while serving are pinned in the host cache by this process when asked; models
         # being removed wait here, taking no new requests, until their last request ends.
         self._pinned: set[str] = set()
@@ -208,18 +214,48 @@ class Node:
             for path in models.values()
         ]
 
-    def _profile(self, spec: ModelSpec, progress: bool) -> Profile:
-        """The latency profile of the model's shape on this device, measured (and saved) if missing."""
+    def _profile(self, spec: ModelSpec, measure: Callable[[], Profile]) -> Profile:
+        """The latency profile of the model's shape on this device; `measure` it (and save it) if missing."""
         path = Path(self.config.profile_path).expanduser()
         store = ProfileStore.load(path)
         engine = self.engines[0]
         profile = store.get(spec.shape_key, engine.info.dtype, engine.info.device_name)
         if profile is None:
-            profile = engine.profile(spec.name, progress)
+            profile = measure()
             store.add(profile)
             path.parent.mkdir(parents=True, exist_ok=True)
             store.save(path)
         return profile
+
+    def _measure_aside(self, name: str, path: str | Path) -> Profile:
+        """Profile a model on an engine of its own in this process: serving engines are never idle.
+
+        Only on the CPU: on an accelerator a second engine would take device memory the instances hold.
+        """
+        from aegaeon.engine.engine import LLMEngine
+        from aegaeon.instance.profiler import profile_model
+
+        config = self.config
+        if torch.device(config.device).type != "cpu":
+            raise InvalidRequest(
+                f"no latency profile of model {name}'s shape on {config.device} ({config.dtype}) in "
+                f"{config.profile_path}: measure it first with `aegaeon profile {name}={path} --device "
+                f"{config.device} --dtype {config.dtype} --profiles {config.profile_path}`",
+                param="path",
+            )
+        engine = LLMEngine(
+            models={name: path},
+            device=config.device,
+            dtype=config.dtype,
+            config=config.engine,
+            memory=config.memory,
+            model_cache=self.model_cache,
+            progress=False,
+        )
+        try:
+            return profile_model(engine, name, progress=False)
+        finally:
+            engine.unregister(name)
 
     # -- the live registry ---------------------------------------------------------------------------
 
@@ -241,11 +277,16 @@ class Node:
                 facts = engine.register(name, str(path))
                 registered.append(engine)
             spec = model_spec(facts)
-            profile = self._profile(spec, progress=False)
+            profile = self._profile(spec, lambda: self._measure_aside(name, path))
             tokenizer = Tokenizer.from_pretrained(facts.model_dir)
-        except BaseException:
+        except BaseException as error:
             for engine in registered:
                 engine.unregister(name)
+            if isinstance(error, (OSError, ValueError)) and not isinstance(error, InvalidRequest):
+                # A path that is no model, a model too large for the arena: the caller's to fix.
+                raise InvalidRequest(
+                    f"cannot serve model {name!r} from {path}: {error}", param="path"
+                ) from error
             raise
         if pinned:
             self.model_cache.pin(facts.cache_key)

@@ -339,6 +339,11 @@ class ClusterBackend:
 
     async def model(self, name: str) -> ModelInfo:
         catalog = await self._fresh()
+        if (
+            name not in catalog
+        ):  # perhaps added since the catalog was read: every api server serves it at once
+            self._catalog_at = float("-inf")
+            catalog = await self._fresh()
         if name not in catalog:
             if any(info.name == name and info.state == DISK for info in self._listed):
                 raise Unavailable(
