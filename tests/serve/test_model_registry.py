@@ -175,6 +175,7 @@ def test_add_serve_and_remove_a_model_while_another_streams(cluster, model_dirs,
         "pinned": True,
     }
     assert set(seen) <= {DISK, LOADING, HOST}, seen
+    assert node.config.scheduler.slo(ADDED).ttft_s == 5.0  # its SLO steers the node's scheduling
     again = admin.post("/v1/admin/models", json=body)
     assert again.status_code == 400 and again.json()["error"]["param"] == "name"
 
