@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Sequence
 
 DEFAULT_DEMO_MODEL_COUNT = 3
@@ -66,7 +67,7 @@ def serve_config_from_args(args: argparse.Namespace):
     """The YAML file's settings (if any) with every flag that was given laid over them."""
     import yaml
 
-    from aegaeon.config import build_serve_config
+    from aegaeon.config import ADMIN_KEY_ENV, build_serve_config
 
     settings: dict = {}
     if args.config:
@@ -100,6 +101,7 @@ def serve_config_from_args(args: argparse.Namespace):
         "shed_waiting_after_s": args.shed_after,
         "cluster_keys": args.cluster_keys,
         "insecure": args.insecure or None,
+        "admin_key": args.admin_key or os.environ.get(ADMIN_KEY_ENV),
     }
     settings.update({key: value for key, value in flags.items() if value is not None})
     if args.prefill_instances is not None or args.decode_instances is not None:
@@ -168,6 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="address to listen on (default: 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to listen on (default: 8000; 0 picks a free one)")
     serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every API call")
+    serve.add_argument(
+        "--admin-key",
+        help="serve the admin routes (add and remove models live) to 'Authorization: Bearer KEY' "
+        "(default: $AEGAEON_ADMIN_KEY; none: no admin routes, they answer 404)",
+    )
     serve.add_argument(
         "--api-key-file",
         metavar="PATH",

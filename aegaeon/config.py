@@ -237,6 +237,8 @@ DEFAULT_DRAIN_TIMEOUT_S = 30.0
 # A finished, failed or aborted request's record stays in the metadata store this long, then is
 # dropped (a client may still read its outcome meanwhile: resume, retrieval, the dashboard).
 DEFAULT_FINISHED_TTL_S = 3600.0
+# The environment variable `aegaeon serve` takes the admin key from when no --admin-key is given.
+ADMIN_KEY_ENV = "AEGAEON_ADMIN_KEY"
 
 
 # Request limits of the OpenAI api server (docs/api.md, "Limits").
@@ -309,6 +311,10 @@ class ServeConfig:
     # A node without keys listens on loopback only, unless this says the network is trusted.
     insecure: bool = False
     node: NodeConfig = NodeConfig()
+    # --- the live model registry ---
+    # Holders of this key may add and remove models while serving (`/v1/admin/...`); None: no admin
+    # routes (they answer 404). Separate from the API keys, which never grant it.
+    admin_key: str | None = None
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -334,6 +340,8 @@ class ServeConfig:
             raise ValueError(f"model names must be unique, got {names}")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.admin_key is not None and self.admin_key in self.api_keys:
+            raise ValueError("admin_key must differ from every API key: an API key grants no admin rights")
 
 
 # Settings a YAML file (and the matching flags) may give, by the config record they belong to.
@@ -383,6 +391,7 @@ _SERVE_FIELD_KEYS = (
     "log_format",
     "cluster_keys",
     "insecure",
+    "admin_key",
 )
 # ... and those read into other fields: the model entries, the API keys.
 _SERVE_KEYS = ("models", "api_key", "api_key_file", *_SERVE_FIELD_KEYS)

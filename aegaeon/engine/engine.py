@@ -84,6 +84,16 @@ class LLMEngine:
         """Make `name` the active model; the previous one's running KV goes to the host KV pool first."""
         self.residency.switch_to(name, self.kv.evict)
 
+    def register(self, name: str, path: str | Path, progress: bool = False) -> ServedModel:
+        """Serve one more model, called `name`, from `path` (a local HF directory or a hub id)."""
+        return self.residency.register(name, path, progress)
+
+    def unregister(self, name: str) -> None:
+        """Stop serving `name`; it must have no unfinished requests (drain it first)."""
+        if self.has_unfinished_requests(name):
+            raise RuntimeError(f"model {name} still has unfinished requests: drain it before removing it")
+        self.residency.unregister(name)
+
     def prefetch(self, name: str) -> bool:
         """Start copying `name`'s weights into the arena beside the active model; False if no room."""
         return self.residency.prefetch(name)

@@ -93,6 +93,7 @@ class Residency:
             model_cache = HostModelCache.create(memory.shm_dir, memory.host_model_cache_bytes or total)
             weakref.finalize(self, model_cache.close)
         self.model_cache = model_cache
+        self._unpins: dict[str, weakref.finalize] = {}  # by model name: releases its host cache pin
         self.models: dict[str, ServedModel] = {
             name: self._register(name, model_dir, arch, kv_bytes, progress)
             for name, (model_dir, arch, _) in specs.items()
@@ -145,7 +146,7 @@ class Residency:
         # Pinned while this engine lives, so the cache never evicts or moves a model it may switch
         # to, and a switch needs no look-up in the cache's index.
         self.model_cache.pin(cache_key)
-        weakref.finalize(self, self.model_cache.unpin, cache_key)
+        self._unpins[name] = weakref.finalize(self, self.model_cache.unpin, cache_key)
         num_blocks = kv_bytes // kv_block_bytes(arch, self.dtype)
         max_model_len = min(self.config.max_model_len or arch.max_position, arch.max_position)
         return ServedModel(
@@ -165,6 +166,31 @@ class Residency:
             ),
             kv_shape=KVShape(arch.num_layers, arch.num_kv_heads, arch.head_dim, self.dtype),
         )
+
+    def register(self, name: str, path: str | Path, progress: bool = False) -> ServedModel:
+        """Serve one more model: its weights are loaded into the host model cache and pinned there."""
+        if name in self.models:
+            raise ValueError(f"a model called {name!r} is served already")
+        model_dir, arch, nbytes = self._describe(name, path, self.kv_bytes)
+        if nbytes > self.residents.slot_bytes:
+            raise ValueError(
+                f"model {name} needs {nbytes} bytes but the arena's weight slots hold "
+                f"{self.residents.slot_bytes} (sized for the largest model at start)"
+            )
+        self.models[name] = self._register(name, model_dir, arch, self.kv_bytes, progress)
+        return self.models[name]
+
+    def unregister(self, name: str) -> None:
+        """Stop serving `name` (it has no requests left): it stops being active and its pin is released.
+
+        Its weights stay in the arena and the host cache until evicted like any unused model's.
+        """
+        served = self.model(name)
+        if served is self.active:
+            served.runner.bind(None, None)
+            self.active = None
+        self._unpins.pop(name)()
+        del self.models[name]
 
     def model(self, name: str | None) -> ServedModel:
         """The model called `name`; None names the only one (or the active one of several)."""

@@ -19,12 +19,12 @@ import uuid
 import weakref
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
-from aegaeon.config import DEFAULT_ATTAINMENT_TARGET, NodeConfig
+from aegaeon.config import DEFAULT_ATTAINMENT_TARGET, SLO, NodeConfig, SchedulerConfig
 from aegaeon.engine.architecture import Architecture
 from aegaeon.engine.handoff import RequestHandoff, SequenceHandoff
 from aegaeon.engine.outputs import RequestDelta
@@ -45,7 +45,7 @@ from aegaeon.memory.model_cache import HostModelCache
 from aegaeon.memory.shm import node_region_name, remove_orphans
 from aegaeon.scheduler.decode import DecodeDispatcher, DecodeInstance
 from aegaeon.scheduler.models import ModelSpec
-from aegaeon.scheduler.predictor import Predictor, ProfileStore
+from aegaeon.scheduler.predictor import Predictor, Profile, ProfileStore
 from aegaeon.scheduler.prefill import PrefillDispatcher, PrefillQueue
 from aegaeon.scheduler.request import SchedRequest
 from aegaeon.scheduler.slo import request_score
@@ -146,17 +146,18 @@ class Node:
         self.tokenizers = {
             name: Tokenizer.from_pretrained(facts.model_dir) for name, facts in self.models.items()
         }
-        self.specs = {
-            name: ModelSpec(
-                name=name,
-                shape_key=facts.shape_key,
-                weight_bytes=facts.weight_bytes,
-                kv_block_bytes=facts.kv_block_bytes,
-                max_model_len=facts.max_model_len,
-            )
-            for name, facts in self.models.items()
-        }
-        self.predictor = self._predictor(self.engines[0], infos[0], progress)
+        self.specs = {name: model_spec(facts) for name, facts in self.models.items()}
+        first = self.engines[0]  # idle until the instances start: it measures the shapes not profiled
+        self.predictor = Predictor(
+            {
+                name: self._profile(spec, lambda name=name: first.profile(name, progress))
+                for name, spec in self.specs.items()
+            }
+        )
+        # Models added while serving are pinned in the host cache by this process when asked; models
+        # being removed wait here, taking no new requests, until their last request ends.
+        self._pinned: set[str] = set()
+        self._removing: dict[str, ModelFacts] = {}
         scheduler = self.config.scheduler
         self.instances: list[Instance] = []
         for name, role, engine, info in zip(names, roles, self.engines, infos, strict=True):
@@ -213,22 +214,144 @@ class Node:
             for path in models.values()
         ]
 
-    def _predictor(self, engine: RemoteEngine, info: WorkerInfo, progress: bool) -> Predictor:
-        """Profiles for every model shape on this device, measuring those the store lacks."""
+    def _profile(self, spec: ModelSpec, measure: Callable[[], Profile]) -> Profile:
+        """The latency profile of the model's shape on this device; `measure` it (and save it) if missing."""
         path = Path(self.config.profile_path).expanduser()
         store = ProfileStore.load(path)
-        dtype, device = info.dtype, info.device_name
-        missing = {
-            spec.shape_key: name
-            for name, spec in self.specs.items()
-            if store.get(spec.shape_key, dtype, device) is None
-        }
-        for name in missing.values():
-            store.add(engine.profile(name, progress))
-        if missing:
+        engine = self.engines[0]
+        profile = store.get(spec.shape_key, engine.info.dtype, engine.info.device_name)
+        if profile is None:
+            profile = measure()
+            store.add(profile)
             path.parent.mkdir(parents=True, exist_ok=True)
             store.save(path)
-        return Predictor.for_models(self.specs.values(), store, dtype, device)
+        return profile
+
+    def _measure_aside(self, name: str, path: str | Path) -> Profile:
+        """Profile a model on an engine of its own in this process: serving engines are never idle.
+
+        Only on the CPU: on an accelerator a second engine would take device memory the instances hold.
+        """
+        from aegaeon.engine.engine import LLMEngine
+        from aegaeon.instance.profiler import profile_model
+
+        config = self.config
+        if torch.device(config.device).type != "cpu":
+            raise InvalidRequest(
+                f"no latency profile of model {name}'s shape on {config.device} ({config.dtype}) in "
+                f"{config.profile_path}: measure it first with `aegaeon profile {name}={path} --device "
+                f"{config.device} --dtype {config.dtype} --profiles {config.profile_path}`",
+                param="path",
+            )
+        engine = LLMEngine(
+            models={name: path},
+            device=config.device,
+            dtype=config.dtype,
+            config=config.engine,
+            memory=config.memory,
+            model_cache=self.model_cache,
+            progress=False,
+        )
+        try:
+            return profile_model(engine, name, progress=False)
+        finally:
+            engine.unregister(name)
+
+    # -- the live registry ---------------------------------------------------------------------------
+
+    def add_model(
+        self, name: str, path: str | Path, slo: SLO | None = None, pinned: bool = False
+    ) -> ModelFacts:
+        """Serve one more model: every engine registers it, then requests for it are taken.
+
+        Each engine is held while it registers the model (the first one loads the weights into the
+        host cache; the others find them there). `slo` (None: the default) steers its scheduling;
+        `pinned` keeps it in the host cache while this node serves it.
+        """
+        with self.lock:
+            if name in self.models or name in self._removing:
+                raise InvalidRequest(f"a model called {name!r} is served already", param="name")
+        registered: list[RemoteEngine] = []
+        try:
+            for engine in self.engines:
+                facts = engine.register(name, str(path))
+                registered.append(engine)
+            spec = model_spec(facts)
+            profile = self._profile(spec, lambda: self._measure_aside(name, path))
+            tokenizer = Tokenizer.from_pretrained(facts.model_dir)
+        except BaseException as error:
+            for engine in registered:
+                engine.unregister(name)
+            if isinstance(error, (OSError, ValueError)) and not isinstance(error, InvalidRequest):
+                # A path that is no model, a model too large for the arena: the caller's to fix.
+                raise InvalidRequest(
+                    f"cannot serve model {name!r} from {path}: {error}", param="path"
+                ) from error
+            raise
+        if pinned:
+            self.model_cache.pin(facts.cache_key)
+        with self._work:
+            self.predictor.add(name, profile)
+            self.specs[name] = spec
+            for decode in self.decode.instances:
+                decode.specs[name] = spec
+            if slo is not None:
+                slos = {**dict(self.config.scheduler.model_slos), name: slo}
+                self._use_scheduler(replace(self.config.scheduler, model_slos=tuple(slos.items())))
+            self.tokenizers[name] = tokenizer
+            if pinned:
+                self._pinned.add(name)
+            self._spawn_with(name, str(path))
+            self.models[name] = facts  # last: requests for it are taken from now on
+        return facts
+
+    def remove_model(self, name: str, timeout_s: float) -> None:
+        """Take no new requests for `name`, let those in flight finish, then stop serving it.
+
+        Unavailable if requests still run after `timeout_s`: the model stays out of service, and
+        a later call waits for them again.
+        """
+        with self._work:
+            facts = self.models.pop(name, None) or self._removing.get(name)
+            if facts is None:
+                raise ModelNotFound(f"model {name!r} is not served here")
+            self._removing[name] = facts
+            deadline = time.monotonic() + timeout_s
+            while (running := sum(1 for live in self.live.values() if live.sched.model == name)) > 0:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise Unavailable(
+                        f"model {name!r} takes no new requests but {running} still run after "
+                        f"{timeout_s:g} s; remove it again once they finished"
+                    )
+                self._work.wait(min(left, self.config.idle_wait_s))
+        for engine in self.engines:
+            engine.unregister(name)
+        with self._work:
+            del self._removing[name]
+            self.specs.pop(name, None)
+            for decode in self.decode.instances:
+                decode.specs.pop(name, None)
+            self.tokenizers.pop(name, None)
+            self._spawn_with(name, None)
+            if name in self._pinned:
+                self._pinned.discard(name)
+                self.model_cache.unpin(facts.cache_key)
+
+    def _spawn_with(self, name: str, path: str | None) -> None:
+        """A restarted instance process registers the models served now: add (or drop) one in its spec."""
+        for engine in self.engines:
+            models = {**engine.spec.models, name: path}
+            engine.spec = replace(engine.spec, models={k: v for k, v in models.items() if v is not None})
+
+    def _use_scheduler(self, scheduler: SchedulerConfig) -> None:
+        """Schedule with `scheduler` from now on (under the lock)."""
+        self.config = replace(self.config, scheduler=scheduler)
+        self.prefill.config = scheduler
+        for queue in self.prefill.instances:
+            queue.config = scheduler
+        for decode in self.decode.instances:
+            decode.config = scheduler
 
     # -- requests ------------------------------------------------------------------------------------
 
@@ -496,6 +619,17 @@ class Node:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def model_spec(facts: ModelFacts) -> ModelSpec:
+    """What the scheduler knows of a model."""
+    return ModelSpec(
+        name=facts.name,
+        shape_key=facts.shape_key,
+        weight_bytes=facts.weight_bytes,
+        kv_block_bytes=facts.kv_block_bytes,
+        max_model_len=facts.max_model_len,
+    )
 
 
 def resume_handoff(live: LiveRequest) -> RequestHandoff:

@@ -22,7 +22,7 @@ from aegaeon.engine.handoff import RequestHandoff
 from aegaeon.engine.outputs import RequestDelta
 from aegaeon.engine.sampling_params import SamplingParams
 from aegaeon.errors import RequestFailed
-from aegaeon.instance.worker import Call, Reply, SwitchResult, WorkerInfo, WorkerSpec
+from aegaeon.instance.worker import Call, ModelFacts, Reply, SwitchResult, WorkerInfo, WorkerSpec
 from aegaeon.scheduler.predictor import Profile
 
 # A call checks whether its worker is still alive this often while it waits for the answer.
@@ -93,6 +93,12 @@ class RemoteEngine:
         return self.process.poll() is None
 
     # -- the engine's operations (see worker.EngineService) -------------------------------------------
+
+    def register(self, name: str, path: str) -> ModelFacts:
+        return self._call("register", name, path)
+
+    def unregister(self, name: str) -> None:
+        self._call("unregister", name)
 
     def switch(self, model: str) -> SwitchResult | None:
         return self._call("switch", model)

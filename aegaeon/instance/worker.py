@@ -50,6 +50,7 @@ class ModelFacts:
 
     name: str
     model_dir: str
+    cache_key: str  # its key in the node's host model cache
     shape_key: str
     num_parameters: int
     vocab_size: int
@@ -99,23 +100,10 @@ class EngineService:
         self.stopping = False
 
     def info(self) -> WorkerInfo:
-        from aegaeon.engine.kv_cache import kv_block_bytes
         from aegaeon.instance.profiler import device_name
 
         engine = self.engine
-        models = {
-            name: ModelFacts(
-                name=name,
-                model_dir=str(served.model_dir),
-                shape_key=served.arch.shape_key,
-                num_parameters=served.arch.num_parameters(),
-                vocab_size=served.arch.vocab_size,
-                weight_bytes=served.weight_bytes,
-                kv_block_bytes=kv_block_bytes(served.arch, engine.dtype),
-                max_model_len=served.max_model_len,
-            )
-            for name, served in engine.models.items()
-        }
+        models = {name: self._facts(served) for name, served in engine.models.items()}
         return WorkerInfo(
             pid=os.getpid(),
             device=str(engine.device),
@@ -125,6 +113,28 @@ class EngineService:
             kv_bytes=engine.residency.kv_bytes,
             models=models,
         )
+
+    def _facts(self, served) -> ModelFacts:
+        from aegaeon.engine.kv_cache import kv_block_bytes
+
+        return ModelFacts(
+            name=served.name,
+            model_dir=str(served.model_dir),
+            cache_key=served.cache_key,
+            shape_key=served.arch.shape_key,
+            num_parameters=served.arch.num_parameters(),
+            vocab_size=served.arch.vocab_size,
+            weight_bytes=served.weight_bytes,
+            kv_block_bytes=kv_block_bytes(served.arch, self.engine.dtype),
+            max_model_len=served.max_model_len,
+        )
+
+    def register(self, name: str, path: str) -> ModelFacts:
+        """Serve one more model (loaded into the host model cache unless another engine did already)."""
+        return self._facts(self.engine.register(name, path))
+
+    def unregister(self, name: str) -> None:
+        self.engine.unregister(name)
 
     def switch(self, model: str) -> SwitchResult | None:
         """Make `model` active; None if it already was."""

@@ -216,6 +216,10 @@ class Predictor:
             raise KeyError(f"no profile for: {', '.join(missing)}")
         return cls(profiles)
 
+    def add(self, model: str, profile: Profile) -> None:
+        """Predict for one more model (one registered while serving)."""
+        self._profiles[model] = profile
+
     def profile(self, model: str) -> Profile:
         try:
             return self._profiles[model]

@@ -14,6 +14,7 @@ import uvicorn
 from fastapi import APIRouter, Depends, FastAPI
 
 from aegaeon.config import ApiLimits
+from aegaeon.serve.admin import admin_router
 from aegaeon.serve.backend import Backend
 from aegaeon.serve.error_handlers import GuardedRoute, install_error_handlers
 from aegaeon.serve.guards import BodyLimit, bearer_auth, rate_limit
@@ -22,11 +23,15 @@ from aegaeon.serve.routes import Routes
 
 
 def build_app(
-    backend: Backend, api_keys: Sequence[str] = (), limits: ApiLimits | None = None
+    backend: Backend,
+    api_keys: Sequence[str] = (),
+    limits: ApiLimits | None = None,
+    admin_key: str | None = None,
 ) -> FastAPI:
     """The API app; with `api_keys`, every /v1 route and /tokenize, /detokenize need `Bearer KEY`.
 
     `limits` (default `ApiLimits()`) bounds each request: body bytes, `n`, prompt and output tokens.
+    With `admin_key`, the admin routes (admin.py) are served, to holders of that key only.
     """
     limits = ApiLimits() if limits is None else limits
     app = FastAPI(
@@ -59,6 +64,8 @@ def build_app(
     tools = APIRouter(dependencies=auth, route_class=GuardedRoute)
     tools.add_api_route("/tokenize", serving.tokenize, methods=["POST"])
     tools.add_api_route("/detokenize", serving.detokenize, methods=["POST"])
+    if admin_key:
+        app.include_router(admin_router(backend, admin_key))
     app.include_router(v1)
     app.include_router(tools)
     app.add_api_route("/health", serving.health, methods=["GET"], response_model=None)

@@ -24,22 +24,33 @@ import math
 import time
 import uuid
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Protocol
 
 import zmq
 import zmq.asyncio
 
-from aegaeon.errors import Draining, ModelNotFound, Unavailable
+from aegaeon.errors import Draining, InvalidRequest, ModelNotFound, Unavailable
 from aegaeon.serve.keys import ClusterKeys
-from aegaeon.serve.metadata import DEFAULT_ALIVE_WITHIN_S, MetadataStore, RequestRecord
+from aegaeon.serve.metadata import (
+    DEFAULT_ALIVE_WITHIN_S,
+    FROM_ADMIN,
+    MODEL_DRAINING,
+    MetadataStore,
+    ModelRecord,
+    RequestRecord,
+)
+from aegaeon.serve.model_states import DEVICE, DISK, HOST, best_state
 from aegaeon.serve.wire import (
     Abort,
     Accepted,
+    AddModel,
+    Done,
     Failed,
     NodeMessage,
     Output,
     Rejected,
+    RemoveModel,
     Submit,
     WireDecodeError,
     decode_node_message,
@@ -63,15 +74,33 @@ ACCEPT_TIMEOUT_S = 30.0
 MAX_DRAINING_RETRIES = 3
 # How often the requests in flight are checked against their nodes' liveness.
 NODE_WATCH_INTERVAL_S = 2.0
+# How long the nodes get to load a model added through the admin API (weights read from disk).
+ADD_MODEL_TIMEOUT_S = 600.0
+# How long a model being removed waits for its requests in flight before the removal answers 503.
+REMOVE_DRAIN_TIMEOUT_S = 60.0
+# A node answers a removal after the drain: the api server waits that long and a little more.
+COMMAND_MARGIN_S = 30.0
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where a model is: on a node (host cache, loading, disk) or on one of its instances (device)."""
+
+    node: str
+    instance: str | None
+    state: str
 
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """A served model as the API lists it."""
+    """A registered model as the API lists it."""
 
     name: str
-    max_model_len: int
-    created: int  # Unix seconds: when the first node serving it registered
+    max_model_len: int  # 0 while no node serves it
+    created: int  # Unix seconds: when it was registered (or its first node)
+    state: str = HOST  # the best of its states on the nodes (model_states.STATES)
+    locations: tuple[Location, ...] = ()
+    record: ModelRecord | None = None  # its registry record: path and settings
 
 
 @dataclass(frozen=True)
@@ -87,11 +116,19 @@ class Backend(Protocol):
     """What the api server's routes need of whatever serves the models."""
 
     async def models(self) -> list[ModelInfo]:
-        """The served models."""
+        """The registered models, with their states."""
         ...
 
     async def model(self, name: str) -> ModelInfo:
         """The served model called `name`; ModelNotFound if there is none."""
+        ...
+
+    async def add_model(self, record: ModelRecord) -> ModelInfo:
+        """Register a model and serve it (InvalidRequest if the name is taken); once served, its info."""
+        ...
+
+    async def remove_model(self, name: str) -> None:
+        """Refuse new requests for `name`, let those in flight finish, then drop it (ModelNotFound)."""
         ...
 
     async def tokenizer(self, name: str) -> Tokenizer:
@@ -210,7 +247,7 @@ class _NodeLink:
                 continue
             self._on_message(message)
 
-    async def send(self, message: Submit | Abort) -> None:
+    async def send(self, message: Submit | Abort | AddModel | RemoveModel) -> None:
         await self.socket.send(encode(message))
 
     def close(self) -> None:
@@ -227,8 +264,10 @@ class ClusterBackend:
         self.store = store
         self.keys = keys
         self.api_server_id = api_server_id or f"api-{uuid.uuid4().hex[:8]}"
-        self._catalog: dict[str, tuple[ModelInfo, str]] = {}  # name -> (info, model directory)
+        self._catalog: dict[str, tuple[ModelInfo, str]] = {}  # served: name -> (info, model directory)
+        self._listed: list[ModelInfo] = []  # every registered model, served or not
         self._catalog_at = float("-inf")
+        self._commands: dict[str, asyncio.Future] = {}  # admin commands sent to nodes, by id
         self._tokenizers: dict[str, Tokenizer] = {}  # by model directory
         self._context: zmq.asyncio.Context | None = None
         self._links: dict[str, _NodeLink] = {}
@@ -244,21 +283,49 @@ class ClusterBackend:
     def _refresh(self) -> None:
         if time.monotonic() - self._catalog_at < CATALOG_TTL_S:
             return
-        live = self._live_node_ids()
+        statuses = self.store.instances(alive_within_s=DEFAULT_ALIVE_WITHIN_S)
+        live = {status.info.node_id for status in statuses}
+        records = {record.name: record for record in self.store.registered_models()}
+        draining = {name for name, record in records.items() if record.state == MODEL_DRAINING}
         catalog: dict[str, tuple[ModelInfo, str]] = {}
+        locations: dict[str, list[Location]] = {}
         for node in sorted(self.store.nodes(), key=lambda n: n.registered_at):
             if node.node_id not in live:
                 continue
+            for name, state in node.model_states.items():
+                locations.setdefault(name, []).append(Location(node.node_id, None, state))
             for name in node.models:
+                if name in draining:  # new requests for it are refused at once
+                    continue
                 length = node.max_model_lens.get(name, 0)
                 if name in catalog:  # nodes may be configured differently: promise what every one allows
                     info, model_dir = catalog[name]
                     length = min(length, info.max_model_len)
-                    catalog[name] = (ModelInfo(name, length, info.created), model_dir)
+                    catalog[name] = (replace(info, max_model_len=length), model_dir)
                 else:
                     created = int(node.registered_at)
                     catalog[name] = (ModelInfo(name, length, created), node.model_dirs.get(name, ""))
-        self._catalog, self._catalog_at = catalog, time.monotonic()
+        for status in statuses:
+            for name in status.info.models_resident:
+                locations.setdefault(name, []).append(
+                    Location(status.info.node_id, status.info.instance_id, DEVICE)
+                )
+        listed = {name: info for name, (info, _) in catalog.items()}
+        for name, record in records.items():  # added through the admin API: listed even where none serves it
+            if record.source == FROM_ADMIN and name not in listed and name not in draining:
+                listed[name] = ModelInfo(name, 0, int(record.registered_at))
+        self._listed = [
+            replace(
+                info,
+                created=int(records[name].registered_at) if name in records else info.created,
+                state=best_state(location.state for location in locations.get(name, ())),
+                locations=tuple(locations.get(name, ())),
+                record=records.get(name),
+            )
+            for name, info in listed.items()
+        ]
+        self._catalog = {name: (info, model_dir) for name, (info, model_dir) in catalog.items()}
+        self._catalog_at = time.monotonic()
 
     async def _fresh(self) -> dict[str, tuple[ModelInfo, str]]:
         """The catalog, read again from the store (in a thread) once it is older than its TTL."""
@@ -267,13 +334,98 @@ class ClusterBackend:
         return self._catalog
 
     async def models(self) -> list[ModelInfo]:
-        return [info for info, _ in (await self._fresh()).values()]
+        await self._fresh()
+        return list(self._listed)
 
     async def model(self, name: str) -> ModelInfo:
         catalog = await self._fresh()
+        if (
+            name not in catalog
+        ):  # perhaps added since the catalog was read: every api server serves it at once
+            self._catalog_at = float("-inf")
+            catalog = await self._fresh()
         if name not in catalog:
+            if any(info.name == name and info.state == DISK for info in self._listed):
+                raise Unavailable(
+                    f"model {name!r} is registered but no live node serves it yet; retry shortly"
+                )
             raise model_not_found(name, catalog)
         return catalog[name][0]
+
+    # -- the live registry -------------------------------------------------------------------------------
+
+    async def add_model(self, record: ModelRecord) -> ModelInfo:
+        """Write the record, have every live node serve the model, and return it once they do.
+
+        A model no node could load is dropped from the registry again, with the nodes' error; one that
+        some node loaded stays (the failures are logged). With no live node it stays registered, on
+        disk, and the nodes serve it as they start.
+        """
+        self._catalog_at = float("-inf")
+        await self._fresh()
+        if record.name in self._catalog or await asyncio.to_thread(self.store.registered_model, record.name):
+            raise InvalidRequest(f"a model called {record.name!r} is registered already", param="name")
+        await asyncio.to_thread(self.store.put_model, record)
+        message = lambda: AddModel(  # noqa: E731 - one command id per node
+            uuid.uuid4().hex, record.name, record.path, record.ttft_s, record.tbt_s, record.pinned
+        )
+        nodes = await asyncio.to_thread(self._live_node_ids)
+        errors = await self._on_nodes(sorted(nodes), message, ADD_MODEL_TIMEOUT_S)
+        for node_id, error in errors.items():
+            logger.warning("node %s could not serve model %s: %s", node_id, record.name, error)
+        if nodes and len(errors) == len(nodes):
+            await asyncio.to_thread(self.store.remove_model, record.name)
+            raise next(iter(errors.values()))
+        self._catalog_at = float("-inf")
+        return next(info for info in await self.models() if info.name == record.name)
+
+    async def remove_model(self, name: str) -> None:
+        """Mark the model draining (every api server refuses it from then on), then remove it everywhere."""
+        self._catalog_at = float("-inf")
+        await self._fresh()
+        record = await asyncio.to_thread(self.store.registered_model, name)
+        if record is None and name not in self._catalog:
+            raise model_not_found(name, self._catalog)
+        if record is not None:
+            await asyncio.to_thread(self.store.put_model, replace(record, state=MODEL_DRAINING))
+        nodes = await asyncio.to_thread(self._live_node_ids)
+        errors = await self._on_nodes(
+            sorted(nodes),
+            lambda: RemoveModel(uuid.uuid4().hex, name, REMOVE_DRAIN_TIMEOUT_S),
+            REMOVE_DRAIN_TIMEOUT_S + COMMAND_MARGIN_S,
+        )
+        failed = [error for error in errors.values() if not isinstance(error, ModelNotFound)]
+        self._catalog_at = float("-inf")
+        if failed:  # still draining somewhere: the record stays, marked, and a second removal goes on
+            raise failed[0]
+        await asyncio.to_thread(self.store.remove_model, name)
+
+    async def _on_nodes(
+        self, node_ids: list[str], message: Callable[[], AddModel | RemoveModel], timeout_s: float
+    ) -> dict[str, BaseException]:
+        """Send a command to each node and wait for every answer; the errors, by node."""
+        results = await asyncio.gather(
+            *(self._command(node_id, message(), timeout_s) for node_id in node_ids), return_exceptions=True
+        )
+        return {
+            node_id: result
+            for node_id, result in zip(node_ids, results, strict=True)
+            if isinstance(result, BaseException)
+        }
+
+    async def _command(self, node_id: str, message: AddModel | RemoveModel, timeout_s: float) -> None:
+        link = await self._link(node_id)
+        answer = asyncio.get_running_loop().create_future()
+        self._commands[message.command_id] = answer
+        try:
+            await link.send(message)
+            done: Done = await asyncio.wait_for(answer, timeout_s)
+        except TimeoutError:
+            raise Unavailable(f"node {node_id} did not answer within {timeout_s:.0f} s") from None
+        finally:
+            self._commands.pop(message.command_id, None)
+        if done.error is not None:
+            raise raised_error(done.error)
 
     async def tokenizer(self, name: str) -> Tokenizer:
         """The model's tokenizer, loaded once per model directory (in a thread)."""
@@ -376,7 +528,12 @@ class ClusterBackend:
         return link
 
     def _deliver(self, message: NodeMessage) -> None:
-        """A node's answer, on the event loop: settle the submit, or feed the request's stream."""
+        """A node's answer, on the event loop: settle the submit or command, or feed the request's stream."""
+        if isinstance(message, Done):
+            answer = self._commands.get(message.command_id)
+            if answer is not None and not answer.done():
+                answer.set_result(message)
+            return
         flight = self._in_flight.get(message.request_id)
         if flight is None:
             return  # aborted meanwhile

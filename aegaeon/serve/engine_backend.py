@@ -18,8 +18,10 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
 
-from aegaeon.errors import Unavailable
-from aegaeon.serve.backend import Health, ModelInfo, RequestStream, model_not_found
+from aegaeon.errors import InvalidRequest, Unavailable
+from aegaeon.serve.backend import Health, Location, ModelInfo, RequestStream, model_not_found
+from aegaeon.serve.metadata import ModelRecord
+from aegaeon.serve.model_states import DEVICE, host_state
 
 if TYPE_CHECKING:
     from aegaeon.engine.engine import LLMEngine
@@ -28,6 +30,11 @@ if TYPE_CHECKING:
     from aegaeon.engine.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
+
+# This process stands for the node in a model's locations.
+LOCAL_NODE = "local"
+# How often a model being removed is checked for requests still running.
+REMOVE_POLL_S = 0.05
 
 # Steps one model runs before another model with requests gets the engine: each switch preempts the
 # running sequences (they are recomputed), so a few steps per turn keep that cost small.
@@ -47,6 +54,8 @@ class EngineBackend:
         self._inbox: queue.Queue[Callable[[], None]] = queue.Queue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._turn = 0  # index of the model whose turn came last
+        self._records: dict[str, ModelRecord] = {}  # the models added while serving
+        self._removing: set[str] = set()  # refused from now on, removed once their requests ended
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="engine-backend", daemon=True)
         self._thread.start()
@@ -54,12 +63,40 @@ class EngineBackend:
     # -- the api server's side ---------------------------------------------------------------------------
 
     async def models(self) -> list[ModelInfo]:
-        return [self._info(name) for name in self.engine.models]
+        return await asyncio.wrap_future(self._call(lambda: [self._info(name) for name in self._served()]))
 
     async def model(self, name: str) -> ModelInfo:
+        """The model as a request needs it (its state is read by `models`, between engine steps)."""
+        if name not in self._served():
+            raise model_not_found(name, self._served())
+        return ModelInfo(name, self.engine.models[name].max_model_len, self._created)
+
+    async def add_model(self, record: ModelRecord) -> ModelInfo:
+        """Register the model on the engine (its thread); the SLO and priority are kept, not used here."""
+
+        def register() -> None:
+            if record.name in self.engine.models:
+                raise InvalidRequest(f"a model called {record.name!r} is registered already", param="name")
+            self.engine.register(record.name, record.path, progress=False)
+            self._records[record.name] = record
+
+        await asyncio.wrap_future(self._call(register))
+        return await asyncio.wrap_future(self._call(lambda: self._info(record.name)))
+
+    async def remove_model(self, name: str) -> None:
+        """Refuse new requests for `name`, wait for its requests in flight, then unregister it."""
         if name not in self.engine.models:
-            raise model_not_found(name, self.engine.models)
-        return self._info(name)
+            raise model_not_found(name, self._served())
+        self._removing.add(name)
+        while await asyncio.wrap_future(self._call(lambda: self.engine.has_unfinished_requests(name))):
+            await asyncio.sleep(REMOVE_POLL_S)
+
+        def unregister() -> None:
+            self.engine.unregister(name)
+            self._records.pop(name, None)
+            self._removing.discard(name)
+
+        await asyncio.wrap_future(self._call(unregister))
 
     async def tokenizer(self, name: str) -> Tokenizer:
         await self.model(name)
@@ -80,6 +117,8 @@ class EngineBackend:
         def add() -> None:
             if self.error is not None:
                 raise Unavailable(f"the engine failed: {self.error}")
+            if model in self._removing:
+                raise model_not_found(model, self._served())
             self.engine.add_request(request_id, prompt_token_ids, params, model)
             self._streams[request_id] = (loop, outputs)
 
@@ -94,8 +133,21 @@ class EngineBackend:
 
     # -- the engine thread -------------------------------------------------------------------------------
 
+    def _served(self) -> list[str]:
+        return [name for name in self.engine.models if name not in self._removing]
+
     def _info(self, name: str) -> ModelInfo:
-        return ModelInfo(name, self.engine.models[name].max_model_len, self._created)
+        """The model's info, with its state (on the engine thread: the engine is not thread-safe)."""
+        served = self.engine.models[name]
+        if self.engine.is_resident(name):
+            state = DEVICE
+        else:
+            state = host_state(self.engine.residency.model_cache, served.cache_key)
+        record = self._records.get(name)
+        created = int(record.registered_at) if record is not None else self._created
+        instance = "engine" if state == DEVICE else None
+        location = Location(LOCAL_NODE, instance, state)
+        return ModelInfo(name, served.max_model_len, created, state, (location,), record)
 
     def _call(self, function: Callable[[], T]) -> concurrent.futures.Future[T]:
         """Run `function` on the engine thread; its result (or exception) in the future."""
@@ -156,7 +208,7 @@ class EngineBackend:
 
     def _next_model(self) -> str:
         """The next model, in turn, that has requests (one has: the engine has unfinished requests)."""
-        names = list(self.engine.models)
+        names = list(self.engine.models)  # a model being removed still runs its requests
         for offset in range(1, len(names) + 1):
             index = (self._turn + offset) % len(names)
             if self.engine.has_unfinished_requests(names[index]):

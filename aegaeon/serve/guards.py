@@ -30,7 +30,9 @@ def rate_limit(limiter: RateLimiter) -> Callable[[Request], Coroutine[Any, Any, 
     return within_rate
 
 
-def bearer_auth(api_keys: Sequence[str]) -> Callable[[Request], Coroutine[Any, Any, None]]:
+def bearer_auth(
+    api_keys: Sequence[str], what: str = "API key"
+) -> Callable[[Request], Coroutine[Any, Any, None]]:
     expected = [f"Bearer {key}".encode() for key in api_keys]
 
     async def require_key(request: Request) -> None:
@@ -38,7 +40,7 @@ def bearer_auth(api_keys: Sequence[str]) -> Callable[[Request], Coroutine[Any, A
         # Every key is compared, in constant time each: how long this takes says nothing of the keys.
         matches = [hmac.compare_digest(given, key) for key in expected]
         if not any(matches):
-            raise Unauthorized("invalid or missing API key: send the header 'Authorization: Bearer <key>'")
+            raise Unauthorized(f"invalid or missing {what}: send the header 'Authorization: Bearer <key>'")
 
     return require_key
 

@@ -123,7 +123,7 @@ def _http(config: ServeConfig, store: MetadataStore, keys: ClusterKeys | None):
 
     port = config.port or free_port(config.host)
     backend = ClusterBackend(store, keys=keys)
-    app = build_app(backend, api_keys=config.api_keys, limits=config.limits)
+    app = build_app(backend, api_keys=config.api_keys, limits=config.limits, admin_key=config.admin_key)
     return backend, app, f"http://{config.host}:{port}", port
 
 

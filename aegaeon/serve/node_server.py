@@ -29,25 +29,34 @@ from dataclasses import dataclass
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
+from aegaeon.config import SLO
 from aegaeon.engine.outputs import RequestDelta
 from aegaeon.instance.admission import Draining
 from aegaeon.instance.node import Node
 from aegaeon.serve.keys import ClusterKeys
 from aegaeon.serve.metadata import (
+    FROM_ADMIN,
+    FROM_CONFIG,
     LOAD_KV_USAGE,
     LOAD_RUNNING,
     LOAD_WAITING,
+    MODEL_ACTIVE,
     InstanceInfo,
     MetadataStore,
     MetadataStoreError,
+    ModelRecord,
     NodeInfo,
     RequestState,
 )
+from aegaeon.serve.model_states import LOADING, host_state
 from aegaeon.serve.wire import (
     Abort,
     Accepted,
+    AddModel,
+    Done,
     Failed,
     Rejected,
+    RemoveModel,
     Submit,
     WireDecodeError,
     decode_api_message,
@@ -79,6 +88,12 @@ class _Moved:
 class _Failure:
     request_id: str
     error: BaseException
+
+
+@dataclass(frozen=True)
+class _Reply:
+    identity: bytes
+    message: Done
 
 
 def is_loopback(host: str) -> bool:
@@ -144,7 +159,7 @@ class NodeServer:
         else:
             self._socket.bind(f"tcp://{bind_host}:{port}")
         self.address = f"tcp://{advertised_host(host)}:{port}"
-        self._outbox: queue.SimpleQueue[RequestDelta | _Moved | _Failure] = queue.SimpleQueue()
+        self._outbox: queue.SimpleQueue[RequestDelta | _Moved | _Failure | _Reply] = queue.SimpleQueue()
         self._wake_read, self._wake_write = os.pipe()
         os.set_blocking(self._wake_read, False)
         self._senders: dict[str, bytes] = {}  # request id -> identity of the api server that sent it
@@ -152,11 +167,16 @@ class NodeServer:
         self._finish_reasons: dict[str, str] = {}  # request id -> why its first choice ended
         self._stopping = threading.Event()
         self._draining = threading.Event()
+        # The live registry: models being added here, and the per-model states last published.
+        self._registry_lock = threading.Lock()
+        self._loading: set[str] = set()
+        self._published_states: dict[str, str] = {}
         node.on_state = lambda request_id, state, instance: self._post(_Moved(request_id, state, instance))
         self._register()
         self._threads = [
             threading.Thread(target=self._serve, name="aegaeon-node-server", daemon=True),
             threading.Thread(target=self._heartbeats, name="aegaeon-node-heartbeat", daemon=True),
+            threading.Thread(target=self._follow_registry, name="aegaeon-node-registry", daemon=True),
         ]
         for thread in self._threads:
             thread.start()
@@ -168,18 +188,19 @@ class NodeServer:
 
     def _register(self) -> None:
         snapshot = self.node.snapshot()
-        self.store.register_node(
-            NodeInfo(
-                node_id=self.node_id,
-                address=self.address,
-                models=[model.name for model in snapshot.models],
-                model_dirs={model.name: model.model_dir for model in snapshot.models},
-                max_model_lens={model.name: model.max_model_len for model in snapshot.models},
-                devices=len(snapshot.instances),
-                host_cache_bytes=snapshot.model_cache.capacity,
+        self._publish()
+        slos = dict(self.node.config.scheduler.model_slos)
+        for model in snapshot.models:  # the configured models are the initial registry
+            slo = slos.get(model.name)
+            self.store.add_model_if_absent(
+                ModelRecord(
+                    model.name,
+                    model.model_dir,
+                    ttft_s=slo.ttft_s if slo else None,
+                    tbt_s=slo.tbt_s if slo else None,
+                    source=FROM_CONFIG,
+                )
             )
-        )
-        for model in snapshot.models:
             self.store.place_model(model.name, self.node_id)
         for instance in snapshot.instances:
             self.store.register_instance(
@@ -192,8 +213,106 @@ class NodeServer:
                 )
             )
 
+    def _model_states(self) -> dict[str, str]:
+        """Per model of this node: in its host cache, being loaded, or on disk."""
+        with self._registry_lock:
+            loading = set(self._loading)
+        states = {
+            name: host_state(self.node.model_cache, facts.cache_key)
+            for name, facts in self.node.models.copy().items()
+        }
+        return {**states, **dict.fromkeys(loading, LOADING)}
+
+    def _publish(self) -> None:
+        """Write this node's record: its models, their directories, contexts and states."""
+        if self._draining.is_set():
+            return  # it left the node list: writing its record again would route requests back to it
+        snapshot = self.node.snapshot()
+        states = self._model_states()
+        self.store.register_node(
+            NodeInfo(
+                node_id=self.node_id,
+                address=self.address,
+                models=[model.name for model in snapshot.models],
+                model_dirs={model.name: model.model_dir for model in snapshot.models},
+                max_model_lens={model.name: model.max_model_len for model in snapshot.models},
+                model_states=states,
+                devices=len(snapshot.instances),
+                host_cache_bytes=snapshot.model_cache.capacity,
+            )
+        )
+        self._published_states = states
+
+    # -- the live registry ---------------------------------------------------------------------------------
+
+    def _follow_registry(self) -> None:
+        """Serve the models added through the admin API before this node started (once, at start)."""
+        try:
+            records = self.store.registered_models()
+        except MetadataStoreError as error:
+            logger.warning("could not read the model registry: %s", error)
+            return
+        for record in records:
+            if self._stopping.is_set():
+                return
+            if (
+                record.source == FROM_ADMIN
+                and record.state == MODEL_ACTIVE
+                and record.name not in self.node.models
+            ):
+                try:
+                    self._add_model(record.name, record.path, record.ttft_s, record.tbt_s, record.pinned)
+                except Exception as error:  # noqa: BLE001 - one model that fails to load must not stop the node
+                    logger.warning("could not serve registered model %s: %s", record.name, error)
+
+    def _add_model(
+        self, name: str, path: str, ttft_s: float | None, tbt_s: float | None, pinned: bool
+    ) -> None:
+        """Serve `name` here; its SLO targets not given are the node's defaults."""
+        default = self.node.config.scheduler.default_slo
+        slo = (
+            None
+            if ttft_s is None and tbt_s is None
+            else SLO(ttft_s or default.ttft_s, tbt_s or default.tbt_s)
+        )
+        with self._registry_lock:
+            self._loading.add(name)
+        self._publish()
+        try:
+            self.node.add_model(name, path, slo, pinned)
+        finally:
+            with self._registry_lock:
+                self._loading.discard(name)
+            self._publish()
+        self.store.place_model(name, self.node_id)
+        logger.info("model %s added", name, extra={"model": name})
+
+    def _remove_model(self, name: str, timeout_s: float) -> None:
+        self.node.remove_model(name, timeout_s)
+        self.store.unplace_model(name, self.node_id)
+        self._publish()
+        logger.info("model %s removed", name, extra={"model": name})
+
+    def _command(self, identity: bytes, message: AddModel | RemoveModel) -> None:
+        """Run an admin command off the socket thread (a model takes a while to load); answer `Done`."""
+        error = None
+        try:
+            if isinstance(message, AddModel):
+                self._add_model(message.name, message.path, message.ttft_s, message.tbt_s, message.pinned)
+            else:
+                self._remove_model(message.name, message.timeout_s)
+        except Exception as exc:  # noqa: BLE001 - sent to the api server, which answers the admin with it
+            logger.warning("%s of model %s failed: %s", type(message).__name__, message.name, exc)
+            error = wire_error(exc)
+        self._post(_Reply(identity, Done(message.command_id, error)))
+
     def _heartbeats(self) -> None:
         while not self._stopping.wait(HEARTBEAT_INTERVAL_S):
+            if self._model_states() != self._published_states:
+                try:
+                    self._publish()
+                except MetadataStoreError as error:
+                    logger.warning("could not update node %s: %s", self.node_id, error)
             for instance in self.node.snapshot().instances:
                 load = {
                     LOAD_WAITING: instance.waiting,
@@ -207,7 +326,7 @@ class NodeServer:
 
     # -- the socket thread -------------------------------------------------------------------------------
 
-    def _post(self, item: RequestDelta | _Moved | _Failure) -> None:
+    def _post(self, item: RequestDelta | _Moved | _Failure | _Reply) -> None:
         """Hand an item to the socket thread (called from the node's instance threads)."""
         self._outbox.put(item)
         os.write(self._wake_write, b"\0")
@@ -244,6 +363,8 @@ class NodeServer:
             self._submit(identity, message)
         elif isinstance(message, Abort):
             self._abort(message.request_id)
+        else:
+            threading.Thread(target=self._command, args=(identity, message), daemon=True).start()
 
     def _submit(self, identity: bytes, message: Submit) -> None:
         request_id = message.request_id
@@ -275,7 +396,7 @@ class NodeServer:
     def _flush(self) -> None:
         """Send everything the outbox holds (one output per request: its deltas merged), then record it."""
         newest: dict[str, RequestDelta] = {}
-        others: list[_Moved | _Failure] = []
+        others: list[_Moved | _Failure | _Reply] = []
         while True:
             try:
                 item = self._outbox.get_nowait()
@@ -291,7 +412,9 @@ class NodeServer:
             if identity is not None:
                 self._send(identity, output_message(output))
         for item in others:
-            if isinstance(item, _Failure) and item.request_id in self._senders:
+            if isinstance(item, _Reply):
+                self._send(item.identity, item.message)
+            elif isinstance(item, _Failure) and item.request_id in self._senders:
                 self._send(self._senders[item.request_id], Failed(item.request_id, wire_error(item.error)))
         for item in others:
             if isinstance(item, _Moved):

@@ -365,12 +365,35 @@ class ChatCompletionResponse(BaseModel):
     usage: Usage
 
 
+class ModelLocation(BaseModel):
+    """Where a model is: on a node (`host`, `loading`, `disk`), or `device` on one of its instances."""
+
+    node: str
+    instance: str | None = None
+    state: str
+
+
+class ModelSettings(BaseModel):
+    """A registered model's path and settings (`priority` is recorded, not yet used in scheduling)."""
+
+    path: str
+    ttft_s: float | None = None
+    tbt_s: float | None = None
+    priority: int = 0
+    pinned: bool = False
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
     created: int
     owned_by: str = OWNED_BY
     max_model_len: int
+    # aegaeon's own fields (OpenAI clients ignore them): the best state of the model anywhere
+    # (`device`, `host`, `loading`, `disk`), where it is, and its registry settings.
+    state: str
+    locations: list[ModelLocation] = []
+    settings: ModelSettings | None = None
 
 
 class ModelList(BaseModel):

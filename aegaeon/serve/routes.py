@@ -1,5 +1,8 @@
 """The API's endpoints: completions, chat completions, models, health, tokenize and detokenize.
 
+`/v1/models` lists every registered model with its state (`device`, `host`, `loading`, `disk`) and
+where it is; the admin routes that change the registry are in admin.py.
+
 Every request is checked (model, parameters, prompt length) and submitted before its response
 starts, so a bad request always gets a clean OpenAI-format error and never a broken stream.
 Tokenizing and chat templating run in worker threads, so a long prompt holds up no other request.
@@ -9,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from dataclasses import replace
+from dataclasses import asdict, replace
 from http import HTTPStatus
 from typing import Any
 
@@ -21,7 +24,7 @@ from aegaeon.config import ApiLimits
 from aegaeon.engine.sampling_params import SamplingParams
 from aegaeon.engine.tokenizer import Tokenizer
 from aegaeon.errors import SERVICE_UNAVAILABLE, ContextLengthExceeded, InvalidRequest
-from aegaeon.serve.backend import Backend, ModelInfo
+from aegaeon.serve.backend import Backend, ModelInfo, model_not_found
 from aegaeon.serve.errors import error_body
 from aegaeon.serve.logprobs import chat_logprobs, completion_logprobs
 from aegaeon.serve.protocol import (
@@ -36,6 +39,8 @@ from aegaeon.serve.protocol import (
     DetokenizeResponse,
     ModelCard,
     ModelList,
+    ModelLocation,
+    ModelSettings,
     Prompt,
     TokenizeRequest,
     TokenizeResponse,
@@ -61,10 +66,14 @@ class Routes:
     # models, health, tokenizer tools
 
     async def list_models(self) -> ModelList:
-        return ModelList(data=[_card(info) for info in await self.backend.models()])
+        return ModelList(data=[model_card(info) for info in await self.backend.models()])
 
     async def get_model(self, model_id: str) -> ModelCard:
-        return _card(await self.backend.model(model_id))
+        models = await self.backend.models()
+        info = next((info for info in models if info.name == model_id), None)
+        if info is None:
+            raise model_not_found(model_id, (info.name for info in models))
+        return model_card(info)
 
     async def health(self) -> JSONResponse:
         health = await self.backend.health()
@@ -264,8 +273,28 @@ class Routes:
         )
 
 
-def _card(info: ModelInfo) -> ModelCard:
-    return ModelCard(id=info.name, created=info.created, max_model_len=info.max_model_len)
+def model_card(info: ModelInfo) -> ModelCard:
+    """A model as the API shows it, with where it is and its registry settings."""
+    record = info.record
+    settings = (
+        ModelSettings(
+            path=record.path,
+            ttft_s=record.ttft_s,
+            tbt_s=record.tbt_s,
+            priority=record.priority,
+            pinned=record.pinned,
+        )
+        if record is not None
+        else None
+    )
+    return ModelCard(
+        id=info.name,
+        created=info.created,
+        max_model_len=info.max_model_len,
+        state=info.state,
+        locations=[ModelLocation(**asdict(location)) for location in info.locations],
+        settings=settings,
+    )
 
 
 async def _prompt_ids(tokenizer: Tokenizer, prompt: Prompt) -> list[int]:

@@ -2,7 +2,8 @@
 
 An api server sends `Submit` and `Abort`; the node answers each `Submit` with `Accepted` or
 `Rejected` (bad input the node caught), then sends the request's `Output`s (each holds what is new
-since the previous one) and, if it fails after acceptance, `Failed`. Decoding builds only these
+since the previous one) and, if it fails after acceptance, `Failed`. The admin commands `AddModel` and
+`RemoveModel` (the live model registry) are answered with `Done`. Decoding builds only these
 records (never arbitrary objects, as pickle would), so a peer can at worst send something the
 receiver drops. Errors travel as data, a class name from `ERROR_CLASSES` with a status, message,
 parameter, code and retry delay, and are raised again on the receiving side as that class.
@@ -26,6 +27,25 @@ class Submit(msgspec.Struct, tag=True, frozen=True):
 
 class Abort(msgspec.Struct, tag=True, frozen=True):
     request_id: str
+
+
+class AddModel(msgspec.Struct, tag=True, frozen=True):
+    """Serve one more model (the live registry); answered with `Done` once the node takes its requests."""
+
+    command_id: str
+    name: str
+    path: str
+    ttft_s: float | None = None
+    tbt_s: float | None = None
+    pinned: bool = False
+
+
+class RemoveModel(msgspec.Struct, tag=True, frozen=True):
+    """Stop serving a model once its requests in flight finished (waiting up to `timeout_s`)."""
+
+    command_id: str
+    name: str
+    timeout_s: float
 
 
 class Accepted(msgspec.Struct, tag=True, frozen=True):
@@ -64,8 +84,15 @@ class Failed(msgspec.Struct, tag=True, frozen=True):
     error: WireError
 
 
-ApiMessage = Submit | Abort
-NodeMessage = Accepted | Rejected | Output | Failed
+class Done(msgspec.Struct, tag=True, frozen=True):
+    """A command (`AddModel`, `RemoveModel`) finished: `error` says why it failed, None if it did not."""
+
+    command_id: str
+    error: WireError | None = None
+
+
+ApiMessage = Submit | Abort | AddModel | RemoveModel
+NodeMessage = Accepted | Rejected | Output | Failed | Done
 
 # The errors that may cross the wire, most specific first; any other error travels as the first class
 # it derives from (a RuntimeError at worst). aegaeon's own errors carry their HTTP status.
@@ -148,7 +175,7 @@ def encode(message: ApiMessage | NodeMessage) -> bytes:
 
 
 def decode_api_message(payload: bytes) -> ApiMessage:
-    """What an api server sent (WireDecodeError if it is not a `Submit` or `Abort`)."""
+    """What an api server sent (WireDecodeError if it is not one of the api server's messages)."""
     return _decode(_api_decoder, payload)
 
 

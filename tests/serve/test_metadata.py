@@ -17,10 +17,12 @@ from aegaeon.serve.metadata import (
     LOAD_KV_USAGE,
     LOAD_RUNNING,
     LOAD_WAITING,
+    MODEL_DRAINING,
     InstanceInfo,
     MemoryStore,
     MetadataStore,
     MetadataStoreError,
+    ModelRecord,
     NodeInfo,
     RedisStore,
     RequestRecord,
@@ -174,6 +176,28 @@ def test_nodes_and_placements(store: MetadataStore) -> None:
     store.remove_node("node-a")
     assert store.nodes() == [b]
     assert store.placements("llama") == [] and store.placements("qwen") == []
+
+
+def test_model_registry(make_store: StoreFactory) -> None:
+    store = make_store()
+    other = make_store() if isinstance(store, RedisStore) else store  # Redis: another client of it
+    llama = ModelRecord("llama", "/models/llama", registered_at=10.0)
+    tuned = ModelRecord(
+        "qwen", "/models/qwen", ttft_s=2.5, tbt_s=0.1, priority=3, pinned=True, registered_at=11.0
+    )
+    store.put_model(tuned)
+    assert other.add_model_if_absent(llama)
+    assert not other.add_model_if_absent(ModelRecord("llama", "/elsewhere"))  # the first registration stays
+    assert store.registered_models() == [llama, tuned]  # by name, every field as written
+    assert other.registered_model("qwen") == tuned and other.registered_model("nope") is None
+
+    store.put_model(ModelRecord("qwen", "/models/qwen", state=MODEL_DRAINING, registered_at=11.0))
+    assert (
+        other.registered_model("qwen").state == MODEL_DRAINING and not other.registered_model("qwen").pinned
+    )
+    other.remove_model("qwen")
+    assert [m.name for m in store.registered_models()] == ["llama"]
+    store.remove_model("qwen")  # removing what is gone is fine
 
 
 def test_pick_node_by_placement_then_ability_then_load(store: MetadataStore) -> None:

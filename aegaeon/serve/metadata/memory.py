@@ -14,6 +14,7 @@ from aegaeon.serve.metadata.records import (
     DEFAULT_INSTANCE_TTL_S,
     InstanceInfo,
     InstanceStatus,
+    ModelRecord,
     NodeInfo,
     RequestRecord,
     RequestState,
@@ -35,6 +36,7 @@ class MemoryStore(MetadataStore):
         self._nodes: dict[str, NodeInfo] = {}
         self._placements: dict[str, set[str]] = {}
         self._requests: dict[str, RequestRecord] = {}
+        self._registry: dict[str, ModelRecord] = {}
         self._expires_at: dict[str, float] = {}  # request id -> time.monotonic() deadline
 
     # instances
@@ -98,6 +100,28 @@ class MemoryStore(MetadataStore):
     def placements(self, model: str) -> list[str]:
         with self._lock:
             return sorted(self._placements.get(model, ()))
+
+    # the model registry
+    def put_model(self, record: ModelRecord) -> None:
+        record = from_hash(ModelRecord, to_hash(record))
+        with self._lock:
+            self._registry[record.name] = record
+
+    def add_model_if_absent(self, record: ModelRecord) -> bool:
+        record = from_hash(ModelRecord, to_hash(record))
+        with self._lock:
+            if record.name in self._registry:
+                return False
+            self._registry[record.name] = record
+            return True
+
+    def registered_models(self) -> list[ModelRecord]:
+        with self._lock:
+            return [copy.deepcopy(self._registry[name]) for name in sorted(self._registry)]
+
+    def remove_model(self, name: str) -> None:
+        with self._lock:
+            self._registry.pop(name, None)
 
     # requests
     def put_request(self, record: RequestRecord) -> None:

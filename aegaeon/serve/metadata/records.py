@@ -83,8 +83,38 @@ class NodeInfo:
     # Per model: its local directory (where api servers find its tokenizer) and its context length.
     model_dirs: dict[str, str] = field(default_factory=dict)
     max_model_lens: dict[str, int] = field(default_factory=dict)
+    # Per model: "host" (in its host model cache), "loading" (being registered) or "disk".
+    model_states: dict[str, str] = field(default_factory=dict)
     devices: int = 1  # instances it runs
     host_cache_bytes: int = 0  # capacity of its host model cache
+    registered_at: float = field(default_factory=time.time)
+
+
+# A registered model's life in the registry: served, or being drained before its removal.
+MODEL_ACTIVE = "active"
+MODEL_DRAINING = "draining"
+# Where a registered model came from: a node's configuration (YAML, command line: that node serves it,
+# and it is listed while a live node does) or the admin API (every node serves it).
+FROM_CONFIG = "config"
+FROM_ADMIN = "admin"
+
+
+@dataclass
+class ModelRecord:
+    """A model of the live registry: where its weights are and how it is served.
+
+    `ttft_s` / `tbt_s` (None: the node's default SLO) steer scheduling; `priority` is recorded for
+    operators and not yet used by the scheduler; `pinned` keeps it in every node's host model cache.
+    """
+
+    name: str
+    path: str
+    ttft_s: float | None = None
+    tbt_s: float | None = None
+    priority: int = 0
+    pinned: bool = False
+    state: str = MODEL_ACTIVE  # MODEL_ACTIVE | MODEL_DRAINING
+    source: str = FROM_ADMIN  # FROM_ADMIN | FROM_CONFIG
     registered_at: float = field(default_factory=time.time)
 
 

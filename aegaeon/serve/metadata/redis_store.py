@@ -18,6 +18,7 @@ from aegaeon.serve.metadata.records import (
     DEFAULT_INSTANCE_TTL_S,
     InstanceInfo,
     InstanceStatus,
+    ModelRecord,
     NodeInfo,
     RequestRecord,
     RequestState,
@@ -234,6 +235,36 @@ class RedisStore(MetadataStore):
     @_store_errors
     def placements(self, model: str) -> list[str]:
         return sorted(self._redis.smembers(self._key("placement", model)))
+
+    # the model registry
+    @_store_errors
+    def put_model(self, record: ModelRecord) -> None:
+        key = self._key("registry", record.name)
+        with self._redis.pipeline() as pipe:  # MULTI: readers never see half a record
+            pipe.delete(key)
+            pipe.hset(key, mapping=to_hash(record))
+            pipe.sadd(self._key("registry"), record.name)
+            pipe.execute()
+
+    @_store_errors
+    def add_model_if_absent(self, record: ModelRecord) -> bool:
+        # The set decides who registers a name; a reader that meets the name before its hash skips it.
+        if not self._redis.sadd(self._key("registry"), record.name):
+            return False
+        self._redis.hset(self._key("registry", record.name), mapping=to_hash(record))
+        return True
+
+    @_store_errors
+    def registered_models(self) -> list[ModelRecord]:
+        names = sorted(self._redis.smembers(self._key("registry")))
+        return [from_hash(ModelRecord, m) for m in self._hgetall_many("registry", names) if m]
+
+    @_store_errors
+    def remove_model(self, name: str) -> None:
+        with self._redis.pipeline() as pipe:
+            pipe.srem(self._key("registry"), name)
+            pipe.delete(self._key("registry", name))
+            pipe.execute()
 
     # requests
     @_store_errors

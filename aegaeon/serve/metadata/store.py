@@ -12,6 +12,7 @@ from aegaeon.serve.metadata.records import (
     DEFAULT_ALIVE_WITHIN_S,
     InstanceInfo,
     InstanceStatus,
+    ModelRecord,
     NodeInfo,
     RequestRecord,
     RequestState,
@@ -132,6 +133,26 @@ class MetadataStore(ABC):
         able = [n.node_id for n in self.nodes() if model in n.models and n.node_id in load]
         candidates = holding or able
         return min(candidates, key=lambda node: (load[node], node)) if candidates else None
+
+    # the model registry
+    @abstractmethod
+    def put_model(self, record: ModelRecord) -> None:
+        """Add or replace a registered model."""
+
+    @abstractmethod
+    def add_model_if_absent(self, record: ModelRecord) -> bool:
+        """Register `record` unless a model of that name is registered already; True if it was added."""
+
+    @abstractmethod
+    def registered_models(self) -> list[ModelRecord]:
+        """Every registered model, by name."""
+
+    def registered_model(self, name: str) -> ModelRecord | None:
+        return next((m for m in self.registered_models() if m.name == name), None)
+
+    @abstractmethod
+    def remove_model(self, name: str) -> None:
+        """Drop a model from the registry (its placements stay until the nodes drop them)."""
 
     # requests
     @abstractmethod

@@ -1,0 +1,29 @@
+"""Where a registered model is, as `/v1/models` reports it: on a device, in a host cache, loading, on disk.
+
+A model's state across the cluster is the best of its states on the nodes (device > host > loading >
+disk): what its next request will wait for. Torch-free: api servers import it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from aegaeon.memory.model_cache import HostModelCache
+
+DEVICE = "device"  # its weights are in an instance's device arena: a switch to it copies nothing
+HOST = "host"  # in a node's host model cache: a switch copies it from there
+LOADING = "loading"  # being read into a host model cache
+DISK = "disk"  # registered, in no host cache yet
+STATES = (DEVICE, HOST, LOADING, DISK)  # best first
+
+
+def host_state(cache: HostModelCache, key: str) -> str:
+    """The model under `key` in a node's host model cache: HOST when it is ready there, else DISK."""
+    return HOST if cache.get(key) is not None else DISK
+
+
+def best_state(states: Iterable[str]) -> str:
+    """The best of a model's states on the nodes (DISK if it is on none)."""
+    return min(states, key=STATES.index, default=DISK)
