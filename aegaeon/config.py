@@ -222,6 +222,10 @@ LOG_FORMATS = ("text", "json")
 DEFAULT_DRAIN_TIMEOUT_S = 30.0
 
 
+# Structured outputs (engine/grammar.py): compiled grammars a model keeps, least recently used dropped.
+GRAMMAR_CACHE_SIZE = 64
+
+
 # Request limits of the OpenAI api server (docs/api.md, "Limits").
 DEFAULT_MAX_BODY_BYTES = 4 * MIB
 DEFAULT_MAX_N = 16
