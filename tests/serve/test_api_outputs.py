@@ -493,3 +493,26 @@ def test_metadata_fields_are_ignored(client):
         extra_body={"guided_decoding_backend": "llguidance", "best_of": 1, "suffix": None},
     )
     assert reply.usage.completion_tokens == 1
+
+
+def test_the_new_fields_cross_the_wire_to_a_node():
+    """Between api server and node a request carries its grammar as text, and its outputs their
+    prompt logprobs."""
+    from aegaeon.engine.outputs import RequestDelta, SequenceDelta
+    from aegaeon.engine.sampler import TokenLogprobs
+    from aegaeon.engine.sampling_params import GrammarSpec, SamplingParams
+    from aegaeon.serve import wire
+
+    params = SamplingParams(
+        min_tokens=2,
+        logit_bias={3: -100.0},
+        prompt_logprobs=1,
+        grammar=GrammarSpec("json_schema", json.dumps(PERSON), "response_format.json_schema"),
+    )
+    submit = wire.Submit("r", "llama", [1, 2], params)
+    assert wire.decode_api_message(wire.encode(submit)) == submit
+    delta = RequestDelta(
+        "r", [SequenceDelta(0, [5], "x", None, None, [None, TokenLogprobs(2, -1.5, 3, [(4, -0.5)])])], False
+    )
+    message = wire.decode_node_message(wire.encode(wire.output_message(delta)))
+    assert wire.request_output(message) == delta
