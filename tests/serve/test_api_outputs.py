@@ -482,6 +482,18 @@ def test_unsupported_fields_are_a_400_naming_them(client, route, field):
     assert field in caught.value.body["message"]
 
 
+def test_continuous_usage_stats_is_refused(client):
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(
+            model="llama",
+            prompt="x",
+            max_tokens=1,
+            stream=True,
+            stream_options={"include_usage": True, "continuous_usage_stats": True},
+        )
+    assert caught.value.body["param"] == "stream_options.continuous_usage_stats"
+
+
 def test_metadata_fields_are_ignored(client):
     reply = client.chat.completions.create(
         model="llama",
