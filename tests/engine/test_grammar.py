@@ -185,3 +185,18 @@ def test_a_bad_grammar_is_refused_before_the_request_starts(model_dir, prompts):
         )
     assert caught.value.param == "guided_regex"
     assert not engine.has_unfinished_requests()
+
+
+def test_a_matcher_fed_a_token_its_grammar_forbids_allows_only_eos():
+    from aegaeon.demo import build_tokenizer
+    from aegaeon.engine.grammar import GrammarCompiler, allowed_tokens
+    from aegaeon.engine.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer(build_tokenizer())
+    vocab = tokenizer.vocab_size
+    matcher = GrammarCompiler(tokenizer, vocab).matcher(GrammarSpec("choice", '["yes"]', "guided_choice"))
+    [forbidden] = tokenizer.encode("x")
+    matcher.accept(forbidden)
+    mask = torch.zeros(1, bitmask_words(vocab), dtype=torch.int32)
+    matcher.fill_mask(mask[0])
+    assert allowed_tokens(mask, vocab)[0].nonzero().flatten().tolist() == sorted(tokenizer.eos_token_ids)[:1]
