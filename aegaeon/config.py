@@ -241,6 +241,10 @@ DEFAULT_FINISHED_TTL_S = 3600.0
 ADMIN_KEY_ENV = "AEGAEON_ADMIN_KEY"
 
 
+# Structured outputs (engine/grammar.py): compiled grammars a model keeps, least recently used dropped.
+GRAMMAR_CACHE_SIZE = 64
+
+
 # Request limits of the OpenAI api server (docs/api.md, "Limits").
 DEFAULT_MAX_BODY_BYTES = 4 * MIB
 DEFAULT_MAX_N = 16

@@ -17,6 +17,7 @@ import torch
 from aegaeon.config import EngineConfig, MemoryConfig, default_model_name
 from aegaeon.engine import handoff
 from aegaeon.engine.batcher import ScheduledStep
+from aegaeon.engine.grammar import GrammarCompiler
 from aegaeon.engine.handoff import RequestHandoff
 from aegaeon.engine.kv_mover import KVMover
 from aegaeon.engine.outputs import RequestDelta, SequenceDelta
@@ -63,6 +64,7 @@ class LLMEngine:
         self.kv = KVMover(self.residency.copies, kv_pool)
         self._requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
+        self._grammar_compilers: dict[str, GrammarCompiler] = {}
         if len(self.models) == 1:
             self.switch_to(next(iter(self.models)))
 
@@ -169,8 +171,27 @@ class LLMEngine:
     ) -> Sequence:
         seq_id = next(self._seq_ids)
         tokenizer = served.tokenizer
-        device = self.device
-        return Sequence.start(seq_id, request_id, index, token_ids, params, max_tokens, tokenizer, device)
+        grammar = self._grammars(served).matcher(params.grammar) if params.grammar is not None else None
+        return Sequence.start(
+            seq_id,
+            request_id,
+            index,
+            token_ids,
+            params,
+            max_tokens,
+            tokenizer,
+            self.device,
+            grammar=grammar,
+            eos_token_ids=served.eos_token_ids,
+        )
+
+    def _grammars(self, served: ServedModel) -> GrammarCompiler:
+        """The model's grammar compiler (made on first use: its tokenizer takes llguidance a while)."""
+        compiler = self._grammar_compilers.get(served.name)
+        if compiler is None:
+            compiler = GrammarCompiler(served.tokenizer, served.arch.vocab_size)
+            self._grammar_compilers[served.name] = compiler
+        return compiler
 
     def export_request(self, request_id: str) -> RequestHandoff:
         """Hand a request over to another engine: swapped out here, it leaves this engine entirely."""

@@ -21,6 +21,8 @@ class SequenceDelta:
     text: str
     logprobs: list[TokenLogprobs] | None  # None when the request did not ask for logprobs
     finish_reason: str | None
+    # With the first token of a request that asked for them: each prompt token's (the first: None).
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
 
 @dataclass
@@ -48,6 +50,7 @@ class RequestDelta:
                 earlier.text + seq.text,
                 logprobs,
                 seq.finish_reason or earlier.finish_reason,
+                earlier.prompt_logprobs if earlier.prompt_logprobs is not None else seq.prompt_logprobs,
             )
         outputs = [merged[index] for index in sorted(merged)]
         return RequestDelta(self.request_id, outputs, self.finished or later.finished)
@@ -73,6 +76,7 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # asked for by params.prompt_logprobs
 
     def add(self, delta: RequestDelta) -> None:
         """Append a step's delta of this request."""
@@ -85,6 +89,8 @@ class RequestOutput:
                     seq.logprobs = []
                 seq.logprobs.extend(new.logprobs)
             seq.finish_reason = new.finish_reason or seq.finish_reason
+            if new.prompt_logprobs is not None:
+                self.prompt_logprobs = new.prompt_logprobs
         self.finished = self.finished or delta.finished
 
     def _sequence(self, index: int) -> CompletionOutput:

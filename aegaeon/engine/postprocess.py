@@ -20,6 +20,10 @@ def append_token(
     seq.output_token_ids.append(token_id)
     # Logprobs come with every token of a sequence that asked for them, and with no other.
     delta = SequenceDelta(seq.index, [token_id], "", [logprobs] if logprobs is not None else None, None)
+    if seq.pending_prompt_logprobs:  # scored by the prefill that sampled this (first) token
+        delta.prompt_logprobs, seq.pending_prompt_logprobs = seq.pending_prompt_logprobs, []
+    if seq.grammar is not None:
+        seq.grammar.accept(token_id)
     params = seq.params
     if token_id in params.stop_token_ids or (not params.ignore_eos and token_id in eos_token_ids):
         delta.text = finish(seq, FinishReason.STOP)
@@ -30,6 +34,8 @@ def append_token(
             delta.text, stopped = seq.stop_matcher.feed(delta.text)
         if stopped:  # the matcher already cut the text at the stop string
             seq.finish_reason = FinishReason.STOP
+        elif seq.grammar is not None and seq.grammar.finished:  # nothing may follow but eos
+            delta.text += finish(seq, FinishReason.STOP)
         elif len(seq.output_token_ids) >= seq.max_tokens:
             delta.text += finish(seq, FinishReason.LENGTH)
     if seq.finish_reason is not None:
@@ -50,6 +56,8 @@ def finish(seq: Sequence, reason: FinishReason) -> str:
 
 def replay(seq: Sequence, token_ids: Iterable[int], eos_token_ids: frozenset[int]) -> None:
     """Rebuild a sequence's state from tokens it already generated (and reported) elsewhere."""
+    if token_ids:  # its prompt logprobs went out with its first token
+        seq.pending_prompt_logprobs = None
     for token_id in token_ids:
         append_token(seq, token_id, None, eos_token_ids)
 

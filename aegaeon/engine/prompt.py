@@ -56,5 +56,9 @@ def prepare_prompt(
             f"{max_model_len - 1} prompt tokens (max_model_len is {max_model_len})",
             param="prompt",
         )
+    outside = [t for t in params.logit_bias if t >= vocab_size]
+    if outside:
+        message = f"logit_bias: token id {outside[0]} is outside the vocabulary [0, {vocab_size})"
+        raise InvalidRequest(message, param="logit_bias")
     max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
     return PreparedPrompt(model, text, token_ids, max_tokens)

@@ -23,7 +23,7 @@ from aegaeon.engine.cpu_kernels import LayerKernels, cpu_decode_supports, cpu_ro
 from aegaeon.engine.kv_cache import BLOCK_SIZE
 from aegaeon.engine.model import Transformer
 from aegaeon.engine.rope import RotaryTable, rotate
-from aegaeon.engine.sampler import Sampler, SamplerOutput, SamplingRow
+from aegaeon.engine.sampler import Sampler, SamplerOutput, SamplingRow, token_logprobs
 from aegaeon.engine.sequence import Sequence
 from aegaeon.engine.weights import ModelWeights
 from aegaeon.scheduler.models import blocks_for_tokens
@@ -67,28 +67,62 @@ class ModelRunner:
         self.kv_cache = kv_cache
 
     def step(self, step: ScheduledStep) -> SamplerOutput:
-        """Run one forward pass (blocks already allocated) and sample, in order, for `step.sampling`."""
-        logits = self.logits(step)
+        """Run one forward pass (blocks already allocated) and sample, in order, for `step.sampling`.
+
+        Sequences that asked for prompt logprobs get those of the prompt positions this step computed.
+        """
+        logits, scored = self._forward(step)
+        sampling = step.sampling
         rows = [
-            SamplingRow(seq.params, seq.output_token_ids, seq.prompt_token_ids, seq.generator)
-            for seq in step.sampling
+            SamplingRow(
+                seq.params,
+                seq.output_token_ids,
+                seq.prompt_token_ids,
+                seq.generator,
+                seq.grammar,
+                seq.banned_token_ids,
+            )
+            for seq in sampling
         ]
         with torch.inference_mode():
-            return self.sampler(logits, rows)
+            if scored:
+                self._score_prompts(logits[len(sampling) :], scored)
+            return self.sampler(logits[: len(sampling)], rows)
 
     @torch.inference_mode()
     def logits(self, step: ScheduledStep) -> torch.Tensor:
-        """float32 next-token logits `[len(step.sampling), vocab]`, writing this step's K/V into the cache.
+        """float32 next-token logits `[len(step.sampling), vocab]`, writing this step's K/V into the cache."""
+        return self._forward(step)[0][: len(step.sampling)]
+
+    @torch.inference_mode()
+    def _forward(self, step: ScheduledStep) -> tuple[torch.Tensor, list[tuple[Sequence, int, int]]]:
+        """Logits of the sampling positions, then of the prompt positions to score; those as
+        (sequence, first position, count).
 
         The output projection and MLP of the last layer, the final norm and the LM head run only on
-        the positions that sample (the last of each completed prompt, every decoded token).
+        these positions (the last of each completed prompt, every decoded token, and the prompt
+        positions of sequences that asked for prompt logprobs).
         """
+        scored: list[tuple[Sequence, int, int]] = []
         if step.is_prefill:
-            token_ids, batch, rows = self._prefill_inputs(step.seqs, step.chunks)
+            token_ids, batch, rows = self._prefill_inputs(step.seqs, step.chunks, scored)
         else:
             token_ids, batch, rows = self._decode_inputs(step.seqs)
         hidden = self.model.forward(self.weights, self.kv_cache, token_ids, batch, rows)
-        return self.model.logits(self.weights, hidden)
+        return self.model.logits(self.weights, hidden), scored
+
+    def _score_prompts(self, logits: torch.Tensor, scored: list[tuple[Sequence, int, int]]) -> None:
+        """Each scored position's logits give the logprob of the prompt token after it."""
+        offset = 0
+        for seq, first, count in scored:
+            targets = seq.prompt_token_ids[first + 1 : first + 1 + count]
+            raw = logits[offset : offset + count].log_softmax(dim=-1)
+            chosen = torch.tensor(targets, dtype=torch.long, device=raw.device)
+            seq.pending_prompt_logprobs.extend(
+                token_logprobs(raw, chosen, [seq.params.prompt_logprobs] * count)
+            )
+            seq.prompt_logprobs_next = first + 1 + count
+            offset += count
 
     def _upload(self, *columns: list[int]) -> list[torch.Tensor]:
         """int64 device tensors of `columns`, from one host tensor and one copy (async on CUDA)."""
@@ -96,10 +130,13 @@ class ModelRunner:
         host = torch.tensor(values, dtype=torch.long, pin_memory=self._pin)
         return list(host.to(self.device, non_blocking=True).split([len(column) for column in columns]))
 
-    def _prefill_inputs(self, seqs: list[Sequence], chunks: list[PrefillChunk]):
+    def _prefill_inputs(
+        self, seqs: list[Sequence], chunks: list[PrefillChunk], scored: list[tuple[Sequence, int, int]]
+    ):
         """Prefill tensors, packed: chunks continuing a prompt first (a group each), then new prompts
         by length, in groups that waste little attention work on padding; `rows` are the last tokens
-        of the prompts this step completes, in `seqs`' order."""
+        of the prompts this step completes, in `seqs`' order, then the prompt positions to score
+        (appended to `scored`)."""
         order = sorted(
             range(len(seqs)), key=lambda i: (chunks[i].start == 0, chunks[i].end - chunks[i].start)
         )
@@ -126,6 +163,15 @@ class ModelRunner:
             for i, (seq, chunk) in enumerate(zip(seqs, chunks, strict=True))
             if chunk.end == seq.num_tokens
         ]
+        for i, (seq, chunk) in enumerate(zip(seqs, chunks, strict=True)):
+            if seq.wants_prompt_logprobs:
+                first = max(chunk.start, seq.prompt_logprobs_next - 1)
+                last = min(chunk.end, len(seq.prompt_token_ids) - 1)  # the last prompt token predicts output
+                if last > first:
+                    rows.extend(
+                        range(first_token[i] + first - chunk.start, first_token[i] + last - chunk.start)
+                    )
+                    scored.append((seq, first, last - first))
         # Per group: where its tokens sit once right-padded (none when all rows are full length),
         # and for a continuing chunk the blocks its keys are read back from.
         paddings: list[list[int]] = []

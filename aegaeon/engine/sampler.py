@@ -6,6 +6,9 @@ Semantics, per row (vLLM / HF / OpenAI definitions):
   logits in float32, before penalties, temperature or truncation (vLLM's default, and
   what the OpenAI API reports). ``rank`` is 1 + the number of tokens strictly more likely
   than the sampled one; ``top`` holds the ``params.logprobs`` most likely tokens, best first.
+* Constraints come first, then the processing order below: a grammar's mask (structured
+  outputs: tokens the grammar rules out get -inf), tokens banned until ``min_tokens`` (eos
+  and stop tokens: -inf), and ``logit_bias`` (added to the logits, OpenAI's semantics).
 * Processing order:
     1. repetition penalty (HF): for every token seen in prompt + output,
        ``logit / penalty`` if ``logit > 0`` else ``logit * penalty``;
@@ -35,6 +38,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from aegaeon.engine.grammar import GrammarMatcher, allowed_tokens, bitmask_words
 from aegaeon.engine.sampling_params import SamplingParams
 
 # Slack for the top_p comparison: softmax rounding must not pull in an extra token when the
@@ -53,6 +57,8 @@ class SamplingRow:
     output_token_ids: list[int] = field(default_factory=list)  # generated so far
     prompt_token_ids: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None  # seeded per sequence by the caller; None = global RNG
+    grammar: GrammarMatcher | None = None  # structured outputs: only tokens it allows
+    banned_token_ids: list[int] = field(default_factory=list)  # ruled out (eos before min_tokens)
 
 
 @dataclass
@@ -75,6 +81,36 @@ def _has_penalty(params: SamplingParams) -> bool:
     return (
         params.repetition_penalty != 1.0 or params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
     )
+
+
+def _constrained(row: SamplingRow) -> bool:
+    return row.grammar is not None or bool(row.banned_token_ids) or bool(row.params.logit_bias)
+
+
+def apply_constraints(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    """Apply logit_bias, then the banned tokens and grammar masks (-inf), in place; returns logits."""
+    vocab = logits.shape[1]
+    device = logits.device
+    biased = [(i, t, b) for i, r in enumerate(rows) for t, b in r.params.logit_bias.items() if t < vocab]
+    if biased:
+        row_idx, tok_idx, bias = zip(*biased, strict=True)
+        logits[_index(list(row_idx), device), _index(list(tok_idx), device)] += torch.tensor(
+            bias, dtype=logits.dtype, device=device
+        )
+    banned = [(i, t) for i, r in enumerate(rows) for t in r.banned_token_ids if t < vocab]
+    if banned:
+        row_idx, tok_idx = zip(*banned, strict=True)
+        logits[_index(list(row_idx), device), _index(list(tok_idx), device)] = -math.inf
+    grammar_rows = [i for i, r in enumerate(rows) if r.grammar is not None]
+    if grammar_rows:
+        # Filled on the host (llguidance writes into it), then one copy and one masked fill.
+        bitmask = torch.zeros(len(grammar_rows), bitmask_words(vocab), dtype=torch.int32)
+        for j, i in enumerate(grammar_rows):
+            rows[i].grammar.fill_mask(bitmask[j])
+        allowed = allowed_tokens(bitmask.to(device, non_blocking=True), vocab)
+        sub, idx = _select(logits, grammar_rows)
+        _write_back(logits, idx, sub.masked_fill_(~allowed, -math.inf))
+    return logits
 
 
 def _top_k_active(params: SamplingParams, vocab_size: int) -> bool:
@@ -211,7 +247,13 @@ class Sampler:
         if not rows:
             return SamplerOutput(token_ids=[], logprobs=[])
 
-        if all(r.params.greedy and r.params.logprobs is None and not _has_penalty(r.params) for r in rows):
+        if all(
+            r.params.greedy
+            and r.params.logprobs is None
+            and not _has_penalty(r.params)
+            and not _constrained(r)
+            for r in rows
+        ):
             # Argmax is exact in any float dtype, so no float32 copy is needed.
             return SamplerOutput(token_ids=greedy_tokens(logits).tolist(), logprobs=[None] * len(rows))
 
@@ -222,6 +264,8 @@ class Sampler:
         logprob_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
         raw_logprobs = _select(x, logprob_rows)[0].log_softmax(dim=-1) if logprob_rows else None
 
+        if any(_constrained(r) for r in rows):
+            apply_constraints(x, rows)
         if any(_has_penalty(p) for p in params):
             apply_penalties(x, rows)
 
@@ -239,9 +283,8 @@ class Sampler:
         logprobs: list[TokenLogprobs | None] = [None] * len(rows)
         if raw_logprobs is not None:
             chosen = _select(token_ids, logprob_rows)[0]
-            for i, entry in zip(
-                logprob_rows, _gather_logprobs(raw_logprobs, chosen, params, logprob_rows), strict=True
-            ):
+            ks = [params[i].logprobs for i in logprob_rows]
+            for i, entry in zip(logprob_rows, token_logprobs(raw_logprobs, chosen, ks), strict=True):
                 logprobs[i] = entry
         return SamplerOutput(token_ids=token_ids.tolist(), logprobs=logprobs)
 
@@ -283,15 +326,13 @@ def _apply_to_rows(
         _write_back(x, idx, stage(sub, [values[i] for i in selected]))
 
 
-def _gather_logprobs(
-    raw_logprobs: torch.Tensor, chosen: torch.Tensor, params: list[SamplingParams], rows: list[int]
-) -> list[TokenLogprobs]:
-    """TokenLogprobs for each row of raw_logprobs [L, V], whose sampled tokens are chosen [L]."""
+def token_logprobs(raw_logprobs: torch.Tensor, chosen: torch.Tensor, ks: list[int]) -> list[TokenLogprobs]:
+    """TokenLogprobs of the tokens `chosen` [L] under `raw_logprobs` [L, V], each with its top ks[j]."""
     chosen_lp = raw_logprobs.gather(1, chosen.unsqueeze(1))
     ranks = ((raw_logprobs > chosen_lp).sum(dim=-1) + 1).tolist()
-    max_k = max(params[i].logprobs for i in rows)
-    top_vals: list[list[float]] = [[] for _ in rows]
-    top_ids: list[list[int]] = [[] for _ in rows]
+    max_k = max(ks)
+    top_vals: list[list[float]] = [[] for _ in ks]
+    top_ids: list[list[int]] = [[] for _ in ks]
     if max_k > 0:
         top = raw_logprobs.topk(min(max_k, raw_logprobs.shape[1]), dim=-1)
         top_vals, top_ids = top.values.tolist(), top.indices.tolist()
@@ -301,7 +342,7 @@ def _gather_logprobs(
             token_id=chosen_ids[j],
             logprob=chosen_vals[j],
             rank=ranks[j],
-            top=list(zip(top_ids[j][: params[i].logprobs], top_vals[j][: params[i].logprobs], strict=True)),
+            top=list(zip(top_ids[j][:k], top_vals[j][:k], strict=True)),
         )
-        for j, i in enumerate(rows)
+        for j, k in enumerate(ks)
     ]

@@ -20,6 +20,11 @@ MIN_SEED = -(2**63)
 MAX_SEED = 2**64 - 1
 # top_k sentinel that vLLM (and the OpenAI-compatible API) uses for "disabled", besides 0.
 TOP_K_DISABLED = -1
+# OpenAI's range for a logit_bias value: -100 bans a token, 100 all but forces it.
+MAX_LOGIT_BIAS = 100.0
+# What a grammar constrains the output to: a JSON schema (its text), any JSON object, a regular
+# expression, one of a list of strings (a JSON list), or a Lark grammar.
+GRAMMAR_KINDS = ("json_schema", "json_object", "regex", "choice", "grammar")
 
 
 def _is_int(value: object) -> bool:
@@ -47,6 +52,23 @@ def _require_finite(name: str, value: object) -> float:
     return float(value)
 
 
+@dataclass(frozen=True)
+class GrammarSpec:
+    """A grammar the output must match, as text: requests cross processes with this, never compiled."""
+
+    kind: str  # one of GRAMMAR_KINDS
+    source: str  # the schema, regex, JSON list of choices or grammar; "" for json_object
+    param: str  # the request field it came from, named by errors about it
+
+    def __post_init__(self) -> None:
+        if self.kind not in GRAMMAR_KINDS:
+            raise InvalidRequest(
+                f"grammar kind must be one of {', '.join(GRAMMAR_KINDS)}, got {self.kind!r}", param=self.param
+            )
+        if not isinstance(self.source, str):
+            raise InvalidRequest(f"{self.param} must be given as text", param=self.param)
+
+
 @dataclass
 class SamplingParams:
     """How to sample the completion of one request; see the field comments for semantics."""
@@ -67,9 +89,14 @@ class SamplingParams:
     logprobs: int | None = None  # None = none; k = sampled token's logprob + top-k alternatives
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    min_tokens: int = 0  # eos and stop_token_ids are ruled out until this many tokens are generated
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    prompt_logprobs: int | None = None  # None = none; k = each prompt token's logprob + top-k
+    grammar: GrammarSpec | None = None  # the output must match it (structured outputs)
 
     def __post_init__(self) -> None:
         self._validate_counts()
+        self._validate_output_controls()
         self._validate_sampling()
         self._validate_penalties()
         self._validate_stops()
@@ -99,6 +126,41 @@ class SamplingParams:
             raise InvalidRequest(
                 f"seed must be None or an int that fits in 64 bits, got {self.seed!r}", param="seed"
             )
+
+    def _validate_output_controls(self) -> None:
+        if not _is_int(self.min_tokens) or self.min_tokens < 0:
+            raise InvalidRequest(
+                f"min_tokens must be an int >= 0, got {self.min_tokens!r}", param="min_tokens"
+            )
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise InvalidRequest(
+                f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})",
+                param="min_tokens",
+            )
+        if self.prompt_logprobs is not None and (
+            not _is_int(self.prompt_logprobs) or not 0 <= self.prompt_logprobs <= MAX_LOGPROBS
+        ):
+            raise InvalidRequest(
+                f"prompt_logprobs must be None or an int in [0, {MAX_LOGPROBS}], "
+                f"got {self.prompt_logprobs!r}",
+                param="prompt_logprobs",
+            )
+        bias = {} if self.logit_bias is None else self.logit_bias
+        if not isinstance(bias, dict):
+            raise InvalidRequest(
+                f"logit_bias must map token ids to numbers, got {bias!r}", param="logit_bias"
+            )
+        for token_id, value in bias.items():
+            if not _is_int(token_id) or token_id < 0:
+                raise InvalidRequest(f"logit_bias: {token_id!r} is not a token id", param="logit_bias")
+            value = _require_finite("logit_bias", value)
+            if not -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS:
+                raise InvalidRequest(
+                    f"logit_bias: the bias of token {token_id} must be in "
+                    f"[{-MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], got {value:g}",
+                    param="logit_bias",
+                )
+        self.logit_bias = {token_id: float(value) for token_id, value in bias.items()}
 
     def _validate_sampling(self) -> None:
         self.temperature = _require_finite("temperature", self.temperature)

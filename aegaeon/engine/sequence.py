@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 import torch
 
 from aegaeon.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from aegaeon.engine.grammar import GrammarMatcher
+from aegaeon.engine.sampler import TokenLogprobs
 from aegaeon.engine.sampling_params import SamplingParams
 from aegaeon.engine.tokenizer import Tokenizer
 
@@ -43,6 +45,8 @@ class Sequence:
     detokenizer: IncrementalDetokenizer
     stop_matcher: StopStringMatcher | None
     generator: torch.Generator | None = None
+    grammar: GrammarMatcher | None = None  # structured outputs: where the output is in its grammar
+    eos_token_ids: frozenset[int] = frozenset()  # the model's; ruled out until params.min_tokens
     output_token_ids: list[int] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)
     # While swapped out: the host KV pool blocks holding its KV.
@@ -51,6 +55,10 @@ class Sequence:
     kv_arrival: object | None = None
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: FinishReason | None = None
+    # Prompt logprobs (asked for by params.prompt_logprobs, kept by the first sequence only): the next
+    # prompt position still to score, and those scored but not yet handed out (None for the first token).
+    prompt_logprobs_next: int = 1
+    pending_prompt_logprobs: list[TokenLogprobs | None] | None = None
 
     @classmethod
     def start(
@@ -63,6 +71,8 @@ class Sequence:
         max_tokens: int,
         tokenizer: Tokenizer,
         device: torch.device,
+        grammar: GrammarMatcher | None = None,
+        eos_token_ids: frozenset[int] = frozenset(),
     ) -> Sequence:
         """The `index`-th of a request's sequences, before its first token."""
         matcher = StopStringMatcher(params.stop, params.include_stop_str_in_output) if params.stop else None
@@ -80,7 +90,25 @@ class Sequence:
             detokenizer=IncrementalDetokenizer(tokenizer, prompt_token_ids, params.skip_special_tokens),
             stop_matcher=matcher,
             generator=generator,
+            grammar=grammar,
+            eos_token_ids=eos_token_ids,
+            pending_prompt_logprobs=[None] if params.prompt_logprobs is not None and index == 0 else None,
         )
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """Whether prompt positions are still to be scored (prefill computes their logits too)."""
+        return self.pending_prompt_logprobs is not None and self.prompt_logprobs_next < len(
+            self.prompt_token_ids
+        )
+
+    @property
+    def banned_token_ids(self) -> list[int]:
+        """Tokens that may not come next: those that would end the sequence before min_tokens."""
+        if len(self.output_token_ids) >= self.params.min_tokens:
+            return []
+        eos = [] if self.params.ignore_eos else sorted(self.eos_token_ids)
+        return eos + self.params.stop_token_ids
 
     @property
     def num_tokens(self) -> int:

@@ -152,15 +152,18 @@ class Tokenizer:
             clean_up_tokenization_spaces=False,
         )
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        """Prompt token ids for a chat, rendered with the model's chat template."""
+    def apply_chat_template(
+        self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None
+    ) -> list[int]:
+        """Prompt token ids for a chat, rendered with the model's chat template; `tools` (OpenAI's
+        function definitions) go to the template, which tells the model about them."""
         if not self.has_chat_template:
             raise ValueError(
                 f"tokenizer {self._hf.name_or_path!r} has no chat template; use a plain-text prompt instead"
             )
         validate_chat_messages(messages)
         text = self._hf.apply_chat_template(
-            list(messages), add_generation_prompt=add_generation_prompt, tokenize=False
+            list(messages), tools=tools, add_generation_prompt=add_generation_prompt, tokenize=False
         )
         # The template already writes any BOS / special markers; encoding must not add them twice.
         return self.encode(text, add_special_tokens=False)

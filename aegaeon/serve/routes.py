@@ -21,12 +21,20 @@ from fastapi.responses import JSONResponse, Response
 from jinja2 import TemplateError
 
 from aegaeon.config import ApiLimits
+from aegaeon.engine.grammar import check_grammar
+from aegaeon.engine.sampler import TokenLogprobs
 from aegaeon.engine.sampling_params import SamplingParams
 from aegaeon.engine.tokenizer import Tokenizer
 from aegaeon.errors import SERVICE_UNAVAILABLE, ContextLengthExceeded, InvalidRequest
 from aegaeon.serve.backend import Backend, ModelInfo, model_not_found
 from aegaeon.serve.errors import error_body
-from aegaeon.serve.logprobs import chat_logprobs, completion_logprobs
+from aegaeon.serve.logprobs import (
+    chat_logprobs,
+    completion_logprobs,
+    echo_logprobs,
+    joined,
+    prompt_logprobs_by_token,
+)
 from aegaeon.serve.protocol import (
     ChatChoice,
     ChatCompletionRequest,
@@ -37,18 +45,30 @@ from aegaeon.serve.protocol import (
     CompletionResponse,
     DetokenizeRequest,
     DetokenizeResponse,
+    FunctionCall,
     ModelCard,
     ModelList,
     ModelLocation,
     ModelSettings,
     Prompt,
+    PromptLogprob,
     TokenizeRequest,
     TokenizeResponse,
+    ToolCall,
     Usage,
     new_id,
     now_s,
 )
-from aegaeon.serve.streaming import Delta, LiveRequest, collect, sse_chunk, sse_stream, streaming_response
+from aegaeon.serve.streaming import (
+    Delta,
+    LiveRequest,
+    collect,
+    sse_chunk,
+    sse_stream,
+    streaming_response,
+    total_usage,
+)
+from aegaeon.serve.tools import ParsedCall, ToolCallParser, ToolCallStream, parser_for
 
 # nginx's status for "the client closed the request": logged only, nobody is left to read it.
 CLIENT_CLOSED_REQUEST = 499
@@ -112,109 +132,226 @@ class Routes:
     # generation
 
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
+        body.check_supported()
         info = await self.backend.model(body.model)
-        params = self._params(body)
-        tokenizer = await self.backend.tokenizer(info.name)
-        prompt_ids = await _prompt_ids(tokenizer, body.prompt)
-        live = await self._submit(
-            info, tokenizer, prompt_ids, params, COMPLETION_ID_PREFIX, body.include_usage, "prompt"
-        )
-        with_logprobs = body.logprobs is not None
-        if body.stream:
-            return streaming_response(self._completion_chunks(live, with_logprobs))
-        final = await collect(live, request)
-        if final is None:
-            return Response(status_code=CLIENT_CLOSED_REQUEST)
-        choices = [
-            CompletionChoice(
-                index=choice.index,
-                text=choice.text,
-                logprobs=completion_logprobs(tokenizer, choice.logprobs, 0) if with_logprobs else None,
-                finish_reason=choice.finish_reason,
+        self._check_n(body)
+        total = body.n * len(body.prompts)
+        if total > self.limits.max_n:
+            raise InvalidRequest(
+                f"{len(body.prompts)} prompts of n={body.n} choices each make {total} choices, over this "
+                f"server's limit of {self.limits.max_n} per request (max_n); send fewer prompts",
+                param="prompt",
             )
-            for choice in final.outputs
+        params = await self._limited(body, body.sampling_params())
+        tokenizer = await self.backend.tokenizer(info.name)
+        prompts = [await _prompt_ids(tokenizer, prompt) for prompt in body.prompts]
+        # One request per prompt; choices are numbered prompt-major (prompt p's j-th is p * n + j).
+        lives: list[LiveRequest] = []
+        try:
+            for prompt_ids in prompts:
+                live = await self._submit(
+                    info, tokenizer, prompt_ids, params, COMPLETION_ID_PREFIX, body.include_usage, "prompt"
+                )
+                live.drop_output = body.max_tokens == 0
+                lives.append(live)
+        except BaseException:
+            for live in lives:
+                live.stream.close()
+            raise
+        echoes = [
+            _prompt_text(tokenizer, prompt, ids) if body.echo else ""
+            for prompt, ids in zip(body.prompts, prompts, strict=True)
         ]
+        if body.stream:
+            return streaming_response(self._completion_chunks(body, lives, prompts, echoes))
+        finals = []
+        for position, live in enumerate(lives):
+            final = await collect(live, request)
+            if final is None:
+                for rest in lives[position + 1 :]:
+                    rest.stream.close()
+                return Response(status_code=CLIENT_CLOSED_REQUEST)
+            finals.append(final)
+        choices = []
+        for position, final in enumerate(finals):
+            for choice in final.outputs:
+                text, generated = choice.text, choice.logprobs
+                finish = choice.finish_reason
+                if lives[position].drop_output:
+                    text, generated, finish = "", [], "length"
+                logprobs = None
+                if body.logprobs is not None:
+                    echo_offset = len(echoes[position])
+                    logprobs = completion_logprobs(tokenizer, generated or [], echo_offset)
+                    if body.echo:
+                        prompt_lps = final.prompt_logprobs or []
+                        logprobs = joined(
+                            echo_logprobs(tokenizer, prompts[position], prompt_lps, body.logprobs), logprobs
+                        )
+                choices.append(
+                    CompletionChoice(
+                        index=position * body.n + choice.index,
+                        text=echoes[position] + text,
+                        logprobs=logprobs,
+                        finish_reason=finish,
+                        prompt_logprobs=self._vllm_prompt_logprobs(body, tokenizer, final.prompt_logprobs),
+                    )
+                )
         response = CompletionResponse(
-            id=live.id, created=live.created, model=live.model, choices=choices, usage=live.usage()
+            id=lives[0].id,
+            created=lives[0].created,
+            model=lives[0].model,
+            choices=choices,
+            usage=total_usage(lives),
         )
-        return JSONResponse(response.model_dump())
+        return JSONResponse(response.model_dump(exclude_none=False))
+
+    @staticmethod
+    def _vllm_prompt_logprobs(
+        body: CompletionRequest, tokenizer: Tokenizer, prompt_logprobs: list[TokenLogprobs | None] | None
+    ) -> list[dict[str, PromptLogprob] | None] | None:
+        if body.prompt_logprobs is None or prompt_logprobs is None:
+            return None
+        return prompt_logprobs_by_token(tokenizer, prompt_logprobs, body.prompt_logprobs)
 
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
+        body.check_supported()
         info = await self.backend.model(body.model)
-        params = self._params(body)
+        self._check_n(body)
         tokenizer = await self.backend.tokenizer(info.name)
-        prompt_ids = await _apply_chat_template(tokenizer, body.template_messages(), True)
+        parser = parser_for(tokenizer) if body.uses_tools else None
+        forced = body.forced_tools
+        tool_grammar = None
+        if parser is not None and forced:
+            tool_grammar = parser.grammar(forced, body.parallel_tool_calls and body.tool_choice == "required")
+        params = await self._limited(body, body.sampling_params(tool_grammar))
+        prompt_ids = await _apply_chat_template(
+            tokenizer, body.template_messages(), True, body.template_tools()
+        )
         live = await self._submit(
             info, tokenizer, prompt_ids, params, CHAT_ID_PREFIX, body.include_usage, "messages"
         )
         if body.stream:
-            return streaming_response(self._chat_chunks(live, body.logprobs))
+            return streaming_response(self._chat_chunks(live, body.logprobs, parser))
         final = await collect(live, request)
         if final is None:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
-        choices = [
-            ChatChoice(
-                index=choice.index,
-                message=ChatResponseMessage(content=choice.text),
-                logprobs=chat_logprobs(tokenizer, choice.logprobs) if body.logprobs else None,
-                finish_reason=choice.finish_reason,
+        choices = []
+        for choice in final.outputs:
+            message, finish = ChatResponseMessage(content=choice.text), choice.finish_reason
+            if parser is not None:
+                parsed = parser.parse(choice.text)
+                if parsed.calls:
+                    message = ChatResponseMessage(
+                        content=parsed.content, tool_calls=_tool_calls(parsed.calls)
+                    )
+                    finish = "tool_calls" if finish == "stop" else finish
+            choices.append(
+                ChatChoice(
+                    index=choice.index,
+                    message=message,
+                    logprobs=chat_logprobs(tokenizer, choice.logprobs) if body.logprobs else None,
+                    finish_reason=finish,
+                )
             )
-            for choice in final.outputs
-        ]
         response = ChatCompletionResponse(
             id=live.id, created=live.created, model=live.model, choices=choices, usage=live.usage()
         )
         return JSONResponse(response.model_dump())
 
-    def _completion_chunks(self, live: LiveRequest, with_logprobs: bool) -> AsyncIterator[str]:
+    def _completion_chunks(
+        self, body: CompletionRequest, lives: list[LiveRequest], prompts: list[list[int]], echoes: list[str]
+    ) -> AsyncIterator[str]:
+        live = lives[0]
+        tokenizer = live.tokenizer
+        with_logprobs = body.logprobs is not None
+
         def chunk(choices: list[dict[str, Any]], usage: Usage | None = None) -> str:
             return sse_chunk(live, "text_completion", choices, usage)
 
-        def render(delta: Delta) -> str:
-            logprobs = (
-                completion_logprobs(live.tokenizer, delta.logprobs, delta.text_offset).model_dump()
-                if with_logprobs and delta.logprobs is not None
-                else None
-            )
-            return chunk(
-                [
-                    {
-                        "index": delta.index,
-                        "text": delta.text,
-                        "logprobs": logprobs,
-                        "finish_reason": delta.finish_reason,
-                    }
+        def render(position: int, delta: Delta) -> list[str]:
+            echo = echoes[position] if delta.first else ""
+            logprobs = None
+            if with_logprobs:
+                generated = delta.logprobs or []
+                logprobs = completion_logprobs(
+                    tokenizer, generated, len(echoes[position]) + delta.text_offset
+                )
+                if body.echo and delta.first:
+                    prompt_lps = delta.prompt_logprobs or []
+                    logprobs = joined(
+                        echo_logprobs(tokenizer, prompts[position], prompt_lps, body.logprobs or 0), logprobs
+                    )
+                logprobs = logprobs.model_dump()
+            entry = {
+                "index": position * body.n + delta.index,
+                "text": echo + delta.text,
+                "logprobs": logprobs,
+                "finish_reason": delta.finish_reason,
+            }
+            if delta.first and body.prompt_logprobs is not None:
+                prompt_lps = self._vllm_prompt_logprobs(body, tokenizer, delta.prompt_logprobs)
+                entry["prompt_logprobs"] = [
+                    p if p is None else {k: v.model_dump() for k, v in p.items()} for p in prompt_lps or []
                 ]
-            )
+            return [chunk([entry])]
 
-        return sse_stream(live, [], render, lambda usage: chunk([], usage), with_logprobs)
+        return sse_stream(lives, [], render, lambda usage: chunk([], usage), with_logprobs or body.echo)
 
-    def _chat_chunks(self, live: LiveRequest, with_logprobs: bool) -> AsyncIterator[str]:
+    def _chat_chunks(
+        self, live: LiveRequest, with_logprobs: bool, parser: ToolCallParser | None
+    ) -> AsyncIterator[str]:
         def chunk(choices: list[dict[str, Any]], usage: Usage | None = None) -> str:
             return sse_chunk(live, "chat.completion.chunk", choices, usage)
 
         def choice(
-            index: int, delta: dict[str, str], logprobs: Any = None, finish: str | None = None
+            index: int, delta: dict[str, Any], logprobs: Any = None, finish: str | None = None
         ) -> dict[str, Any]:
             return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
 
-        def render(delta: Delta) -> str:
+        streams = [ToolCallStream(parser) for _ in range(live.n)] if parser is not None else None
+
+        def render(_: int, delta: Delta) -> list[str]:
             logprobs = (
                 chat_logprobs(live.tokenizer, delta.logprobs).model_dump()
                 if with_logprobs and delta.logprobs is not None
                 else None
             )
-            content = {"content": delta.text} if delta.text or delta.finish_reason is None else {}
-            return chunk([choice(delta.index, content, logprobs, delta.finish_reason)])
+            if streams is None:
+                content = {"content": delta.text} if delta.text or delta.finish_reason is None else {}
+                return [chunk([choice(delta.index, content, logprobs, delta.finish_reason)])]
+            # Tool calls: text before them streams as content; each call goes out once complete, as
+            # OpenAI sends one: its id and name first, then its arguments.
+            stream = streams[delta.index]
+            text, calls = stream.feed(delta.text, final=delta.finish_reason is not None)
+            chunks = []
+            if text or logprobs is not None:
+                chunks.append(chunk([choice(delta.index, {"content": text}, logprobs)]))
+            first = len(stream.calls) - len(calls)
+            for number, call in enumerate(calls, start=first):
+                opening = {
+                    "index": number,
+                    "id": call.id,
+                    "type": "function",
+                    "function": {"name": call.name, "arguments": ""},
+                }
+                chunks.append(chunk([choice(delta.index, {"tool_calls": [opening]})]))
+                arguments = {"index": number, "function": {"arguments": call.arguments}}
+                chunks.append(chunk([choice(delta.index, {"tool_calls": [arguments]})]))
+            if delta.finish_reason is not None:
+                finish = (
+                    "tool_calls" if stream.calls and delta.finish_reason == "stop" else delta.finish_reason
+                )
+                chunks.append(chunk([choice(delta.index, {}, None, finish)]))
+            return chunks
 
         # OpenAI opens each choice with the assistant role and empty content.
         opening = [chunk([choice(index, {"role": "assistant", "content": ""})]) for index in range(live.n)]
-        return sse_stream(live, opening, render, lambda usage: chunk([], usage), with_logprobs)
+        return sse_stream([live], opening, render, lambda usage: chunk([], usage), with_logprobs)
 
     # helpers
 
-    def _params(self, body: CompletionRequest | ChatCompletionRequest) -> SamplingParams:
-        """The request's SamplingParams within this server's limits on `n` and output tokens."""
+    def _check_n(self, body: CompletionRequest | ChatCompletionRequest) -> None:
         limits = self.limits
         if body.n > limits.max_n:
             raise InvalidRequest(
@@ -222,7 +359,14 @@ class Routes:
                 f"ask for at most {limits.max_n}",
                 param="n",
             )
-        params = body.sampling_params()  # InvalidRequest naming the field on a value out of range
+
+    async def _limited(
+        self, body: CompletionRequest | ChatCompletionRequest, params: SamplingParams
+    ) -> SamplingParams:
+        """The request's SamplingParams within this server's limit on output tokens, its grammar checked."""
+        if params.grammar is not None:  # a 400 naming the problem, before anything is submitted
+            await asyncio.to_thread(check_grammar, params.grammar)
+        limits = self.limits
         cap = limits.max_output_tokens
         if cap is None:
             return params
@@ -303,12 +447,27 @@ async def _prompt_ids(tokenizer: Tokenizer, prompt: Prompt) -> list[int]:
     return list(prompt)
 
 
+def _prompt_text(tokenizer: Tokenizer, prompt: Prompt, prompt_ids: list[int]) -> str:
+    """The prompt as echoed: its text, or its tokens decoded when it was sent as token ids."""
+    return prompt if isinstance(prompt, str) else tokenizer.decode(prompt_ids, skip_special_tokens=False)
+
+
+def _tool_calls(calls: list[ParsedCall]) -> list[ToolCall]:
+    return [
+        ToolCall(id=call.id, function=FunctionCall(name=call.name, arguments=call.arguments))
+        for call in calls
+    ]
+
+
 async def _apply_chat_template(
-    tokenizer: Tokenizer, messages: list[dict[str, Any]], add_generation_prompt: bool
+    tokenizer: Tokenizer,
+    messages: list[dict[str, Any]],
+    add_generation_prompt: bool,
+    tools: list[dict[str, Any]] | None = None,
 ) -> list[int]:
     try:
         return await asyncio.to_thread(
-            tokenizer.apply_chat_template, messages, add_generation_prompt=add_generation_prompt
+            tokenizer.apply_chat_template, messages, add_generation_prompt=add_generation_prompt, tools=tools
         )
     except (ValueError, TemplateError) as error:  # the tokenizer's word on messages it cannot render
         message = f"the messages do not fit the model's chat template: {error}"

@@ -36,6 +36,7 @@ class _Cursor:
 
     text_offset: int = 0  # completions logprobs: where the next token's text starts
     finished: bool = False
+    started: bool = False  # something of it was sent
 
 
 @dataclass
@@ -45,6 +46,8 @@ class Delta:
     logprobs: list[TokenLogprobs] | None
     finish_reason: str | None
     text_offset: int
+    first: bool  # the first delta of its choice the client is sent
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
 
 @dataclass
@@ -59,6 +62,9 @@ class LiveRequest:
     include_usage: bool
     tokenizer: Tokenizer
     stream: RequestStream
+    # Output the client did not ask for (max_tokens 0: the prefill scored the prompt and sampled one
+    # token): its text and tokens are dropped, not counted.
+    drop_output: bool = False
     cursors: list[_Cursor] = field(default_factory=list)
     generated: int = 0  # output tokens so far, all choices
 
@@ -69,18 +75,41 @@ class LiveRequest:
         """What `output` adds to each choice not yet finished; choices with nothing new are left out."""
         deltas = []
         for choice in output.outputs:
-            self.generated += len(choice.token_ids)
+            self.count(choice.token_ids)
             cursor = self.cursors[choice.index]
             if cursor.finished:
                 continue
             text, logprobs, finish = choice.text, choice.logprobs, choice.finish_reason
-            if not text and finish is None and not (with_logprobs and choice.token_ids):
+            if self.drop_output:
+                text, logprobs, finish = "", None, "length" if finish is not None else None
+            if (
+                not text
+                and finish is None
+                and not (with_logprobs and logprobs)
+                and not choice.prompt_logprobs
+            ):
                 continue
-            deltas.append(Delta(choice.index, text, logprobs, finish, cursor.text_offset))
+            deltas.append(
+                Delta(
+                    choice.index,
+                    text,
+                    logprobs,
+                    finish,
+                    cursor.text_offset,
+                    not cursor.started,
+                    choice.prompt_logprobs,
+                )
+            )
+            cursor.started = True
             if logprobs:
                 cursor.text_offset += sum(len(self.tokenizer.token_text(lp.token_id)) for lp in logprobs)
             cursor.finished = finish is not None
         return deltas
+
+    def count(self, token_ids: list[int]) -> None:
+        """Count generated tokens toward usage (unless the output is dropped)."""
+        if not self.drop_output:
+            self.generated += len(token_ids)
 
     def usage(self) -> Usage:
         return Usage.of(self.prompt_tokens, self.generated)
@@ -121,30 +150,70 @@ def sse_chunk(live: LiveRequest, kind: str, choices: list[dict[str, Any]], usage
     )
 
 
+def total_usage(lives: list[LiveRequest]) -> Usage:
+    """The usage of one response's requests (several prompts: one request each)."""
+    return Usage.of(sum(live.prompt_tokens for live in lives), sum(live.generated for live in lives))
+
+
+async def _outputs(lives: list[LiveRequest]) -> AsyncIterator[tuple[int, RequestDelta]]:
+    """The outputs of several requests as they come, each with its request's position in `lives`."""
+    if len(lives) == 1:
+        async for output in lives[0].stream:
+            yield 0, output
+        return
+    arrivals: asyncio.Queue[tuple[int, RequestDelta | BaseException | None]] = asyncio.Queue()
+
+    async def pump(position: int, live: LiveRequest) -> None:
+        try:
+            async for output in live.stream:
+                await arrivals.put((position, output))
+            await arrivals.put((position, None))
+        except Exception as error:  # noqa: BLE001 - raised by the reader below
+            await arrivals.put((position, error))
+
+    pumps = [asyncio.ensure_future(pump(position, live)) for position, live in enumerate(lives)]
+    try:
+        running = len(lives)
+        while running:
+            position, item = await arrivals.get()
+            if item is None:
+                running -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield position, item
+    finally:
+        for task in pumps:
+            task.cancel()
+
+
 async def sse_stream(
-    live: LiveRequest,
+    lives: list[LiveRequest],
     opening: list[str],
-    render: Callable[[Delta], str],
+    render: Callable[[int, Delta], list[str]],
     render_usage: Callable[[Usage], str],
     with_logprobs: bool,
 ) -> AsyncIterator[str]:
-    """The SSE body: opening chunks, a chunk per choice delta, usage if asked for, then `[DONE]`.
+    """The SSE body: opening chunks, the chunks of each choice delta (`render` is given the position
+    of its request in `lives`), usage if asked for, then `[DONE]`.
 
     A failure after the response started becomes an in-band error event (as vLLM does). Closing
-    the body early (the client went away: Starlette cancels it) aborts the request on the node.
+    the body early (the client went away: Starlette cancels it) aborts the requests on the node.
     """
     try:
         for chunk in opening:
             yield chunk
-        async for output in live.stream:
-            for delta in live.deltas(output, with_logprobs):
-                yield render(delta)
-        if live.include_usage:
-            yield render_usage(live.usage())
+        async for position, output in _outputs(lives):
+            for delta in lives[position].deltas(output, with_logprobs):
+                for chunk in render(position, delta):
+                    yield chunk
+        if lives[0].include_usage:
+            yield render_usage(total_usage(lives))
     except Exception as error:  # noqa: BLE001 - too late for an HTTP status: report it in the stream
-        yield sse_event(body_of(_generation_error(error, live.id)))
+        yield sse_event(body_of(_generation_error(error, lives[0].id)))
     finally:
-        live.stream.close()
+        for live in lives:
+            live.stream.close()
     yield SSE_DONE
 
 
@@ -156,7 +225,8 @@ async def collect(live: LiveRequest, request: Request) -> RequestOutput | None:
         final = RequestOutput(live.id, None, [])
         async for output in stream:
             final.add(output)
-            live.generated += sum(len(choice.token_ids) for choice in output.outputs)
+            for choice in output.outputs:
+                live.count(choice.token_ids)
         return final
 
     collecting = asyncio.ensure_future(last())
