@@ -81,7 +81,8 @@ class GrammarMatcher:
         if self._matcher.is_error():  # cannot happen for tokens the mask allowed; end the sequence
             row.zero_()
             if self._eos_token_id is not None:
-                row[self._eos_token_id // BITS_PER_WORD] = 1 << (self._eos_token_id % BITS_PER_WORD)
+                word, bit = divmod(self._eos_token_id, BITS_PER_WORD)
+                row[word] = (1 << bit) - (1 << BITS_PER_WORD if bit == BITS_PER_WORD - 1 else 0)  # int32
             return
         self._matcher.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * row.element_size())
 

@@ -20,6 +20,14 @@ def _logprob(value: float) -> float:
     return max(value, LOGPROB_FLOOR)
 
 
+def _top_by_text(tokenizer: Tokenizer, top: list[tuple[int, float]]) -> dict[str, float]:
+    """Top logprobs keyed by token text; of two tokens that read the same, the likelier is kept."""
+    result: dict[str, float] = {}
+    for token_id, logprob in top:
+        result.setdefault(tokenizer.token_text(token_id), _logprob(logprob))
+    return result
+
+
 def completion_logprobs(
     tokenizer: Tokenizer, logprobs: list[TokenLogprobs], text_offset: int
 ) -> CompletionLogprobs:
@@ -28,7 +36,7 @@ def completion_logprobs(
         token = tokenizer.token_text(entry.token_id)
         result.tokens.append(token)
         result.token_logprobs.append(_logprob(entry.logprob))
-        result.top_logprobs.append({tokenizer.token_text(t): _logprob(lp) for t, lp in entry.top})
+        result.top_logprobs.append(_top_by_text(tokenizer, entry.top))
         result.text_offset.append(text_offset)
         text_offset += len(token)
     return result
@@ -61,9 +69,7 @@ def echo_logprobs(
         token = tokenizer.token_text(token_id)
         result.tokens.append(token)
         result.token_logprobs.append(None if entry is None else _logprob(entry.logprob))
-        result.top_logprobs.append(
-            None if entry is None else {tokenizer.token_text(t): _logprob(lp) for t, lp in entry.top[:k]}
-        )
+        result.top_logprobs.append(None if entry is None else _top_by_text(tokenizer, entry.top[:k]))
         result.text_offset.append(text_offset)
         text_offset += len(token)
     return result

@@ -135,6 +135,14 @@ class _Strict(BaseModel):
 
 class StreamOptions(_Strict):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's usage in every chunk: not supported
+
+    @field_validator("continuous_usage_stats")
+    @classmethod
+    def _no_continuous_usage(cls, value: bool) -> bool:
+        if value:
+            raise ValueError("is not supported by this server; leave it out (usage comes in the last chunk)")
+        return value
 
 
 class JsonSchemaFormat(_Strict):

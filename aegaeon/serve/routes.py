@@ -126,6 +126,13 @@ class Routes:
         body.check_supported()
         info = await self.backend.model(body.model)
         self._check_n(body)
+        total = body.n * len(body.prompts)
+        if total > self.limits.max_n:
+            raise InvalidRequest(
+                f"{len(body.prompts)} prompts of n={body.n} choices each make {total} choices, over this "
+                f"server's limit of {self.limits.max_n} per request (max_n); send fewer prompts",
+                param="prompt",
+            )
         params = await self._limited(body, body.sampling_params())
         tokenizer = await self.backend.tokenizer(info.name)
         prompts = [await _prompt_ids(tokenizer, prompt) for prompt in body.prompts]

@@ -82,7 +82,12 @@ class LiveRequest:
             text, logprobs, finish = choice.text, choice.logprobs, choice.finish_reason
             if self.drop_output:
                 text, logprobs, finish = "", None, "length" if finish is not None else None
-            if not text and finish is None and not (with_logprobs and logprobs):
+            if (
+                not text
+                and finish is None
+                and not (with_logprobs and logprobs)
+                and not choice.prompt_logprobs
+            ):
                 continue
             deltas.append(
                 Delta(

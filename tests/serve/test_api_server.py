@@ -292,7 +292,7 @@ BAD_REQUESTS = [
         {"model": "llama", "prompt": "x", "max_tokens": -5},
         400,
         "invalid_value",
-        ["max_tokens", "greater than or equal to 1"],
+        ["max_tokens", "greater than or equal to 0"],
     ),
     (
         "over-long-prompt",
@@ -386,12 +386,12 @@ BAD_REQUESTS = [
         ["outside the vocabulary"],
     ),
     (
-        "several-prompts",
+        "prompt-list-of-lists-of-lists",
         "/v1/completions",
-        {"model": "llama", "prompt": ["a", "b"]},
+        {"model": "llama", "prompt": [[[1]]]},
         400,
         None,
-        ["one prompt"],
+        ["prompt", "list"],
     ),
     ("empty-prompt", "/v1/completions", {"model": "llama", "prompt": ""}, 400, None, ["empty"]),
     (
@@ -410,7 +410,7 @@ BAD_REQUESTS = [
         None,
         ["top_logprobs", "20"],
     ),
-    ("echo", "/v1/completions", {"model": "llama", "prompt": "x", "echo": True}, 400, None, ["echo"]),
+    ("suffix", "/v1/completions", {"model": "llama", "prompt": "x", "suffix": "y"}, 400, None, ["suffix"]),
     (
         "unknown-route",
         "/v1/embeddings",

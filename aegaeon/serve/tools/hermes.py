@@ -9,10 +9,9 @@ from aegaeon.engine.sampling_params import GrammarSpec
 from aegaeon.serve import tools
 from aegaeon.serve.protocol import Tool
 
-ARGUMENTS_KEY = "arguments"
-
 
 class HermesParser:
+    ARGUMENTS_KEY = "arguments"
     START = "<tool_call>"
     END = "</tool_call>"
     _BLOCK = re.compile(re.escape(START) + r"(.*?)" + re.escape(END), re.DOTALL)
@@ -22,7 +21,9 @@ class HermesParser:
         start = text.find(self.START)
         if start < 0:
             return tools.ParsedReply(text, [])
-        calls = [tools.read_call(block.strip(), ARGUMENTS_KEY) for block in self._BLOCK.findall(text, start)]
+        calls = [
+            tools.read_call(block.strip(), self.ARGUMENTS_KEY) for block in self._BLOCK.findall(text, start)
+        ]
         if not calls or None in calls:  # not well-formed calls: the reply stays text
             return tools.ParsedReply(text, [])
         content = text[:start].strip()
@@ -43,7 +44,7 @@ class HermesParser:
         """The calls closed in `text` (which starts at a call marker) and how much of it they took."""
         calls, consumed = [], 0
         for block in self._BLOCK.finditer(text):
-            call = tools.read_call(block.group(1).strip(), ARGUMENTS_KEY)
+            call = tools.read_call(block.group(1).strip(), self.ARGUMENTS_KEY)
             if call is None:
                 break
             calls.append(call)
@@ -52,7 +53,7 @@ class HermesParser:
 
     def grammar(self, choices: list[Tool], parallel: bool) -> GrammarSpec:
         """A reply of calls of `choices` only: one, or with parallel calls one or more."""
-        schema = json.dumps(tools.calls_schema(choices, ARGUMENTS_KEY))
+        schema = json.dumps(tools.calls_schema(choices, self.ARGUMENTS_KEY))
         repeat = "+" if parallel else ""
         lark = f'start: call{repeat}\ncall: "{self.START}\\n" %json {schema} "\\n{self.END}\\n"'
         return GrammarSpec("grammar", lark, "tool_choice")

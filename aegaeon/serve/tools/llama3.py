@@ -8,13 +8,13 @@ from aegaeon.engine.sampling_params import GrammarSpec
 from aegaeon.serve import tools
 from aegaeon.serve.protocol import Tool
 
-ARGUMENTS_KEY = "parameters"
 # Llama 3.1+ may open a call with this token.
 PYTHON_TAG = "<|python_tag|>"
 SEPARATOR = ";"
 
 
 class Llama3JsonParser:
+    ARGUMENTS_KEY = "parameters"
     # What Llama 3's chat template says to the model about calls.
     TEMPLATE_MARK = '"parameters": dictionary of argument name and its value'
 
@@ -30,7 +30,7 @@ class Llama3JsonParser:
                 _, end = decoder.raw_decode(body, position)
             except json.JSONDecodeError:
                 return tools.ParsedReply(text, [])
-            call = tools.read_call(body[position:end], ARGUMENTS_KEY)
+            call = tools.read_call(body[position:end], self.ARGUMENTS_KEY)
             if call is None:
                 return tools.ParsedReply(text, [])
             calls.append(call)
@@ -62,5 +62,5 @@ class Llama3JsonParser:
     def grammar(self, choices: list[Tool], parallel: bool) -> GrammarSpec:
         """A reply that is one call of `choices` (Llama 3 makes one call per turn)."""
         return GrammarSpec(
-            "json_schema", json.dumps(tools.calls_schema(choices, ARGUMENTS_KEY)), "tool_choice"
+            "json_schema", json.dumps(tools.calls_schema(choices, self.ARGUMENTS_KEY)), "tool_choice"
         )
