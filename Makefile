@@ -42,6 +42,7 @@ bench: install
 	$(BIN)/python benchmarks/load.py
 	$(BIN)/python benchmarks/sim_validate.py --profiles loop
 	$(BIN)/python benchmarks/sim_serverless_start.py
+	$(BIN)/python benchmarks/guidellm_rate.py
 
 # Demo models (tiny, random weights, real tokenizer) written once, then served on the CPU, colocated.
 DEMO_DIR := .demo-models
