@@ -27,7 +27,7 @@ from tests.serve.serve_process import ServeProcess
 MODEL = "llama"
 STREAMS = 10
 # Long enough that the streams outlive the kill and the node timeout below on a slow shared machine.
-TOKENS = 440
+TOKENS = 240
 PROMPTS = ([3, 1, 4, 1, 5], [2, 7, 1, 8])
 LIVENESS = {"heartbeat_interval_s": 0.2, "node_timeout_s": 1.0, "no_node_retry_after_s": 2.0}
 GREEDY = {"temperature": 0, "extra_body": {"ignore_eos": True}}
@@ -88,7 +88,6 @@ def test_a_killed_nodes_streams_finish_on_the_other_node_and_a_model_without_nod
     model_dir = five_model_dirs[MODEL]
     tokenizer = Tokenizer.from_pretrained(model_dir)
     expected = {tuple(p): tokenizer.decode(hf_greedy(model_dir, p, TOKENS)) for p in PROMPTS}
-    print(f"TIMING start {time.monotonic():.2f}")
     with (
         RedisServer() as redis_server,
         serve_node(model_dir, redis_server.url, profile_path, config_path) as node_a,
@@ -98,7 +97,6 @@ def test_a_killed_nodes_streams_finish_on_the_other_node_and_a_model_without_nod
         for node in (node_a, node_b):
             nodes[node.wait_for(r"node (node-\w+) takes requests at").group(1)] = node
         store = RedisStore(redis_server.url)
-        print(f"TIMING nodes up {time.monotonic():.2f}")
         api_args = (
             "--role",
             "api",
@@ -128,10 +126,8 @@ def test_a_killed_nodes_streams_finish_on_the_other_node_and_a_model_without_nod
                     s.request_id for s in streams if store.get_request(s.request_id).node_id == killed
                 ]
                 nodes[killed].process.send_signal(signal.SIGKILL)
-                print(f"TIMING killed at {time.monotonic():.2f}, tokens {[s.tokens for s in streams]}")
                 for stream in streams:
                     stream.join(STREAM_TIMEOUT_S)
-                print(f"TIMING streams done {time.monotonic():.2f}")
 
                 for stream in streams:
                     assert stream.error is None, stream.error
