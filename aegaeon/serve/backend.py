@@ -336,7 +336,7 @@ class ClusterBackend:
                 locations=tuple(locations.get(name, ())),
                 record=records.get(name),
             )
-            for name, info in sorted(listed.items())
+            for name, info in listed.items()
         ]
         self._catalog = {name: (info, model_dir) for name, (info, model_dir) in catalog.items()}
         self._registered = set(records) - draining

@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 # This process stands for the node in a model's locations.
 LOCAL_NODE = "local"
 # How often a model being removed is checked for requests still running.
-DRAIN_POLL_S = 0.05
+REMOVE_POLL_S = 0.05
 
 # Steps one model runs before another model with requests gets the engine: each switch preempts the
 # running sequences (they are recomputed), so a few steps per turn keep that cost small.
@@ -89,7 +89,7 @@ class EngineBackend:
             raise model_not_found(name, self._served())
         self._removing.add(name)
         while await asyncio.wrap_future(self._call(lambda: self.engine.has_unfinished_requests(name))):
-            await asyncio.sleep(DRAIN_POLL_S)
+            await asyncio.sleep(REMOVE_POLL_S)
 
         def unregister() -> None:
             self.engine.unregister(name)

@@ -226,6 +226,8 @@ class NodeServer:
 
     def _publish(self) -> None:
         """Write this node's record: its models, their directories, contexts and states."""
+        if self._draining.is_set():
+            return  # it left the node list: writing its record again would route requests back to it
         snapshot = self.node.snapshot()
         states = self._model_states()
         self.store.register_node(

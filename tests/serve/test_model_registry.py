@@ -17,9 +17,12 @@ import openai
 import pytest
 
 from aegaeon.config import MIB, EngineConfig, MemoryConfig, NodeConfig
+from aegaeon.engine.engine import LLMEngine
+from aegaeon.engine.tokenizer import Tokenizer
 from aegaeon.instance.node import Node
 from aegaeon.serve.api_server import build_app
 from aegaeon.serve.backend import ClusterBackend
+from aegaeon.serve.engine_backend import EngineBackend
 from aegaeon.serve.metadata import MemoryStore, RedisStore
 from aegaeon.serve.model_states import DEVICE, DISK, HOST, LOADING
 from aegaeon.serve.node_server import NodeServer
@@ -100,8 +103,6 @@ def greedy_text(model_dirs, tokenizers, hf_greedy, name: str, tokens: int) -> st
 
 @pytest.fixture(scope="module")
 def tokenizers(model_dirs):
-    from aegaeon.engine.tokenizer import Tokenizer
-
     return {name: Tokenizer.from_pretrained(path) for name, path in model_dirs.items()}
 
 
@@ -174,6 +175,7 @@ def test_add_serve_and_remove_a_model_while_another_streams(cluster, model_dirs,
         "pinned": True,
     }
     assert set(seen) <= {DISK, LOADING, HOST}, seen
+    assert node.config.scheduler.slo(ADDED).ttft_s == 5.0  # its SLO steers the node's scheduling
     again = admin.post("/v1/admin/models", json=body)
     assert again.status_code == 400 and again.json()["error"]["param"] == "name"
 
@@ -237,3 +239,30 @@ def test_without_an_admin_key_the_admin_routes_do_not_exist():
                 method, f"{server.url}{path}", headers={"Authorization": "Bearer anything"}
             )
             assert answer.status_code == 404 and answer.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_a_single_process_server_adds_and_removes_models_too(model_dirs, tokenizers, hf_greedy):
+    memory = MemoryConfig(host_model_cache_bytes=HOST_CACHE_BYTES)
+    config = EngineConfig(kv_cache_bytes=KV_BYTES)
+    engine = LLMEngine(models={SERVED: model_dirs[SERVED]}, config=config, memory=memory, progress=False)
+    backend = EngineBackend(engine)
+    headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    try:
+        with (
+            ServerThread(build_app(backend, admin_key=ADMIN_KEY)) as server,
+            httpx.Client(base_url=server.url, timeout=60) as http,
+        ):
+            added = http.post(
+                "/v1/admin/models", json={"name": ADDED, "path": str(model_dirs[ADDED])}, headers=headers
+            )
+            assert added.status_code == 201 and added.json()["state"] == HOST, added.text
+            client = openai_client(server)
+            answer = client.completions.create(model=ADDED, prompt=PROMPT, max_tokens=TOKENS, **GREEDY)
+            assert answer.choices[0].text == greedy_text(model_dirs, tokenizers, hf_greedy, ADDED, TOKENS)
+            assert card(http, ADDED)["state"] == DEVICE
+            assert http.delete(f"/v1/admin/models/{ADDED}", headers=headers).status_code == 200
+            assert card(http, ADDED) is None
+            with pytest.raises(openai.NotFoundError):
+                client.completions.create(model=ADDED, prompt=PROMPT, max_tokens=TOKENS)
+    finally:
+        backend.close()

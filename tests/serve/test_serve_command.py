@@ -118,3 +118,16 @@ def test_request_limits_come_from_flags_and_yaml(tmp_path):
         256,
         1024,
     )
+
+
+def test_the_admin_key_comes_from_the_flag_the_environment_or_yaml(tmp_path, monkeypatch):
+    monkeypatch.delenv("AEGAEON_ADMIN_KEY", raising=False)
+    config_file = tmp_path / "pool.yaml"
+    config_file.write_text(yaml.safe_dump({"models": ["a=/m"], "admin_key": "from-yaml"}))
+    assert serve_config_from_args(parse("a=/m")).admin_key is None  # no admin routes
+    assert serve_config_from_args(parse("--config", str(config_file))).admin_key == "from-yaml"
+    monkeypatch.setenv("AEGAEON_ADMIN_KEY", "from-env")
+    assert serve_config_from_args(parse("--config", str(config_file))).admin_key == "from-env"
+    assert serve_config_from_args(parse("a=/m", "--admin-key", "from-flag")).admin_key == "from-flag"
+    with pytest.raises(SystemExit, match="admin_key must differ from every API key"):
+        serve_config_from_args(parse("a=/m", "--api-key", "same", "--admin-key", "same"))
