@@ -277,6 +277,34 @@ class ApiLimits:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
 
 
+# --- node liveness and failover ---
+DEFAULT_HEARTBEAT_INTERVAL_S = 1.0
+# A node that has not beaten for this long is taken as gone: its requests move to another node.
+DEFAULT_NODE_TIMEOUT_S = 10.0
+# What a 503 for a model whose nodes are all down tells clients to wait (Retry-After).
+DEFAULT_NO_NODE_RETRY_AFTER_S = 5.0
+
+
+@dataclass(frozen=True)
+class LivenessConfig:
+    """How often nodes beat, when a silent one counts as gone, and when its models may be tried again."""
+
+    heartbeat_interval_s: float = DEFAULT_HEARTBEAT_INTERVAL_S
+    node_timeout_s: float = DEFAULT_NODE_TIMEOUT_S
+    no_node_retry_after_s: float = DEFAULT_NO_NODE_RETRY_AFTER_S
+
+    def __post_init__(self) -> None:
+        if self.heartbeat_interval_s <= 0:
+            raise ValueError(f"heartbeat_interval_s must be > 0, got {self.heartbeat_interval_s}")
+        if self.node_timeout_s <= self.heartbeat_interval_s:
+            raise ValueError(
+                f"node_timeout_s ({self.node_timeout_s}) must exceed heartbeat_interval_s "
+                f"({self.heartbeat_interval_s}): a live node would look gone between beats"
+            )
+        if self.no_node_retry_after_s < 0:
+            raise ValueError(f"no_node_retry_after_s must be >= 0, got {self.no_node_retry_after_s}")
+
+
 @dataclass(frozen=True)
 class ModelEntry:
     """A served model: the name clients use, and a local HF directory or a hub id."""
@@ -319,6 +347,8 @@ class ServeConfig:
     # Holders of this key may add and remove models while serving (`/v1/admin/...`); None: no admin
     # routes (they answer 404). Separate from the API keys, which never grant it.
     admin_key: str | None = None
+    # --- node liveness and failover ---
+    liveness: LivenessConfig = LivenessConfig()
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -381,6 +411,7 @@ _SCHEDULER_KEYS = (
     "max_switch_share",
     "kv_lookahead_tokens",
 )
+_LIVENESS_KEYS = ("heartbeat_interval_s", "node_timeout_s", "no_node_retry_after_s")
 _LIMIT_KEYS = ("max_body_bytes", "max_n", "max_prompt_tokens", "max_output_tokens", "requests_per_minute")
 # ServeConfig fields taken from the settings as they are.
 _SERVE_FIELD_KEYS = (
@@ -431,7 +462,16 @@ def parse_model_entry(value: str | dict) -> tuple[ModelEntry, SLO | None]:
 def known_settings() -> frozenset[str]:
     """Every key a YAML config (and `build_serve_config`) accepts."""
     return frozenset(
-        {*_SERVE_KEYS, *_ENGINE_KEYS, *_MEMORY_KEYS, *_NODE_KEYS, *_SLO_KEYS, *_LIMIT_KEYS, *_SCHEDULER_KEYS}
+        {
+            *_SERVE_KEYS,
+            *_ENGINE_KEYS,
+            *_MEMORY_KEYS,
+            *_NODE_KEYS,
+            *_SLO_KEYS,
+            *_LIMIT_KEYS,
+            *_SCHEDULER_KEYS,
+            *_LIVENESS_KEYS,
+        }
     )
 
 
@@ -462,6 +502,7 @@ def build_serve_config(settings: dict) -> ServeConfig:
         node=node,
         api_keys=tuple(keys),
         limits=ApiLimits(**pick(_LIMIT_KEYS)),
+        liveness=LivenessConfig(**{k: float(v) for k, v in pick(_LIVENESS_KEYS).items()}),
         **pick(_SERVE_FIELD_KEYS),
     )
 

@@ -367,8 +367,14 @@ class Node:
         on_output: OutputCallback,
         on_error: ErrorCallback | None = None,
         request_id: str | None = None,
+        output_token_ids: Mapping[int, list[int]] | None = None,
+        finish_reasons: Mapping[int, str] | None = None,
     ) -> str:
-        """Accept a request (ValueError/KeyError on bad input, before anything is queued); its id."""
+        """Accept a request (ValueError/KeyError on bad input, before anything is queued); its id.
+
+        A request begun elsewhere (its node went silent) brings its tokens so far by choice index, and
+        the choices that finished: it continues as after an instance restart, its KV recomputed.
+        """
         if self.error is not None:
             raise Unavailable(f"the node has failed: {self.error}")
         prepared = self.prepare_prompt(prompt, params, model)
@@ -376,13 +382,28 @@ class Node:
         sched = SchedRequest(
             request_id, prepared.model, self.now(), len(prepared.token_ids), prepared.max_tokens
         )
+        live = LiveRequest(sched, prepared.token_ids, params, on_output, on_error)
+        live.token_ids = {index: list(ids) for index, ids in (output_token_ids or {}).items() if ids}
+        live.finish_reasons = dict(finish_reasons or {})
+        resumed = max(map(len, live.token_ids.values()), default=0)
+        if resumed >= sched.max_tokens:
+            raise InvalidRequest(f"request {request_id!r} has all its {sched.max_tokens} tokens already")
+        for _ in range(resumed):
+            sched.record_token(sched.arrival_s)
         with self._work:
             if request_id in self.live:
                 raise ValueError(f"request id {request_id!r} is already in use")
             self._admit(prepared.model)
-            self.live[request_id] = LiveRequest(sched, prepared.token_ids, params, on_output, on_error)
-            self.prefill.submit(sched)
-            self.prefill.dispatch(self.now())
+            self.live[request_id] = live
+            if live.token_ids:
+                try:
+                    self._resume(live)
+                except BaseException:
+                    del self.live[request_id]
+                    raise
+            else:
+                self.prefill.submit(sched)
+                self.prefill.dispatch(self.now())
             self._work.notify_all()
         return request_id
 

@@ -6,7 +6,10 @@ request's record, and talks to the node over ZeroMQ (a DEALER per node, messages
 with the cluster's keys when it has them: keys.py). A
 request's outputs arrive on the event loop and wait on an asyncio queue of its own; closing a stream
 before its request finished (a client went away, a handler was cancelled) aborts it on its node. A
-node that stops beating fails the requests it held, so no stream waits forever.
+node that stops beating (for `LivenessConfig.node_timeout_s`) hands its requests on: each is submitted
+again to another live node serving its model with the tokens its client already has, and continues
+there as after an instance restart (greedy streams exactly), so the client sees one stream. A request no
+node can take fails, so no stream waits forever. A registered model with no live node answers 503.
 
 Tokenizers are loaded from the model directories the nodes registered: an api server on another
 machine needs read access to them (the tokenizer files only). Store reads and tokenizer loading run
@@ -30,17 +33,17 @@ from typing import TYPE_CHECKING, Protocol
 import zmq
 import zmq.asyncio
 
+from aegaeon.config import LivenessConfig
 from aegaeon.errors import Draining, InvalidRequest, ModelNotFound, Unavailable
 from aegaeon.serve.keys import ClusterKeys
 from aegaeon.serve.metadata import (
-    DEFAULT_ALIVE_WITHIN_S,
     FROM_ADMIN,
     MODEL_DRAINING,
     MetadataStore,
     ModelRecord,
     RequestRecord,
 )
-from aegaeon.serve.model_states import DEVICE, DISK, HOST, best_state
+from aegaeon.serve.model_states import DEVICE, HOST, best_state
 from aegaeon.serve.wire import (
     Abort,
     Accepted,
@@ -72,8 +75,6 @@ CATALOG_TTL_S = 1.0
 ACCEPT_TIMEOUT_S = 30.0
 # A request refused by this many shutting-down nodes in a row is answered 503 instead of tried again.
 MAX_DRAINING_RETRIES = 3
-# How often the requests in flight are checked against their nodes' liveness.
-NODE_WATCH_INTERVAL_S = 2.0
 # How long the nodes get to load a model added through the admin API (weights read from disk).
 ADD_MODEL_TIMEOUT_S = 600.0
 # How long a model being removed waits for its requests in flight before the removal answers 503.
@@ -207,10 +208,16 @@ class RequestStream:
 class _InFlight:
     node_id: str
     model: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
     queue: asyncio.Queue
     accepted: asyncio.Future
     started: float = field(default_factory=time.monotonic)
     output_tokens: int = 0
+    # What its client has received, by choice index: where it resumes if its node goes silent.
+    token_ids: dict[int, list[int]] = field(default_factory=dict)
+    finish_reasons: dict[int, str] = field(default_factory=dict)
+    moving: bool = False  # being handed to another node
 
 
 class _NodeLink:
@@ -221,7 +228,7 @@ class _NodeLink:
         node_id: str,
         address: str,
         context: zmq.asyncio.Context,
-        on_message: Callable[[NodeMessage], None],
+        on_message: Callable[[str, NodeMessage], None],
         keys: ClusterKeys | None = None,
     ):
         self.node_id = node_id
@@ -234,7 +241,7 @@ class _NodeLink:
             self.socket.curve_publickey = keys.api_public
             self.socket.curve_serverkey = keys.node_public
         self.socket.connect(address)
-        self._on_message = on_message
+        self._on_message = on_message  # told (node id, message)
         self.reader = asyncio.ensure_future(self._read())
 
     async def _read(self) -> None:
@@ -245,7 +252,7 @@ class _NodeLink:
             except WireDecodeError as error:  # one unreadable message must not stop the link
                 logger.warning("dropped an unreadable message from node %s: %s", self.node_id, error)
                 continue
-            self._on_message(message)
+            self._on_message(self.node_id, message)
 
     async def send(self, message: Submit | Abort | AddModel | RemoveModel) -> None:
         await self.socket.send(encode(message))
@@ -259,13 +266,19 @@ class ClusterBackend:
     """What the api server needs from the cluster, read from the metadata store and the nodes."""
 
     def __init__(
-        self, store: MetadataStore, api_server_id: str | None = None, keys: ClusterKeys | None = None
+        self,
+        store: MetadataStore,
+        api_server_id: str | None = None,
+        keys: ClusterKeys | None = None,
+        liveness: LivenessConfig | None = None,
     ):
         self.store = store
         self.keys = keys
+        self.liveness = liveness or LivenessConfig()
         self.api_server_id = api_server_id or f"api-{uuid.uuid4().hex[:8]}"
         self._catalog: dict[str, tuple[ModelInfo, str]] = {}  # served: name -> (info, model directory)
         self._listed: list[ModelInfo] = []  # every registered model, served or not
+        self._registered: set[str] = set()  # the registry's names, less those draining
         self._catalog_at = float("-inf")
         self._commands: dict[str, asyncio.Future] = {}  # admin commands sent to nodes, by id
         self._tokenizers: dict[str, Tokenizer] = {}  # by model directory
@@ -278,12 +291,13 @@ class ClusterBackend:
     # -- models ----------------------------------------------------------------------------------------
 
     def _live_node_ids(self) -> set[str]:
-        return {status.info.node_id for status in self.store.instances(alive_within_s=DEFAULT_ALIVE_WITHIN_S)}
+        window = self.liveness.node_timeout_s
+        return {status.info.node_id for status in self.store.instances(alive_within_s=window)}
 
     def _refresh(self) -> None:
         if time.monotonic() - self._catalog_at < CATALOG_TTL_S:
             return
-        statuses = self.store.instances(alive_within_s=DEFAULT_ALIVE_WITHIN_S)
+        statuses = self.store.instances(alive_within_s=self.liveness.node_timeout_s)
         live = {status.info.node_id for status in statuses}
         records = {record.name: record for record in self.store.registered_models()}
         draining = {name for name, record in records.items() if record.state == MODEL_DRAINING}
@@ -325,6 +339,7 @@ class ClusterBackend:
             for name, info in listed.items()
         ]
         self._catalog = {name: (info, model_dir) for name, (info, model_dir) in catalog.items()}
+        self._registered = set(records) - draining
         self._catalog_at = time.monotonic()
 
     async def _fresh(self) -> dict[str, tuple[ModelInfo, str]]:
@@ -345,9 +360,10 @@ class ClusterBackend:
             self._catalog_at = float("-inf")
             catalog = await self._fresh()
         if name not in catalog:
-            if any(info.name == name and info.state == DISK for info in self._listed):
+            if name in self._registered:  # known, but its nodes are down or still loading it
                 raise Unavailable(
-                    f"model {name!r} is registered but no live node serves it yet; retry shortly"
+                    f"model {name!r} is registered but no live node serves it now; retry shortly",
+                    retry_after_s=self.liveness.no_node_retry_after_s,
                 )
             raise model_not_found(name, catalog)
         return catalog[name][0]
@@ -442,7 +458,7 @@ class ClusterBackend:
     async def health(self) -> Health:
         await self._fresh()
         if not self._catalog:
-            window = DEFAULT_ALIVE_WITHIN_S
+            window = self.liveness.node_timeout_s
             return Health(False, f"no node is serving (none sent a heartbeat in {window:.0f} s)", 0)
         return Health(True, None, len(self._in_flight))
 
@@ -476,12 +492,7 @@ class ClusterBackend:
         avoid: set[str],
     ) -> RequestStream:
         loop = asyncio.get_running_loop()
-        in_flight: dict[str, float] = dict.fromkeys(avoid, math.inf)
-        for flight in self._in_flight.values():
-            in_flight[flight.node_id] = in_flight.get(flight.node_id, 0.0) + 1.0
-        node_id = await asyncio.to_thread(self.store.pick_node, model, DEFAULT_ALIVE_WITHIN_S, in_flight)
-        if node_id is None or node_id in avoid:
-            raise Unavailable(f"no live node serves model {model!r} right now; retry shortly")
+        node_id = await self._pick_node(model, avoid)
         link = await self._link(node_id)
         record = RequestRecord(
             request_id,
@@ -491,7 +502,9 @@ class ClusterBackend:
             prompt_tokens=len(prompt_token_ids),
         )
         await asyncio.to_thread(self.store.put_request, record)
-        flight = _InFlight(node_id, model, asyncio.Queue(), loop.create_future())
+        flight = _InFlight(
+            node_id, model, list(prompt_token_ids), params, asyncio.Queue(), loop.create_future()
+        )
         self._in_flight[request_id] = flight
         self._watch()
         try:
@@ -511,6 +524,20 @@ class ClusterBackend:
             raise error
         return RequestStream(request_id, flight.queue, self._abort)
 
+    async def _pick_node(self, model: str, avoid: set[str]) -> str:
+        """The live node to send a request of `model` to, by load (those in `avoid` never); else 503."""
+        in_flight: dict[str, float] = dict.fromkeys(avoid, math.inf)
+        for flight in self._in_flight.values():
+            in_flight[flight.node_id] = in_flight.get(flight.node_id, 0.0) + 1.0
+        window = self.liveness.node_timeout_s
+        node_id = await asyncio.to_thread(self.store.pick_node, model, window, in_flight)
+        if node_id is None or node_id in avoid:
+            raise Unavailable(
+                f"no live node serves model {model!r} right now; retry shortly",
+                retry_after_s=self.liveness.no_node_retry_after_s,
+            )
+        return node_id
+
     async def _link(self, node_id: str) -> _NodeLink:
         link = self._links.get(node_id)
         if link is None:
@@ -527,7 +554,7 @@ class ClusterBackend:
                 self._links[node_id] = link
         return link
 
-    def _deliver(self, message: NodeMessage) -> None:
+    def _deliver(self, node_id: str, message: NodeMessage) -> None:
         """A node's answer, on the event loop: settle the submit or command, or feed the request's stream."""
         if isinstance(message, Done):
             answer = self._commands.get(message.command_id)
@@ -535,8 +562,8 @@ class ClusterBackend:
                 answer.set_result(message)
             return
         flight = self._in_flight.get(message.request_id)
-        if flight is None:
-            return  # aborted meanwhile
+        if flight is None or flight.node_id != node_id:
+            return  # aborted meanwhile, or moved on from a node that went silent and spoke again
         if isinstance(message, Accepted | Rejected):
             if not flight.accepted.done():
                 flight.accepted.set_result(message)
@@ -544,6 +571,10 @@ class ClusterBackend:
             output = request_output(message)
             flight.queue.put_nowait(output)
             flight.output_tokens += sum(len(choice.token_ids) for choice in output.outputs)
+            for choice in output.outputs:
+                flight.token_ids.setdefault(choice.index, []).extend(choice.token_ids)
+                if choice.finish_reason is not None:
+                    flight.finish_reasons[choice.index] = choice.finish_reason
             if output.finished:
                 del self._in_flight[message.request_id]
                 self._log_end(message.request_id, flight, "finished", output_tokens=flight.output_tokens)
@@ -592,22 +623,79 @@ class ClusterBackend:
             self._watcher = asyncio.ensure_future(self._watch_nodes())
 
     async def _watch_nodes(self) -> None:
-        """Fail the requests of nodes that stopped beating; ends when nothing is in flight."""
+        """Move the requests of nodes that stopped beating to live ones; ends when nothing is in flight."""
         while self._in_flight:
-            await asyncio.sleep(NODE_WATCH_INTERVAL_S)
+            # As often as nodes beat: a silent node is noticed within a beat of its timeout.
+            await asyncio.sleep(self.liveness.heartbeat_interval_s)
             try:
                 live = await asyncio.to_thread(self._live_node_ids)
             except Exception as error:  # noqa: BLE001 - the store may be restarting: look again later
                 logger.warning("could not read node liveness: %s", error)
                 continue
             for request_id, flight in list(self._in_flight.items()):
-                if flight.node_id not in live:
+                if flight.node_id in live or flight.moving:
+                    continue
+                if flight.accepted.done():
+                    flight.moving = True
+                    self._spawn(self._move(request_id, flight))
+                else:  # generate() still waits for the silent node's answer: it answers 503
                     del self._in_flight[request_id]
-                    error = Unavailable(f"node {flight.node_id} stopped answering (no heartbeat)")
-                    if not flight.accepted.done():
-                        flight.accepted.set_exception(error)
-                    else:
-                        flight.queue.put_nowait(error)
+                    flight.accepted.set_exception(
+                        Unavailable(
+                            f"node {flight.node_id} stopped answering (no heartbeat); retry shortly",
+                            retry_after_s=self.liveness.no_node_retry_after_s,
+                        )
+                    )
+
+    async def _move(self, request_id: str, flight: _InFlight) -> None:
+        """Submit a request whose node went silent to another live node, resumed from its tokens so far."""
+        silent = flight.node_id
+        loop = asyncio.get_running_loop()
+        try:
+            node_id = await self._pick_node(flight.model, {silent})
+            link = await self._link(node_id)
+            if self._in_flight.get(request_id) is not flight:
+                return  # its client went away meanwhile
+            flight.node_id, flight.accepted = node_id, loop.create_future()
+            await link.send(
+                Submit(
+                    request_id,
+                    flight.model,
+                    flight.prompt_token_ids,
+                    flight.params,
+                    {index: list(ids) for index, ids in flight.token_ids.items()},
+                    dict(flight.finish_reasons),
+                )
+            )
+            answer = await asyncio.wait_for(flight.accepted, ACCEPT_TIMEOUT_S)
+            if isinstance(answer, Rejected):
+                raise raised_error(answer.error)
+        except Exception as error:  # noqa: BLE001 - whatever stopped the move ends the request with it
+            if self._in_flight.get(request_id) is flight:
+                del self._in_flight[request_id]
+                message = f"node {silent} stopped answering (no heartbeat); no other node took over: {error}"
+                flight.queue.put_nowait(
+                    Unavailable(message, retry_after_s=self.liveness.no_node_retry_after_s)
+                )
+                self._log_end(request_id, flight, "failed", error=message)
+            return
+        finally:
+            flight.moving = False
+        generated = max(map(len, flight.token_ids.values()), default=0)
+        logger.warning(
+            "request %s moved from silent node %s to %s after %d tokens",
+            request_id,
+            silent,
+            node_id,
+            generated,
+        )
+        await asyncio.to_thread(self._store_call, self.store.update_request, request_id, node_id=node_id)
+
+    def _store_call(self, method, *args, **kwargs) -> None:
+        try:
+            method(*args, **kwargs)
+        except Exception as error:  # noqa: BLE001 - a record is bookkeeping: the request goes on without it
+            logger.warning("could not update a request record: %s", error)
 
     def close(self) -> None:
         """Drop the node connections (call after the HTTP server stopped: its streams are closed by then).

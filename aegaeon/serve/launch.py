@@ -110,7 +110,13 @@ def _start_node(config: ServeConfig, store: MetadataStore, keys: ClusterKeys | N
     node = Node({m.name: m.path for m in config.models}, config.node)
     try:
         return node, NodeServer(
-            node, store, host=host, port=config.node_port, keys=keys, insecure=config.insecure
+            node,
+            store,
+            host=host,
+            port=config.node_port,
+            keys=keys,
+            insecure=config.insecure,
+            heartbeat_interval_s=config.liveness.heartbeat_interval_s,
         )
     except BaseException:
         node.close()
@@ -122,7 +128,7 @@ def _http(config: ServeConfig, store: MetadataStore, keys: ClusterKeys | None):
     from aegaeon.serve.backend import ClusterBackend
 
     port = config.port or free_port(config.host)
-    backend = ClusterBackend(store, keys=keys)
+    backend = ClusterBackend(store, keys=keys, liveness=config.liveness)
     app = build_app(backend, api_keys=config.api_keys, limits=config.limits, admin_key=config.admin_key)
     return backend, app, f"http://{config.host}:{port}", port
 

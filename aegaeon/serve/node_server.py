@@ -10,7 +10,7 @@ Messages are typed records (wire.py): a payload that is not one of them is logge
 cluster keys (keys.py) the port is encrypted and admits only api servers holding the cluster's api key
 (ZeroMQ CURVE); without them a node listens on loopback only, unless told `insecure`.
 
-A second thread registers the node, its models and its instances, and beats every `HEARTBEAT_INTERVAL_S`
+A second thread registers the node, its models and its instances, and beats every `heartbeat_interval_s`
 with each instance's load; api servers route by that load (`MetadataStore.pick_node`).
 """
 
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
-from aegaeon.config import SLO
+from aegaeon.config import DEFAULT_HEARTBEAT_INTERVAL_S, SLO
 from aegaeon.engine.outputs import RequestDelta
 from aegaeon.instance.admission import Draining
 from aegaeon.instance.node import Node
@@ -67,7 +67,6 @@ from aegaeon.serve.wire import (
 
 logger = logging.getLogger(__name__)
 
-HEARTBEAT_INTERVAL_S = 1.0
 # How often the socket thread looks up from an idle socket to see whether it should stop.
 IDLE_POLL_MS = 500
 ANY_ADDRESS = ("0.0.0.0", "", "*")
@@ -132,9 +131,11 @@ class NodeServer:
         node_id: str | None = None,
         keys: ClusterKeys | None = None,
         insecure: bool = False,
+        heartbeat_interval_s: float = DEFAULT_HEARTBEAT_INTERVAL_S,
     ):
         check_listen_address(host, keys, insecure)
         self.node = node
+        self.heartbeat_interval_s = heartbeat_interval_s
         self.store = store
         self.node_id = node_id or f"node-{uuid.uuid4().hex[:8]}"
         # A context of its own: closing it cannot wait on sockets someone else opened.
@@ -307,7 +308,7 @@ class NodeServer:
         self._post(_Reply(identity, Done(message.command_id, error)))
 
     def _heartbeats(self) -> None:
-        while not self._stopping.wait(HEARTBEAT_INTERVAL_S):
+        while not self._stopping.wait(self.heartbeat_interval_s):
             if self._model_states() != self._published_states:
                 try:
                     self._publish()
@@ -381,6 +382,8 @@ class NodeServer:
                 self._post,
                 lambda error, request_id=request_id: self._post(_Failure(request_id, error)),
                 request_id=request_id,
+                output_token_ids=message.output_token_ids,
+                finish_reasons=message.finish_reasons,
             )
         except (ValueError, KeyError, RuntimeError) as error:
             del self._senders[request_id]

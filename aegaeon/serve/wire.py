@@ -19,10 +19,15 @@ from aegaeon.engine.sampling_params import SamplingParams
 
 
 class Submit(msgspec.Struct, tag=True, frozen=True):
+    """A request to run; one whose node went silent comes again with what it generated so far."""
+
     request_id: str
     model: str
     prompt_token_ids: list[int]
     params: SamplingParams
+    # By choice index: the tokens the client has already received, and the choices that finished.
+    output_token_ids: dict[int, list[int]] = msgspec.field(default_factory=dict)
+    finish_reasons: dict[int, str] = msgspec.field(default_factory=dict)
 
 
 class Abort(msgspec.Struct, tag=True, frozen=True):

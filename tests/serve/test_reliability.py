@@ -18,12 +18,12 @@ import httpx
 import openai
 import pytest
 
-from aegaeon.config import MIB, EngineConfig, NodeConfig
+from aegaeon.config import DEFAULT_HEARTBEAT_INTERVAL_S, MIB, EngineConfig, NodeConfig
 from aegaeon.instance.node import Node
 from aegaeon.serve.api_server import build_app
 from aegaeon.serve.backend import ClusterBackend
 from aegaeon.serve.metadata import MemoryStore, RedisStore
-from aegaeon.serve.node_server import HEARTBEAT_INTERVAL_S, NodeServer
+from aegaeon.serve.node_server import NodeServer
 from tests.serve.http_server import ServerThread
 from tests.serve.redis_server import RedisServer
 from tests.serve.serve_process import ServeProcess
@@ -32,7 +32,7 @@ KV_BYTES = 4 * MIB
 TOKENS = 8
 LONG_TOKENS = 400
 # A few heartbeats: time for a node to notice Redis forgot it and write itself back.
-RECOVERY_TIMEOUT_S = 15 * HEARTBEAT_INTERVAL_S
+RECOVERY_TIMEOUT_S = 15 * DEFAULT_HEARTBEAT_INTERVAL_S
 POLL_S = 0.1
 SHM_PATTERN = "/dev/shm/aegaeon-*"
 # Concurrent requests against a waiting limit of one: most find another one waiting.
