@@ -43,6 +43,7 @@ from aegaeon.instance.worker import ModelFacts, WorkerInfo, WorkerSpec
 from aegaeon.memory.kv_pool import HostKVPool
 from aegaeon.memory.model_cache import HostModelCache
 from aegaeon.memory.shm import node_region_name, remove_orphans
+from aegaeon.memory.sizing import available_host_bytes, host_sizes
 from aegaeon.scheduler.decode import DecodeDispatcher, DecodeInstance
 from aegaeon.scheduler.models import ModelSpec
 from aegaeon.scheduler.predictor import Predictor, ProfileStore
@@ -116,14 +117,18 @@ class Node:
         # A node killed outright (SIGKILL, OOM) leaves its regions behind: clear them before adding ours.
         for path in remove_orphans(memory.shm_dir):
             logger.warning("removed %s, left by a node that is gone", path)
-        weights = self._weight_bytes(models, dtype)
+        sizes = host_sizes(memory, available_host_bytes(memory.shm_dir))
+        largest = max(self._weight_bytes(models, dtype))
+        if largest > sizes.model_cache_bytes:
+            raise ValueError(
+                f"the host model cache ({sizes.model_cache_bytes} bytes) cannot hold the largest model "
+                f"({largest} bytes): raise host_model_cache_bytes (or host_memory_fraction)"
+            )
         self.model_cache = HostModelCache.create(
-            memory.shm_dir,
-            memory.host_model_cache_bytes or sum(weights),
-            name=node_region_name("models", tag),
+            memory.shm_dir, sizes.model_cache_bytes, name=node_region_name("models", tag)
         )
         self.kv_pool = HostKVPool.create(
-            memory.shm_dir, node_region_name("kv", tag), memory.host_kv_pool_bytes, memory.kv_slab_bytes
+            memory.shm_dir, node_region_name("kv", tag), sizes.kv_pool_bytes, memory.kv_slab_bytes
         )
         self.engines: list[RemoteEngine] = []
         self._finalizer = weakref.finalize(self, _release, self.engines, self.model_cache, self.kv_pool)
