@@ -285,7 +285,7 @@ class Residency:
             # while holding their previous model would wait for each other.
             self._release_pins()
         drained = time.perf_counter()
-        loads, disk_loads = self.residents.loads, self.model_cache.stats().disk_loads
+        loads, fills = self.residents.loads, self.model_cache.fills
         resident = self.residents.touch(target.cache_key)
         if resident is None:
             resident = self.residents.use(self.host_copy(target.name))
@@ -305,7 +305,7 @@ class Residency:
             load_s=loaded - drained,
             bind_s=time.perf_counter() - loaded,
             loaded=self.residents.loads > loads,
-            from_disk=self.model_cache.stats().disk_loads > disk_loads,
+            from_disk=self.model_cache.fills > fills,
         )
 
     def prefetch(self, name: str) -> bool:

@@ -15,10 +15,12 @@ pinned it, when it was last used) is a small JSON file beside the region, read a
 exclusive `flock` on the region's file; a model is filled outside the lock, marked "loading" until
 it is complete, so other processes wait for it instead of loading it twice.
 
-Index file layout (`<region>.index.json`):
-    {"models": {key: {"offset", "nbytes", "dtype", "tensors": [[name, offset, shape], ...],
-                      "ready": bool, "loader_pid", "last_used"}},
+Index file layout (`<region>.index.json`), small because every switch reads and writes it (pins):
+    {"models": {key: {"offset", "nbytes", "dtype", "ready": bool, "loader_pid", "last_used"}},
      "pins": {key: [pid, ...]}, "evictions": int, "disk_loads": int, "loaded_bytes": int}
+Offset tables (`<region>.layouts.json`), written when a model is first placed (a key's layout never
+changes: the key names the checkpoint and the dtype) and read once per process:
+    {key: [[name, offset, shape], ...]}
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from aegaeon.memory.shm import SHM_FILE_MODE, SharedRegion
 logger = logging.getLogger(__name__)
 
 INDEX_SUFFIX = ".index.json"
+LAYOUTS_SUFFIX = ".layouts.json"
 # How often a process waiting for another one's fill (or for room) looks at the index again.
 FILL_POLL_S = 0.01
 # A load from disk logs its progress this often.
@@ -111,6 +114,15 @@ def cache_key(model_dir: Path, dtype: torch.dtype) -> str:
 Fill = Callable[[torch.Tensor, "CachedModel", Callable[[int], None]], None]
 
 
+def _write_json(path: Path, value: dict) -> None:
+    """Replace `path` by `value` atomically (readers never see half a file)."""
+    temporary = path.with_suffix(f".{os.getpid()}-{threading.get_ident()}.tmp")
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, SHM_FILE_MODE)
+    with os.fdopen(descriptor, "w") as file:
+        json.dump(value, file)
+    os.replace(temporary, path)
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -137,6 +149,10 @@ class HostModelCache:
     def __init__(self, region: SharedRegion):
         self.region = region
         self.index_path = region.path.with_name(region.path.name + INDEX_SUFFIX)
+        self.layouts_path = region.path.with_name(region.path.name + LAYOUTS_SUFFIX)
+        self._layouts: dict[str, tuple[TensorSlot, ...]] = {}
+        # Models this process (any thread) read from disk into the cache.
+        self.fills = 0
 
     @classmethod
     def create(cls, directory: str | Path, nbytes: int, name: str | None = None) -> HostModelCache:
@@ -150,6 +166,9 @@ class HostModelCache:
             json.dump(
                 {"models": {}, "pins": {}, "evictions": 0, "disk_loads": 0, "loaded_bytes": 0}, index_file
             )
+        descriptor = os.open(cache.layouts_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, SHM_FILE_MODE)
+        with os.fdopen(descriptor, "w") as layouts_file:
+            json.dump({}, layouts_file)
         return cache
 
     @classmethod
@@ -178,23 +197,33 @@ class HostModelCache:
                 yield index
                 if not write:
                     return
-                temporary = self.index_path.with_suffix(f".{os.getpid()}-{threading.get_ident()}.tmp")
-                descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, SHM_FILE_MODE)
-                with os.fdopen(descriptor, "w") as index_file:
-                    json.dump(index, index_file)
-                os.replace(temporary, self.index_path)
+                _write_json(self.index_path, index)
             finally:
                 fcntl.flock(lock_file, fcntl.LOCK_UN)
 
-    @staticmethod
-    def _record(key: str, entry: dict) -> CachedModel:
+    def _record(self, key: str, entry: dict) -> CachedModel:
+        """The model of an index entry (its offset table from this process's copy, or the file)."""
+        if key not in self._layouts:
+            layouts = json.loads(self.layouts_path.read_text())
+            self._layouts[key] = tuple(
+                TensorSlot(name, offset, tuple(shape)) for name, offset, shape in layouts[key]
+            )
         return CachedModel(
             key=key,
             offset=entry["offset"],
             nbytes=entry["nbytes"],
             dtype=getattr(torch, entry["dtype"]),
-            tensors=tuple(TensorSlot(name, offset, tuple(shape)) for name, offset, shape in entry["tensors"]),
+            tensors=self._layouts[key],
         )
+
+    def _save_layout(self, key: str, slots: tuple[TensorSlot, ...]) -> None:
+        """Record `key`'s offset table for other processes (the index lock is held)."""
+        self._layouts[key] = slots
+        layouts = json.loads(self.layouts_path.read_text())
+        if key in layouts:
+            return
+        layouts[key] = [[slot.name, slot.offset, list(slot.shape)] for slot in slots]
+        _write_json(self.layouts_path, layouts)
 
     def get(self, key: str) -> CachedModel | None:
         """The cached model under `key` if it is fully loaded (marks it used)."""
@@ -299,11 +328,11 @@ class HostModelCache:
                             "offset": offset,
                             "nbytes": nbytes,
                             "dtype": _dtype_name(dtype),
-                            "tensors": [[slot.name, slot.offset, list(slot.shape)] for slot in slots],
                             "ready": False,
                             "loader_pid": os.getpid(),
                             "last_used": time.time(),
                         }
+                        self._save_layout(key, slots)
                         model = self._record(key, index["models"][key])
                         break
                     if time.monotonic() >= deadline:
@@ -320,6 +349,7 @@ class HostModelCache:
             with self._index() as index:
                 index["models"].pop(key, None)
             raise
+        self.fills += 1
         with self._index() as index:
             index["models"][key]["ready"] = True
             index["disk_loads"] += 1
@@ -393,7 +423,8 @@ class HostModelCache:
         )
 
     def close(self) -> None:
-        """Unmap; the creating process also removes the region and its index."""
+        """Unmap; the creating process also removes the region, its index and offset tables."""
         if self.region.owner:
             self.index_path.unlink(missing_ok=True)
+            self.layouts_path.unlink(missing_ok=True)
         self.region.close()
