@@ -8,6 +8,8 @@ MIB = 1 << 20
 
 DEFAULT_MAX_NUM_SEQS = 64
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 4096
+# Bytes of KV blocks of a CPU engine whose arena size is not given (elsewhere the KV region is what
+# the arena leaves beside its resident models, aegaeon/memory/sizing.py).
 DEFAULT_KV_CACHE_BYTES = 512 * MIB
 # Where the CPU attention kernel is compiled to on first use (one file per source, flags and CPU).
 KERNEL_CACHE_DIR = "~/.cache/aegaeon/kernels"
@@ -21,14 +23,16 @@ class EngineConfig:
     max_num_seqs: int = DEFAULT_MAX_NUM_SEQS
     # Prompt tokens prefilled together in one step, at most (a longer prompt runs alone).
     max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS
-    # Bytes of KV blocks; the block count follows from the model's block size.
-    kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES
+    # Bytes of KV blocks; the block count follows from the model's block size. None: on CUDA (or with
+    # cpu_arena_bytes) what the arena leaves after room for the largest model twice, else
+    # DEFAULT_KV_CACHE_BYTES.
+    kv_cache_bytes: int | None = None
     # Longest sequence (prompt + output); None: the model's max_position_embeddings.
     max_model_len: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "kv_cache_bytes"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
@@ -43,12 +47,32 @@ BLOCK_SIZE = 16
 GIB = 1 << 30
 # Every tensor in the arena and the host caches starts on this boundary (vector loads, DMA).
 MEMORY_ALIGNMENT = 16
-DEFAULT_DEVICE_MEMORY_FRACTION = 0.9
+# The arena holds all of an engine's weights and KV; the rest of the device's free memory is left to
+# activations and kernel workspaces (a few GiB of an 80 GB device).
+DEFAULT_DEVICE_MEMORY_FRACTION = 0.95
 DEFAULT_KV_SLAB_BYTES = 1 * GIB
-DEFAULT_HOST_KV_POOL_BYTES = 4 * GIB
 # Host-to-device copies go in chunks this large, so one chunk's copy overlaps the next one's issue.
 DEFAULT_LOAD_CHUNK_BYTES = 64 * MIB
 DEFAULT_SHM_DIR = "/dev/shm"
+
+# --- memory tiers: disk -> host model cache -> device arena (aegaeon/memory/sizing.py) -----------
+
+# The device arena keeps room for this many copies of the largest model: the active one and a
+# prefetched next one; the KV region gets the rest unless kv_cache_bytes is set.
+RESIDENT_MODELS_ON_DEVICE = 2
+# The node's two shared host pools together take this fraction of the host memory available when it
+# starts (the smaller of MemAvailable and the free space of shm_dir) ...
+DEFAULT_HOST_MEMORY_FRACTION = 0.8
+# ... of which the host KV pool gets this share when host_kv_pool_bytes is not set; the host model
+# cache gets the rest.
+DEFAULT_HOST_KV_POOL_FRACTION = 0.25
+# Safetensors are read into the host model cache by this many threads, in reads of at most this many
+# bytes, so a fast disk has several requests in flight.
+DEFAULT_DISK_READ_THREADS = 8
+DEFAULT_DISK_READ_CHUNK_BYTES = 16 * MIB
+# A switch to a model the host model cache has no room for (every model in it is active or being
+# prefetched somewhere) waits this long for one to be released before failing.
+DEFAULT_HOST_CACHE_WAIT_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -60,13 +84,21 @@ class MemoryConfig:
     # CPU: the arena's size in bytes (there is no "device memory" to take a fraction of); None:
     # the KV bytes plus room for two copies of the largest model (the active one and a prefetch).
     cpu_arena_bytes: int | None = None
-    # The node's host model cache; None (an engine on its own): just large enough for its models.
-    host_model_cache_bytes: int | None = None
-    host_kv_pool_bytes: int = DEFAULT_HOST_KV_POOL_BYTES
+    host_kv_pool_bytes: int | None = None
     kv_slab_bytes: int = DEFAULT_KV_SLAB_BYTES
     load_chunk_bytes: int = DEFAULT_LOAD_CHUNK_BYTES
     # Where the shared-memory files of a node live (tmpfs).
     shm_dir: str = DEFAULT_SHM_DIR
+    # --- tiers (docs/memory.md) ---
+    # The node's host model cache; None: host_memory_fraction of the available host memory minus the
+    # host KV pool (an engine on its own: at most what its models need).
+    host_model_cache_bytes: int | None = None
+    host_memory_fraction: float = DEFAULT_HOST_MEMORY_FRACTION
+    # The host KV pool's share of that when host_kv_pool_bytes (above) is None.
+    host_kv_pool_fraction: float = DEFAULT_HOST_KV_POOL_FRACTION
+    disk_read_threads: int = DEFAULT_DISK_READ_THREADS
+    disk_read_chunk_bytes: int = DEFAULT_DISK_READ_CHUNK_BYTES
+    host_cache_wait_s: float = DEFAULT_HOST_CACHE_WAIT_S
 
     def __post_init__(self) -> None:
         if not 0 < self.device_memory_fraction <= 1:
@@ -77,10 +109,17 @@ class MemoryConfig:
             "host_kv_pool_bytes",
             "kv_slab_bytes",
             "load_chunk_bytes",
+            "disk_read_threads",
+            "disk_read_chunk_bytes",
         ):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        for name in ("host_memory_fraction", "host_kv_pool_fraction"):
+            if not 0 < getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in (0, 1), got {getattr(self, name)}")
+        if self.host_cache_wait_s < 0:
+            raise ValueError(f"host_cache_wait_s must be >= 0, got {self.host_cache_wait_s}")
 
 
 # --- scheduling (DESIGN.md, "Token-level scheduling") --------------------------------------------
@@ -388,6 +427,11 @@ _MEMORY_KEYS = (
     "kv_slab_bytes",
     "load_chunk_bytes",
     "shm_dir",
+    "host_memory_fraction",
+    "host_kv_pool_fraction",
+    "disk_read_threads",
+    "disk_read_chunk_bytes",
+    "host_cache_wait_s",
 )
 _NODE_KEYS = (
     "device",

@@ -86,9 +86,10 @@ class LLMEngine:
         """Make `name` the active model; the previous one's running KV goes to the host KV pool first."""
         self.residency.switch_to(name, self.kv.evict)
 
-    def register(self, name: str, path: str | Path, progress: bool = False) -> ServedModel:
-        """Serve one more model, called `name`, from `path` (a local HF directory or a hub id)."""
-        return self.residency.register(name, path, progress)
+    def register(self, name: str, path: str | Path, pinned: bool = False) -> ServedModel:
+        """Serve one more model, called `name`, from `path` (a local HF directory or a hub id);
+        `pinned` keeps its weights in the host model cache while it is served."""
+        return self.residency.register(name, path, pinned)
 
     def unregister(self, name: str) -> None:
         """Stop serving `name`; it must have no unfinished requests (drain it first)."""

@@ -1,4 +1,4 @@
-"""Model weights: read HF safetensors into our canonical layout, and the typed view the model runs on.
+"""Model weights: HF safetensors mapped onto our canonical layout, and the typed view the model runs on.
 
 The canonical layout fuses q/k/v into one `qkv` matrix and gate/up into one `gate_up` matrix, so a
 layer runs two large matrix products instead of five small ones. It is a flat `name -> tensor`
@@ -9,14 +9,17 @@ view over such a state and owns no memory of its own.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from aegaeon.engine.architecture import Architecture
+from aegaeon.memory.arena import dtype_size
+from aegaeon.memory.checkpoint import Piece, StoredTensor, read_header
+from aegaeon.memory.model_cache import TensorSlot
 
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -68,51 +71,34 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
     return found
 
 
-def read_hf_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of the checkpoint under its HF name, as stored (no dtype change)."""
-    tensors: dict[str, torch.Tensor] = {}
-    for file in checkpoint_files(model_dir):
-        with safe_open(str(file), framework="pt") as handle:
-            for name in handle.keys():
-                tensors[name] = handle.get_tensor(name)
-    return tensors
-
-
-def canonical_state(
-    arch: Architecture, hf: dict[str, torch.Tensor], dtype: torch.dtype
-) -> dict[str, torch.Tensor]:
-    """Rename and fuse HF tensors into the canonical layout, in `dtype`."""
-
-    def take(name: str) -> torch.Tensor:
-        if name not in hf:
-            raise ValueError(f"checkpoint is missing tensor {name!r}")
-        return hf[name].to(dtype)
-
-    state = {"embed": take("model.embed_tokens.weight"), "norm": take("model.norm.weight")}
+def canonical_sources(arch: Architecture) -> dict[str, tuple[str, ...]]:
+    """The HF tensors each canonical tensor is made of, concatenated along their first dimension."""
+    sources: dict[str, tuple[str, ...]] = {
+        "embed": ("model.embed_tokens.weight",),
+        "norm": ("model.norm.weight",),
+    }
     if not arch.tie_embeddings:
-        state["lm_head"] = take("lm_head.weight")
+        sources["lm_head"] = ("lm_head.weight",)
     for i in range(arch.num_layers):
         hf_prefix, prefix = f"model.layers.{i}.", f"layers.{i}."
         attn, mlp = hf_prefix + "self_attn.", hf_prefix + "mlp."
-        state[prefix + "input_norm"] = take(hf_prefix + "input_layernorm.weight")
-        state[prefix + "post_norm"] = take(hf_prefix + "post_attention_layernorm.weight")
-        state[prefix + "qkv"] = torch.cat([take(attn + f"{p}_proj.weight") for p in "qkv"])
-        state[prefix + "o"] = take(attn + "o_proj.weight")
-        state[prefix + "gate_up"] = torch.cat([take(mlp + "gate_proj.weight"), take(mlp + "up_proj.weight")])
-        state[prefix + "down"] = take(mlp + "down_proj.weight")
+        sources[prefix + "input_norm"] = (hf_prefix + "input_layernorm.weight",)
+        sources[prefix + "post_norm"] = (hf_prefix + "post_attention_layernorm.weight",)
+        sources[prefix + "qkv"] = tuple(attn + f"{p}_proj.weight" for p in "qkv")
+        sources[prefix + "o"] = (attn + "o_proj.weight",)
+        sources[prefix + "gate_up"] = (mlp + "gate_proj.weight", mlp + "up_proj.weight")
+        sources[prefix + "down"] = (mlp + "down_proj.weight",)
         if arch.qkv_bias:
-            state[prefix + "qkv_bias"] = torch.cat([take(attn + f"{p}_proj.bias") for p in "qkv"])
+            sources[prefix + "qkv_bias"] = tuple(attn + f"{p}_proj.bias" for p in "qkv")
         if arch.o_bias:
-            state[prefix + "o_bias"] = take(attn + "o_proj.bias")
+            sources[prefix + "o_bias"] = (attn + "o_proj.bias",)
         if arch.mlp_bias:
-            state[prefix + "gate_up_bias"] = torch.cat(
-                [take(mlp + "gate_proj.bias"), take(mlp + "up_proj.bias")]
-            )
-            state[prefix + "down_bias"] = take(mlp + "down_proj.bias")
+            sources[prefix + "gate_up_bias"] = (mlp + "gate_proj.bias", mlp + "up_proj.bias")
+            sources[prefix + "down_bias"] = (mlp + "down_proj.bias",)
         if arch.qk_norm:
-            state[prefix + "q_norm"] = take(attn + "q_norm.weight")
-            state[prefix + "k_norm"] = take(attn + "k_norm.weight")
-    return state
+            sources[prefix + "q_norm"] = (attn + "q_norm.weight",)
+            sources[prefix + "k_norm"] = (attn + "k_norm.weight",)
+    return sources
 
 
 def canonical_shapes(arch: Architecture) -> dict[str, tuple[int, ...]]:
@@ -142,9 +128,40 @@ def canonical_shapes(arch: Architecture) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def load_state(model_dir: Path, arch: Architecture, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Read a checkpoint from disk straight into the canonical layout."""
-    return canonical_state(arch, read_hf_tensors(model_dir), dtype)
+def checkpoint_pieces(
+    model_dir: Path, arch: Architecture, dtype: torch.dtype, slots: Sequence[TensorSlot]
+) -> list[Piece]:
+    """Where every HF tensor of the checkpoint goes in a model laid out as `slots` (canonical names
+    at byte offsets, see `memory/model_cache.plan_layout`), in `dtype`; reads only the headers.
+
+    A canonical tensor is its sources back to back (a concatenation along the first dimension is
+    exactly that in row-major memory), so each source is one piece at a byte offset.
+    """
+    stored: dict[str, StoredTensor] = {}
+    for file in checkpoint_files(model_dir):
+        stored.update(read_header(file))
+    shapes, sources = canonical_shapes(arch), canonical_sources(arch)
+    pieces = []
+    for slot in slots:
+        offset, rows = slot.offset, 0
+        for name in sources[slot.name]:
+            if name not in stored:
+                raise ValueError(f"checkpoint {model_dir} is missing tensor {name!r}")
+            tensor = stored[name]
+            if tensor.shape[1:] != shapes[slot.name][1:] or not tensor.shape:
+                raise ValueError(
+                    f"checkpoint tensor {name!r} has shape {list(tensor.shape)}, which does not fit "
+                    f"{slot.name} {list(shapes[slot.name])} of this architecture"
+                )
+            pieces.append(Piece(tensor, offset, dtype))
+            offset += math.prod(tensor.shape) * dtype_size(dtype)
+            rows += tensor.shape[0]
+        if rows != shapes[slot.name][0]:
+            raise ValueError(
+                f"checkpoint tensors {list(sources[slot.name])} hold {rows} rows; {slot.name} needs "
+                f"{shapes[slot.name][0]}"
+            )
+    return pieces
 
 
 @dataclass

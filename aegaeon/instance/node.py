@@ -43,6 +43,7 @@ from aegaeon.instance.worker import ModelFacts, WorkerInfo, WorkerSpec
 from aegaeon.memory.kv_pool import HostKVPool
 from aegaeon.memory.model_cache import HostModelCache
 from aegaeon.memory.shm import node_region_name, remove_orphans
+from aegaeon.memory.sizing import available_host_bytes, host_sizes
 from aegaeon.scheduler.decode import DecodeDispatcher, DecodeInstance
 from aegaeon.scheduler.models import ModelSpec
 from aegaeon.scheduler.predictor import Predictor, Profile, ProfileStore
@@ -116,14 +117,18 @@ class Node:
         # A node killed outright (SIGKILL, OOM) leaves its regions behind: clear them before adding ours.
         for path in remove_orphans(memory.shm_dir):
             logger.warning("removed %s, left by a node that is gone", path)
-        weights = self._weight_bytes(models, dtype)
+        sizes = host_sizes(memory, available_host_bytes(memory.shm_dir))
+        largest = max(self._weight_bytes(models, dtype))
+        if largest > sizes.model_cache_bytes:
+            raise ValueError(
+                f"the host model cache ({sizes.model_cache_bytes} bytes) cannot hold the largest model "
+                f"({largest} bytes): raise host_model_cache_bytes (or host_memory_fraction)"
+            )
         self.model_cache = HostModelCache.create(
-            memory.shm_dir,
-            memory.host_model_cache_bytes or sum(weights),
-            name=node_region_name("models", tag),
+            memory.shm_dir, sizes.model_cache_bytes, name=node_region_name("models", tag)
         )
         self.kv_pool = HostKVPool.create(
-            memory.shm_dir, node_region_name("kv", tag), memory.host_kv_pool_bytes, memory.kv_slab_bytes
+            memory.shm_dir, node_region_name("kv", tag), sizes.kv_pool_bytes, memory.kv_slab_bytes
         )
         self.engines: list[RemoteEngine] = []
         self._finalizer = weakref.finalize(self, _release, self.engines, self.model_cache, self.kv_pool)
@@ -154,9 +159,7 @@ class Node:
                 for name, spec in self.specs.items()
             }
         )
-        # Models added while serving are pinned in the host cache by this process when asked; models
-        # being removed wait here, taking no new requests, until their last request ends.
-        self._pinned: set[str] = set()
+        # Models being removed wait here, taking no new requests, until their last request ends.
         self._removing: dict[str, ModelFacts] = {}
         scheduler = self.config.scheduler
         self.instances: list[Instance] = []
@@ -274,7 +277,7 @@ class Node:
         registered: list[RemoteEngine] = []
         try:
             for engine in self.engines:
-                facts = engine.register(name, str(path))
+                facts = engine.register(name, str(path), pinned)
                 registered.append(engine)
             spec = model_spec(facts)
             profile = self._profile(spec, lambda: self._measure_aside(name, path))
@@ -288,8 +291,6 @@ class Node:
                     f"cannot serve model {name!r} from {path}: {error}", param="path"
                 ) from error
             raise
-        if pinned:
-            self.model_cache.pin(facts.cache_key)
         with self._work:
             self.predictor.add(name, profile)
             self.specs[name] = spec
@@ -299,8 +300,6 @@ class Node:
                 slos = {**dict(self.config.scheduler.model_slos), name: slo}
                 self._use_scheduler(replace(self.config.scheduler, model_slos=tuple(slos.items())))
             self.tokenizers[name] = tokenizer
-            if pinned:
-                self._pinned.add(name)
             self._spawn_with(name, str(path))
             self.models[name] = facts  # last: requests for it are taken from now on
         return facts
@@ -334,9 +333,6 @@ class Node:
                 decode.specs.pop(name, None)
             self.tokenizers.pop(name, None)
             self._spawn_with(name, None)
-            if name in self._pinned:
-                self._pinned.discard(name)
-                self.model_cache.unpin(facts.cache_key)
 
     def _spawn_with(self, name: str, path: str | None) -> None:
         """A restarted instance process registers the models served now: add (or drop) one in its spec."""

@@ -51,7 +51,7 @@ def _prompt(rng: random.Random, served: ServedModel, length: int) -> list[int]:
 
 def measure_switch_s(engine: LLMEngine, served: ServedModel) -> float:
     """Median time to copy the model's bytes from the host cache to this device."""
-    cached = served.cached
+    cached = engine.residency.host_copy(served.name)
     source = engine.residency.model_cache.buffer[cached.offset : cached.offset + cached.nbytes]
     target = torch.empty(cached.nbytes, dtype=torch.uint8, device=engine.device)
     times = []

@@ -94,8 +94,8 @@ class RemoteEngine:
 
     # -- the engine's operations (see worker.EngineService) -------------------------------------------
 
-    def register(self, name: str, path: str) -> ModelFacts:
-        return self._call("register", name, path)
+    def register(self, name: str, path: str, pinned: bool = False) -> ModelFacts:
+        return self._call("register", name, path, pinned)
 
     def unregister(self, name: str) -> None:
         self._call("unregister", name)

@@ -129,9 +129,9 @@ class EngineService:
             max_model_len=served.max_model_len,
         )
 
-    def register(self, name: str, path: str) -> ModelFacts:
-        """Serve one more model (loaded into the host model cache unless another engine did already)."""
-        return self._facts(self.engine.register(name, path))
+    def register(self, name: str, path: str, pinned: bool = False) -> ModelFacts:
+        """Serve one more model (read into the host model cache when first needed, or now if pinned)."""
+        return self._facts(self.engine.register(name, path, pinned))
 
     def unregister(self, name: str) -> None:
         self.engine.unregister(name)

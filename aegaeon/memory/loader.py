@@ -104,6 +104,17 @@ class ResidentModels:
         self._touch(entry.key)
         return entry
 
+    def touch(self, key: str) -> Resident | None:
+        """The resident model under `key` marked as the most recently used; None if not resident."""
+        entry = self.get(key)
+        if entry is not None:
+            self._touch(key)
+        return entry
+
+    def copying(self) -> set[str]:
+        """Keys of the models whose copy into the arena has not ended (their host bytes are read)."""
+        return {entry.key for entry in self.entries if not entry.copy.done()}
+
     def load(
         self, model: CachedModel, keep: frozenset[str] = frozenset(), background: bool = False
     ) -> Resident:

@@ -77,7 +77,7 @@ class EngineBackend:
         def register() -> None:
             if record.name in self.engine.models:
                 raise InvalidRequest(f"a model called {record.name!r} is registered already", param="name")
-            self.engine.register(record.name, record.path, progress=False)
+            self.engine.register(record.name, record.path, record.pinned)
             self._records[record.name] = record
 
         await asyncio.wrap_future(self._call(register))

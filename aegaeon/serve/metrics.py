@@ -331,6 +331,16 @@ def _node_families(snapshot: NodeSnapshot) -> Iterator[Metric]:
         "Models evicted from the host model cache to make room.",
         value=cache.evictions,
     )
+    yield CounterMetricFamily(
+        f"{PREFIX}host_model_cache_disk_loads",
+        "Models read from disk into the host model cache.",
+        value=cache.disk_loads,
+    )
+    yield CounterMetricFamily(
+        f"{PREFIX}host_model_cache_loaded_bytes",
+        "Bytes read from disk into the host model cache.",
+        value=cache.loaded_bytes,
+    )
     yield GaugeMetricFamily(
         f"{PREFIX}host_kv_pool_capacity_bytes", "Bytes of the node's host KV pool.", value=pool.capacity_bytes
     )

@@ -20,8 +20,9 @@ STATES = (DEVICE, HOST, LOADING, DISK)  # best first
 
 
 def host_state(cache: HostModelCache, key: str) -> str:
-    """The model under `key` in a node's host model cache: HOST when it is ready there, else DISK."""
-    return HOST if cache.get(key) is not None else DISK
+    """The model under `key` in a node's host model cache: HOST when ready there, LOADING while it is
+    being read in, else DISK (read without touching its place in the cache's LRU order)."""
+    return cache.state(key) or DISK
 
 
 def best_state(states: Iterable[str]) -> str:

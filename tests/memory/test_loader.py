@@ -19,19 +19,27 @@ from aegaeon.config import MEMORY_ALIGNMENT
 from aegaeon.memory.arena import DeviceArena
 from aegaeon.memory.copies import CopyStream
 from aegaeon.memory.loader import ModelLoader, ResidentModels
-from aegaeon.memory.model_cache import HostModelCache, plan_layout
+from aegaeon.memory.model_cache import HostModelCache, plan_layout, tensor_views
 
 SHAPES = {"w": (64, 16)}
 MODEL_BYTES = plan_layout(SHAPES, torch.float32)[1]
 KV_BYTES = 4 * MEMORY_ALIGNMENT
 
 
+def filled_with(value: float):
+    """A fill of the host cache that sets every weight to `value`."""
+
+    def fill(entry, model, progress):
+        for view in tensor_views(entry, 0, model).values():
+            view.fill_(value)
+
+    return fill
+
+
 def residents_for(tmp_path, models: int) -> tuple[ResidentModels, dict]:
     cache = HostModelCache.create(tmp_path, 3 * MODEL_BYTES)
     cached = {
-        key: cache.load(
-            key, SHAPES, torch.float32, lambda seed=seed: {"w": torch.full((64, 16), seed)}, False
-        )
+        key: cache.acquire(key, SHAPES, torch.float32, filled_with(seed), False, pin=False)
         for seed, key in enumerate("abc", start=1)
     }
     arena = DeviceArena(KV_BYTES + models * MODEL_BYTES, "cpu")
@@ -78,9 +86,7 @@ def sized_residents_for(tmp_path) -> tuple[ResidentModels, dict]:
     nbytes = {key: plan_layout({"w": (rows, 16)}, torch.float32)[1] for key, rows in ROWS.items()}
     cache = HostModelCache.create(tmp_path, sum(nbytes.values()))
     cached = {
-        key: cache.load(
-            key, {"w": (rows, 16)}, torch.float32, lambda r=rows, v=seed: {"w": torch.full((r, 16), v)}, False
-        )
+        key: cache.acquire(key, {"w": (rows, 16)}, torch.float32, filled_with(seed), False, pin=False)
         for seed, (key, rows) in enumerate(ROWS.items(), start=1)
     }
     arena = DeviceArena(KV_BYTES + 2 * max(nbytes.values()), "cpu")

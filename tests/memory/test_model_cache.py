@@ -26,15 +26,18 @@ def state(seed: float) -> dict[str, torch.Tensor]:
 
 
 class Reader:
-    """A checkpoint reader that counts how often it is asked."""
+    """Fills a model's entry with `state(seed)`, counting how often it is asked."""
 
     def __init__(self, seed: float):
         self.seed = seed
         self.calls = 0
 
-    def __call__(self) -> dict[str, torch.Tensor]:
+    def __call__(self, entry: torch.Tensor, model, progress) -> None:
         self.calls += 1
-        return state(self.seed)
+        views = tensor_views(entry, 0, model)
+        for name, tensor in state(self.seed).items():
+            views[name].copy_(tensor)
+        progress(model.nbytes)
 
 
 @pytest.fixture()
@@ -53,7 +56,7 @@ def make_cache(tmp_path):
 
 def test_a_model_is_one_aligned_contiguous_range(make_cache):
     cache = make_cache(2)
-    model = cache.load("a", SHAPES, torch.float32, Reader(1.0), progress=False)
+    model = cache.acquire("a", SHAPES, torch.float32, Reader(1.0), progress=False, pin=False)
     assert model.nbytes == MODEL_BYTES
     assert all(slot.offset % MEMORY_ALIGNMENT == 0 for slot in model.tensors)
     assert [slot.name for slot in model.tensors] == list(SHAPES)
@@ -74,17 +77,17 @@ def test_region_and_index_are_owner_only(make_cache):
 def test_loading_twice_reads_the_checkpoint_once(make_cache):
     cache = make_cache(2)
     reader = Reader(2.0)
-    first = cache.load("a", SHAPES, torch.float32, reader, progress=False)
-    second = cache.load("a", SHAPES, torch.float32, reader, progress=False)
+    first = cache.acquire("a", SHAPES, torch.float32, reader, progress=False, pin=False)
+    second = cache.acquire("a", SHAPES, torch.float32, reader, progress=False, pin=False)
     assert first == second and reader.calls == 1
 
 
 def test_least_recently_used_unpinned_model_is_evicted(make_cache):
     cache = make_cache(2)
-    cache.load("a", SHAPES, torch.float32, Reader(1.0), progress=False)
-    cache.load("b", SHAPES, torch.float32, Reader(2.0), progress=False)
+    cache.acquire("a", SHAPES, torch.float32, Reader(1.0), progress=False, pin=False)
+    cache.acquire("b", SHAPES, torch.float32, Reader(2.0), progress=False, pin=False)
     cache.get("a")  # a is now more recently used than b
-    cache.load("c", SHAPES, torch.float32, Reader(3.0), progress=False)
+    cache.acquire("c", SHAPES, torch.float32, Reader(3.0), progress=False, pin=False)
     assert cache.get("b") is None
     assert cache.get("a") is not None and cache.get("c") is not None
     assert cache.stats().evictions == 1
@@ -94,16 +97,16 @@ def test_least_recently_used_unpinned_model_is_evicted(make_cache):
 
 def test_pinned_models_stay_and_a_full_cache_says_what_to_raise(make_cache):
     cache = make_cache(2)
-    cache.load("a", SHAPES, torch.float32, Reader(1.0), progress=False)
-    cache.load("b", SHAPES, torch.float32, Reader(2.0), progress=False)
+    cache.acquire("a", SHAPES, torch.float32, Reader(1.0), progress=False, pin=False)
+    cache.acquire("b", SHAPES, torch.float32, Reader(2.0), progress=False, pin=False)
     cache.pin("a")
-    cache.load("c", SHAPES, torch.float32, Reader(3.0), progress=False)
+    cache.acquire("c", SHAPES, torch.float32, Reader(3.0), progress=False, pin=False)
     assert cache.get("a") is not None and cache.get("b") is None
     cache.pin("c")
     with pytest.raises(ModelCacheFullError, match="host_model_cache_bytes"):
-        cache.load("d", SHAPES, torch.float32, Reader(4.0), progress=False)
+        cache.acquire("d", SHAPES, torch.float32, Reader(4.0), progress=False, pin=False)
     cache.unpin("c")
-    cache.load("d", SHAPES, torch.float32, Reader(4.0), progress=False)
+    cache.acquire("d", SHAPES, torch.float32, Reader(4.0), progress=False, pin=False)
     assert cache.get("c") is None and cache.get("a") is not None
 
 
@@ -111,12 +114,12 @@ def test_a_model_larger_than_the_cache_is_refused(make_cache):
     cache = make_cache(1)
     big = {"embed": (1000, 1000)}
     with pytest.raises(ModelCacheFullError, match="host_model_cache_bytes"):
-        cache.load("big", big, torch.float32, Reader(0.0), progress=False)
+        cache.acquire("big", big, torch.float32, Reader(0.0), progress=False, pin=False)
 
 
 def test_another_process_maps_the_same_models(make_cache):
     cache = make_cache(2)
-    cache.load("a", SHAPES, torch.float32, Reader(5.0), progress=False)
+    cache.acquire("a", SHAPES, torch.float32, Reader(5.0), progress=False, pin=False)
     script = f"""
 import torch
 from aegaeon.memory.model_cache import HostModelCache, tensor_views
