@@ -158,6 +158,24 @@ class ContinuousBatcher:
         self.swapped.append(seq)
         return blocks
 
+    def drop(self, seq: Sequence) -> None:
+        """Take a running or waiting sequence off the device without keeping its KV: it waits swapped
+        out, to be recomputed from its prompt and output so far once `requeue`d."""
+        if seq in self.running:
+            self.running.remove(seq)
+        else:
+            self.waiting.remove(seq)
+        self._release(seq)
+        self.prefilled.pop(seq, None)  # recomputed from its first token
+        seq.status = SequenceStatus.SWAPPED
+        self.swapped.append(seq)
+
+    def requeue(self, seq: Sequence) -> None:
+        """A swapped-out sequence without KV waits, first in line, for its prefill (prompt and output)."""
+        self.swapped.remove(seq)
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+
     def swap_in(self, seq: Sequence) -> list[int]:
         """Give a swapped sequence device blocks for its KV again and make it running."""
         seq.block_table = self.allocator.allocate(len(seq.host_blocks))

@@ -28,6 +28,7 @@ from aegaeon.engine.sampling_params import SamplingParams
 from aegaeon.engine.sequence import FinishReason, Request, Sequence, SequenceStatus
 from aegaeon.engine.tokenizer import Tokenizer
 from aegaeon.engine.weights import parse_dtype
+from aegaeon.memory.copies import CopyStream
 from aegaeon.memory.kv_pool import HostKVPool
 from aegaeon.memory.model_cache import HostModelCache
 from aegaeon.scheduler.models import blocks_for_tokens
@@ -61,7 +62,8 @@ class LLMEngine:
             models, self.device, self.dtype, self.config, memory or MemoryConfig(), model_cache, progress
         )
         self.models = self.residency.models
-        self.kv = KVMover(self.residency.copies, kv_pool)
+        # KV moves on their own stream, ahead of the weights' copies (a swap-in never waits for a prefetch).
+        self.kv = KVMover(CopyStream(self.device, ahead_of=self.residency.copies), kv_pool)
         self._requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         self._grammar_compilers: dict[str, GrammarCompiler] = {}
@@ -107,22 +109,29 @@ class LLMEngine:
     # -- KV ------------------------------------------------------------------------------------------
 
     def swap_out(self, request_id: str) -> None:
-        """Move a request's KV from the device to the host KV pool; its model must be active."""
+        """Take a request off the device: its KV to the host KV pool, or dropped to be recomputed
+        when the pool is full (so are sequences waiting to run); a running one's model must be active."""
         request = self._request(request_id)
-        served = self._active_for(request)
+        batcher = self.models[request.model].batcher
         for seq in request.seqs:
             if seq.status is SequenceStatus.RUNNING:
-                self.kv.swap_out(served, seq)
+                self.kv.swap_out(self._active_for(request), seq)
+            elif seq.status is SequenceStatus.WAITING:
+                batcher.drop(seq)  # no KV on the device yet: it waits to be prefilled when placed again
         self.kv.reap()
 
-    def swap_in(self, request_id: str) -> None:
-        """Start moving a swapped-out request's KV back to the device; steps run it once it lands."""
+    def swap_in(self, request_id: str) -> bool:
+        """Bring a swapped-out request back: its KV starts moving to the device (steps run it once it
+        lands) or, dropped, is recomputed by the next steps. False if nothing was swapped out, or the
+        device had no room for all of it (the rest stays swapped out)."""
         request = self._request(request_id)
+        swapped = [seq for seq in request.seqs if seq.status is SequenceStatus.SWAPPED]
+        if not swapped:
+            return False
         served = self._active_for(request)
-        for seq in request.seqs:
-            if seq.status is SequenceStatus.SWAPPED:
-                self.kv.swap_in(served, seq)
+        placed = [self.kv.swap_in(served, seq) for seq in swapped]
         self.kv.reap()
+        return all(placed)
 
     def on_device(self, request_id: str) -> bool:
         """Whether the request has sequences whose KV is on the device (running)."""
@@ -195,10 +204,10 @@ class LLMEngine:
         return compiler
 
     def export_request(self, request_id: str) -> RequestHandoff:
-        """Hand a request over to another engine: swapped out here, it leaves this engine entirely."""
+        """Hand a request over to another engine: swapped out here (KV the host pool cannot hold is
+        recomputed there), it leaves this engine entirely."""
+        self.swap_out(request_id)
         request = self._request(request_id)
-        if self.models[request.model] is self.active:
-            self.swap_out(request_id)
         self.kv.finish()  # the host copies must be complete before another engine reads them
         del self._requests[request_id]
         return handoff.export_request(request_id, request, self.models[request.model])
@@ -206,8 +215,9 @@ class LLMEngine:
     def import_request(self, moved: RequestHandoff) -> None:
         """Take over a request exported by another engine of the node; it waits swapped out.
 
-        A sequence handed over without KV blocks waits to be recomputed (prompt plus its output so
-        far, as after a preemption): how requests of a crashed instance resume.
+        A sequence handed over without KV blocks is recomputed (prompt plus its output so far, as
+        after a preemption) once swapped in: how requests of a crashed instance resume, and those
+        whose KV the host pool could not hold.
         """
         served = self.model(moved.model)
         if moved.request_id in self._requests:

@@ -42,12 +42,13 @@ class RequestHandoff:
 
 
 def export_request(request_id: str, request: Request, served: ServedModel) -> RequestHandoff:
-    """Take a swapped-out request out of its batcher; its host KV blocks now belong to the handoff."""
+    """Take a swapped-out request out of its batcher; its host KV blocks now belong to the handoff
+    (a sequence whose KV was dropped goes without: it is recomputed where it arrives)."""
     handoffs = []
     for seq in request.seqs:
         if not seq.finished:
             if seq.status is not SequenceStatus.SWAPPED:
-                raise RuntimeError(f"request {request_id} has a sequence without KV to hand over")
+                raise RuntimeError(f"request {request_id} has a sequence still on the device")
             served.batcher.swapped.remove(seq)
         handoffs.append(
             SequenceHandoff(
@@ -86,11 +87,11 @@ def import_request(
         if moved.finish_reason is not None:
             seq.finish_reason = FinishReason(moved.finish_reason)
             seq.status = SequenceStatus.FINISHED
-        elif moved.host_blocks:
+        else:
+            # Without blocks its KV was lost (an instance process died) or dropped (the host pool was
+            # full): swapping it in recomputes it from prompt and output so far.
             seq.host_blocks = list(moved.host_blocks)
             seq.status = SequenceStatus.SWAPPED
             served.batcher.swapped.append(seq)
-        else:  # its KV was lost (an instance process died): recomputed from prompt and output so far
-            served.batcher.add(seq)
         seqs.append(seq)
     return Request(served.name, list(handoff.prompt_token_ids), seqs)

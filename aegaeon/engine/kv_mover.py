@@ -12,7 +12,7 @@ from collections.abc import Callable
 from aegaeon.engine.residency import ServedModel
 from aegaeon.engine.sequence import Sequence
 from aegaeon.memory.copies import Copy, CopyStream
-from aegaeon.memory.kv_pool import HostKVPool
+from aegaeon.memory.kv_pool import HostKVPool, HostKVPoolFullError
 
 
 class KVMover:
@@ -24,34 +24,58 @@ class KVMover:
         # KV copies not yet known complete, with what to release once they are.
         self._moves: list[tuple[Copy, Callable[[], None]]] = []
 
-    def swap_out(self, served: ServedModel, seq: Sequence) -> None:
-        """Start copying a running sequence's KV to the host pool; its device blocks free on completion."""
+    def swap_out(self, served: ServedModel, seq: Sequence) -> bool:
+        """Start copying a running sequence's KV to the host pool; its device blocks free on completion.
+
+        When the pool cannot hold it now, the KV is dropped instead (a preemption by recompute): the
+        sequence waits swapped out without host blocks and is prefilled again from its prompt and
+        output so far when swapped in, which under greedy decoding continues exactly. A full pool is
+        momentary back-pressure, never a failure. True if the KV was kept.
+        """
         if self.kv_pool is None:
             raise RuntimeError("this engine has no host KV pool to swap to (pass kv_pool=...)")
         if seq.kv_arrival is not None:
             seq.kv_arrival.wait()
             seq.kv_arrival = None
-        handles = self.kv_pool.allocate(served.kv_shape, len(seq.block_table))
+        self.reap()  # completed swap-ins give their host blocks back first
+        try:
+            handles = self.kv_pool.allocate(served.kv_shape, len(seq.block_table))
+        except HostKVPoolFullError:
+            served.batcher.drop(seq)
+            return False
         copy = self.kv_pool.copy_from_device(self.copies, handles, served.runner.kv_cache, seq.block_table)
         blocks = served.batcher.swap_out(seq)
         seq.host_blocks = handles
         # The device blocks are reused only once the copy that reads them has completed.
         self._moves.append((copy, lambda: served.batcher.allocator.free(blocks)))
+        return True
 
-    def swap_in(self, served: ServedModel, seq: Sequence) -> None:
-        """Start copying a swapped-out sequence's KV back; a step runs it once `kv_arrival` is done."""
+    def swap_in(self, served: ServedModel, seq: Sequence) -> bool:
+        """Bring a swapped-out sequence back: start copying its KV in (a step runs it once
+        `kv_arrival` is done), or, if its KV was dropped, queue it to be recomputed. False if the
+        device has no blocks for it now: it stays swapped out and waits."""
         self.reap()
+        if not seq.host_blocks:
+            served.batcher.requeue(seq)
+            return True
+        allocator = served.batcher.allocator
+        if len(seq.host_blocks) > allocator.num_free:
+            self.finish()  # swap-outs still copying hold device blocks until they complete
+            if len(seq.host_blocks) > allocator.num_free:
+                return False
         blocks = served.batcher.swap_in(seq)
         copy = self.kv_pool.copy_to_device(self.copies, seq.host_blocks, served.runner.kv_cache, blocks)
         host_blocks, seq.host_blocks = seq.host_blocks, []
         seq.kv_arrival = copy
         self._moves.append((copy, lambda: self.kv_pool.free(host_blocks)))
+        return True
 
     def evict(self, served: ServedModel) -> None:
         """Take every running sequence of `served` off the device and wait for all moves.
 
-        Swapped out to the host pool, or with no pool preempted (recomputed later); the moves must
-        finish because the KV region is about to be read with another block shape.
+        Swapped out to the host pool (their KV dropped, to be recomputed, where the pool is full), or
+        with no pool preempted (recomputed later); the moves must finish because the KV region is
+        about to be read with another block shape.
         """
         for seq in list(served.batcher.running):
             if self.kv_pool is not None:

@@ -17,7 +17,7 @@ from aegaeon.engine.tokenizer import Tokenizer
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
-    SWAPPED = "swapped"  # its KV waits in the host pool
+    SWAPPED = "swapped"  # off the device: its KV in the host pool (no host blocks: recomputed)
     FINISHED = "finished"
 
 

@@ -16,6 +16,7 @@ import queue
 import threading
 import time
 from collections.abc import Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -126,8 +127,11 @@ class Instance(threading.Thread):
         self.prefill_queue = prefill_queue
         self.decode = decode
         self.timeline = self.turns.timeline
-        # Requests handed over by prefill instances, and aborts: applied to the engine by this thread.
-        self.inbox: queue.SimpleQueue[RequestHandoff | Abort] = queue.SimpleQueue()
+        # Requests handed over by prefill instances (a future while the export is under way; None if
+        # the request was aborted meanwhile), and aborts: applied to the engine by this thread.
+        self.inbox: queue.SimpleQueue[Future[RequestHandoff | None] | RequestHandoff | Abort] = (
+            queue.SimpleQueue()
+        )
         self.error: BaseException | None = None
         # Seconds spent inside engine.step() during decode turns, and in the whole decode steps (the
         # turn loop deciding on the step, the step, its outputs delivered): their difference is the
@@ -239,6 +243,11 @@ class Instance(threading.Thread):
                 message = self.inbox.get_nowait()
             except queue.Empty:
                 return adopted
+            if isinstance(message, Future):
+                # Exported outside the node's lock: this waits only for that one copy to the host.
+                message = message.result()
+                if message is None:
+                    continue
             if isinstance(message, Abort):
                 self.engine.abort_request(message.request_id)
             elif (live := self.node.live.get(message.request_id)) is not None:

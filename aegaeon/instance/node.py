@@ -19,6 +19,7 @@ import uuid
 import weakref
 from collections import deque
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -493,19 +494,25 @@ class Node:
     def after_prefill(self, request: SchedRequest, instance: Instance) -> None:
         """Place a prefilled request in a decode batch; move its KV if the batch is elsewhere.
 
-        The handoff reaches the target's inbox under the same lock as the placement, so a round the
-        target plans with this request finds its KV waiting in the inbox, never still in transit.
+        The handoff's future reaches the target's inbox under the same lock as the placement, so a
+        round the target plans with this request finds it there; the export itself (waiting for the
+        KV's host copy) runs outside the lock, so the other instances keep stepping meanwhile, and
+        the target waits for it only when it adopts the request.
         """
+        moving: Future[RequestHandoff | None] | None = None
         with self._work:
             aborted = request.request_id not in self.live
             placement = None if aborted else self.decode.dispatch(request)
             if placement is not None:
                 target = self._by_name[self.decode.instances[placement.instance].name]
                 if target is not instance:
-                    target.inbox.put(instance.engine.export_request(request.request_id))
+                    moving = Future()
+                    target.inbox.put(moving)
                     live = self.live[request.request_id]
                     live.holder, live.in_transit = target.instance_name, True
                     self._work.notify_all()
+        if moving is not None:
+            self._export(request.request_id, instance, moving)
         if placement is not None:
             self.request_moved(request.request_id, DECODING, target.instance_name)
         if aborted:
@@ -514,6 +521,20 @@ class Node:
             instance.engine.abort_request(request.request_id)
             message = f"request {request.request_id} does not fit the KV memory of any decode instance"
             self._fail(request.request_id, RequestFailed(message))
+
+    def _export(self, request_id: str, instance: Instance, moving: Future[RequestHandoff | None]) -> None:
+        """Hand a request over from `instance`'s engine into `moving` (outside the node's lock).
+
+        If the export fails (the instance died), the request goes without KV: its output so far is
+        recomputed where it arrives, as for any request whose KV was lost (None: it was aborted).
+        """
+        try:
+            moving.set_result(instance.engine.export_request(request_id))
+        finally:
+            if not moving.done():
+                with self.lock:
+                    live = self.live.get(request_id)
+                moving.set_result(resume_handoff(live) if live is not None else None)
 
     def _fail(self, request_id: str, error: BaseException) -> None:
         with self.lock:

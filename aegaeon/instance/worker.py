@@ -160,17 +160,15 @@ class EngineService:
         return self.engine.has_unfinished_requests(model)
 
     def place(self, model: str, batch_ids: set[str]) -> list[str]:
-        """Make the running set of `model` exactly the batch: swap others out, the batch in.
+        """Make what the steps of `model` run exactly the batch: others swapped out, the batch in.
 
-        Returns the ids swapped in.
+        Returns the ids swapped in (KV copied back, or queued to be recomputed).
         """
         swapped_in = []
         for request_id in self.engine.requests_of(model):
-            on_device = self.engine.on_device(request_id)
-            if request_id not in batch_ids and on_device:
+            if request_id not in batch_ids:
                 self.engine.swap_out(request_id)
-            elif request_id in batch_ids and not on_device:
-                self.engine.swap_in(request_id)
+            elif self.engine.swap_in(request_id):
                 swapped_in.append(request_id)
         return swapped_in
 

@@ -1,13 +1,15 @@
 """Copies between host and device memory that run beside the computation, each ending in an event.
 
 Scale-ups (a model's byte range in chunks) and KV swaps (a request's blocks, one copy per run of
-blocks that are consecutive on both sides: `block_runs`) both go through a `CopyStream`. On CUDA the
-copies are issued on a dedicated stream of the engine's device from page-locked host memory and an
-event marks their end, so the compute stream keeps working meanwhile and later waits only on what
-it reads. Every stream and event call names that device: the current device of the process may be
-another one. On the CPU there is no second engine to copy with: a copy runs inline, or on a
-background thread when asked, and its thread marks its end; either way its bytes are copied by
-copies.c, shared among threads in chunks.
+blocks that are consecutive on both sides: `block_runs`) each go through a `CopyStream` of their
+own, the KV one ahead of the weights one. On CUDA the copies are issued on dedicated streams of the
+engine's device (the KV stream at a higher priority) from page-locked host memory and an event marks
+their end, so the compute stream keeps working meanwhile and later waits only on what it reads.
+Every stream and event call names that device: the current device of the process may be another
+one. On the CPU there is no second engine to copy with: a copy runs inline when nothing else is
+copying, else the device's copier thread runs the copies in issue order, KV moves before the next
+chunk of a weights copy, and marks each one's end; either way the bytes are copied by copies.c,
+shared among threads in chunks (it releases the GIL).
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ from __future__ import annotations
 import ctypes
 import functools
 import threading
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +46,9 @@ KERNEL_SOURCE = Path(__file__).with_name("copies.c")
 KERNEL_FLAGS = ("-O3", "-march=native", "-fPIC", "-shared")
 # The header of a job of copies.c: next chunk, helpers inside, runs, chunk bytes, stream stores.
 _JOB_HEADER = 5
+# CUDA stream priority of KV moves (lower is higher; 0 is the default of weight copies), so the
+# device schedules them ahead of a prefetch's chunks.
+KV_STREAM_PRIORITY = -1
 
 
 def block_runs(targets: Sequence[int], sources: Sequence[int], block_bytes: int) -> list[Run]:
@@ -97,20 +104,21 @@ class Copy:
     def __init__(self, event: torch.cuda.Event | None = None, device: torch.device | None = None):
         self._event = event
         self._device = device  # the device whose compute stream waits on the event
-        self._thread: threading.Thread | None = None
+        # On the CPU, set by the copier thread once a queued copy has run (None: it ran inline).
+        self._finished: threading.Event | None = None
         self._error: BaseException | None = None
 
     def done(self) -> bool:
         if self._event is not None:
             return self._event.query()
-        return self._thread is None or not self._thread.is_alive()
+        return self._finished is None or self._finished.is_set()
 
     def wait(self) -> None:
         """Return when the compute stream may read the copied bytes (on CUDA, without stalling the host)."""
         if self._event is not None:
             torch.cuda.current_stream(self._device).wait_event(self._event)
-        if self._thread is not None:
-            self._thread.join()
+        if self._finished is not None:
+            self._finished.wait()
         if self._error is not None:
             raise self._error
 
@@ -121,12 +129,89 @@ class Copy:
         self.wait()
 
 
-class CopyStream:
-    """Issues copies off the compute path of one device."""
+@dataclass(eq=False)
+class _QueuedCopy:
+    """A copy waiting for (or being run by) a CPU copier: its pairs and how many of them have run."""
 
-    def __init__(self, device: torch.device):
+    stream: CopyStream
+    pairs: list[tuple[torch.Tensor, torch.Tensor]]
+    copy: Copy
+    ran: int = 0
+
+
+class _CPUCopier:
+    """The thread that runs the queued copies of one CPU device, one at a time in issue order, except
+    that copies of the front queue (KV moves) go before the next pair (chunk) of a back one (weights).
+
+    A CPU has no copy engine: its cores copy. One thread copying in a chosen order keeps a swap-in
+    issued during a model's prefetch from waiting behind the whole prefetch: it waits at most for
+    the chunk being copied.
+    """
+
+    def __init__(self) -> None:
+        self._ready = threading.Condition()
+        self._front: deque[_QueuedCopy] = deque()
+        self._back: deque[_QueuedCopy] = deque()
+        self._running = False
+        self._thread: threading.Thread | None = None
+
+    @property
+    def idle(self) -> bool:
+        with self._ready:
+            return not (self._running or self._front or self._back)
+
+    def submit(self, job: _QueuedCopy, front: bool) -> None:
+        job.copy._finished = threading.Event()
+        with self._ready:
+            (self._front if front else self._back).append(job)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="aegaeon-copier", daemon=True)
+                self._thread.start()
+            self._ready.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._ready:
+                while not (self._front or self._back):
+                    self._ready.wait()
+                if self._front:  # a KV move runs whole
+                    job, whole = self._front.popleft(), True
+                else:  # weights go one chunk at a time, so a KV move can cut in
+                    job, whole = self._back[0], False
+                self._running = True
+            pairs = job.pairs[job.ran :] if whole else job.pairs[job.ran : job.ran + 1]
+            try:
+                job.stream._copy_on_cpu(pairs)
+            except BaseException as error:  # noqa: BLE001 - raised again by Copy.wait in the caller
+                job.copy._error = error
+                pairs = job.pairs[job.ran :]  # the rest is not copied
+            job.ran += len(pairs)
+            finished = job.ran == len(job.pairs)
+            with self._ready:
+                if finished and not whole:
+                    self._back.popleft()
+                self._running = False
+            if finished:
+                job.copy._finished.set()
+
+
+class CopyStream:
+    """Issues copies off the compute path of one device.
+
+    A device's KV moves go on their own stream, made `ahead_of` its weights stream: on CUDA a second
+    stream of higher priority, on the CPU the front queue of the copier thread the two share. So a
+    swap-in issued while the next model's weights are being prefetched does not wait for them.
+    """
+
+    def __init__(self, device: torch.device, ahead_of: CopyStream | None = None):
         self.device = device
-        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._front = ahead_of is not None
+        self.stream: torch.cuda.Stream | None = None
+        self._copier: _CPUCopier | None = None
+        if device.type == "cuda":
+            self.stream = torch.cuda.Stream(device, priority=KV_STREAM_PRIORITY if self._front else 0)
+        else:
+            self._copier = ahead_of._copier if self._front else _CPUCopier()
         self._threads = torch.get_num_threads() if self.stream is None else 1
         self._helpers = (
             ThreadPoolExecutor(self._threads - 1, thread_name_prefix="aegaeon-copy")
@@ -135,7 +220,11 @@ class CopyStream:
         )
 
     def copy(self, pairs: CopyPairs, background: bool = False) -> Copy:
-        """Start `target.copy_(source)` for each pair; on the CPU inline unless `background`."""
+        """Start `target.copy_(source)` for each pair.
+
+        On the CPU a copy issued while the copier is idle and not `background` runs inline; otherwise
+        it is queued (in order, KV moves ahead of weights) and, unless `background`, waited for.
+        """
         if self.stream is not None:
             # The copy may read what the compute stream just wrote (KV), or overwrite what it just
             # read (an evicted model): it starts after the work already queued there.
@@ -146,18 +235,13 @@ class CopyStream:
                 event = self.stream.record_event()
             return Copy(event, self.device)
         copy = Copy()
-        if not background:
+        if not background and self._copier.idle:
+            # Only the engine's thread issues copies: nothing can be queued while this one runs.
             self._copy_on_cpu(pairs)
             return copy
-
-        def run() -> None:
-            try:
-                self._copy_on_cpu(pairs)
-            except BaseException as error:  # noqa: BLE001 - raised again by Copy.wait in the caller
-                copy._error = error
-
-        copy._thread = threading.Thread(target=run, name="aegaeon-copy", daemon=True)
-        copy._thread.start()
+        self._copier.submit(_QueuedCopy(self, list(pairs), copy), self._front)
+        if not background:
+            copy.wait()
         return copy
 
     def _copy_on_cpu(self, pairs: CopyPairs) -> None:

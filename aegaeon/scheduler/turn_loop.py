@@ -196,7 +196,7 @@ class TurnLoop:
         return True
 
     def decode_turn(self, plan: RoundPlan, index: int) -> Turns[None]:
-        """Batch `index`'s turn: switch, prefetch the next batch's model, place its KV, step while the
+        """Batch `index`'s turn: switch, place its KV, prefetch the next batch's model, step while the
         quota lasts, swap its KV out if others share the round; measure what the turn cost."""
         batch = plan.batches[index]
         members = [r for r in batch.requests if not r.done]
@@ -208,13 +208,16 @@ class TurnLoop:
         model = batch.model
         entered = self.now()
         yield from self.switch(model)
-        following = plan.batches[(index + 1) % len(plan.batches)].model
-        if following != model:
-            yield from self.prefetch(following)
+        # The batch's KV is placed before the next model's prefetch is issued: KV moves go ahead of
+        # weights (on a device's copy queue, or its higher-priority KV stream), so this turn's first
+        # step never waits behind gigabytes of someone else's weights.
         placing = self.now()
         swapped_in = yield Place(model, tuple(members))
         if swapped_in:
             self.timeline.record(EventKind.SWAP_IN, model, placing, self.now(), swapped_in)
+        following = plan.batches[(index + 1) % len(plan.batches)].model
+        if following != model:
+            yield from self.prefetch(following)
         turn = DecodeTurn.of(plan, index)
         decode, queue = self.decode, self.prefill_queue
         start = now = self.now()

@@ -139,7 +139,8 @@ def test_a_round_of_two_models_switches_steps_and_swaps_out_each_turn() -> None:
     kinds = [type(c) for c in device.commands]
     # Consecutive steps collapsed: the order of one turn, twice.
     collapsed = [k for i, k in enumerate(kinds) if i == 0 or k is not Step or kinds[i - 1] is not Step]
-    turn = [Adopt, Switch, Prefetch, Place, Step, SwapOut]
+    # The batch's KV is placed before the next model's prefetch is issued (KV moves go first).
+    turn = [Adopt, Switch, Place, Prefetch, Step, SwapOut]
     assert collapsed == [ResidentModels, *turn, *turn]
     switches = [c.model for c in device.commands if isinstance(c, Switch)]
     prefetches = [c.model for c in device.commands if isinstance(c, Prefetch)]
