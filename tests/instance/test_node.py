@@ -101,7 +101,8 @@ def test_five_models_share_one_colocated_instance_token_by_token(
     turns = timeline.of_kind(EventKind.DECODE_TURN)
     assert len(interleaved) >= 3, [turn.model for turn in turns]
     assert len({turn.model for turn in turns}) == len(five_model_dirs)
-    assert len(turns) > 2 * len(five_model_dirs)
+    # Turns are long enough that switches stay a small share of a round, yet every model comes back.
+    assert len(turns) >= 2 * len(five_model_dirs)
 
 
 def test_prefill_and_decode_instances_hand_kv_through_the_host_pool(
