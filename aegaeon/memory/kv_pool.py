@@ -199,18 +199,20 @@ class HostKVPool:
         """A new, empty pool of `nbytes // slab_bytes` slabs (the node does this once).
 
         `nbytes` is `host_kv_pool_bytes`, `slab_bytes` is `kv_slab_bytes`; the region is a little
-        larger than the slabs, for the allocator's state.
+        larger than the slabs, for the allocator's state. A pool smaller than one slab is one slab of
+        its own size, so a small pool needs no slab setting of its own.
         """
+        if nbytes < MIN_KV_BLOCK_BYTES:
+            raise ValueError(
+                f"host_kv_pool_bytes ({nbytes}) must hold at least one KV block ({MIN_KV_BLOCK_BYTES} bytes)"
+            )
+        slab_bytes = min(slab_bytes, nbytes - nbytes % MEMORY_ALIGNMENT)
         if slab_bytes < MIN_KV_BLOCK_BYTES or slab_bytes % MEMORY_ALIGNMENT:
             raise ValueError(
                 f"kv_slab_bytes must be a multiple of {MEMORY_ALIGNMENT} and at least {MIN_KV_BLOCK_BYTES}, "
                 f"got {slab_bytes}"
             )
         num_slabs = nbytes // slab_bytes
-        if num_slabs < 1:
-            raise ValueError(
-                f"host_kv_pool_bytes ({nbytes}) must hold at least one slab of kv_slab_bytes ({slab_bytes})"
-            )
         bitmap_bytes = _align(-(-(slab_bytes // MIN_KV_BLOCK_BYTES) // 8), 8)
         table_offset = _HEADER_WORDS * 8
         bitmaps_offset = table_offset + num_slabs * _SLAB_WORDS * 8

@@ -55,8 +55,10 @@ def host_sizes(memory: MemoryConfig, available: int, models_bytes: int | None = 
     budget = int(available * memory.host_memory_fraction)
     kv_pool = memory.host_kv_pool_bytes
     if kv_pool is None:
-        slabs = int(budget * memory.host_kv_pool_fraction) // memory.kv_slab_bytes
-        kv_pool = max(slabs, 1) * memory.kv_slab_bytes
+        share = int(budget * memory.host_kv_pool_fraction)
+        # Whole slabs; a share under one slab is a pool of one smaller slab (HostKVPool.create), so a
+        # small machine or container still starts.
+        kv_pool = share // memory.kv_slab_bytes * memory.kv_slab_bytes or share
     cache = memory.host_model_cache_bytes
     if cache is None:
         cache = budget - kv_pool

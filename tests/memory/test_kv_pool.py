@@ -96,7 +96,7 @@ def test_region_is_owner_only_and_closing_the_owner_removes_it(shm_dir: Path):
 
 def test_bad_settings_and_foreign_files_are_refused(shm_dir: Path):
     with pytest.raises(ValueError, match="host_kv_pool_bytes"):
-        HostKVPool.create(shm_dir, "small", SLAB - 16, SLAB)
+        HostKVPool.create(shm_dir, "small", 16, SLAB)
     with pytest.raises(ValueError, match="kv_slab_bytes"):
         HostKVPool.create(shm_dir, "odd", 4 * SLAB, SLAB + 8)
     (shm_dir / "junk").write_bytes(b"\x01" * 4096)
@@ -424,3 +424,10 @@ def test_blocks_written_in_one_process_are_read_and_freed_in_another(shm_dir: Pa
     pool.validate()
     stats = pool.stats()
     assert stats.slabs_in_use == 0 and stats.allocated_bytes == 0
+
+
+def test_a_pool_smaller_than_a_slab_is_one_slab_of_its_size(tmp_path):
+    """`host_kv_pool_bytes: 1048576` alone works: the default slab (1 GiB) would not fit in it."""
+    with HostKVPool.create(tmp_path, "small", 1 << 20, 1 << 30) as pool:
+        stats = pool.stats()
+        assert stats.capacity_bytes == 1 << 20 and stats.slabs_free == 1

@@ -55,6 +55,9 @@ def test_host_pools_share_the_available_memory_by_default():
     assert sizes.kv_pool_bytes % GIB == 0
     assert sizes.kv_pool_bytes == int(budget * memory.host_kv_pool_fraction) // GIB * GIB
     assert sizes.model_cache_bytes + sizes.kv_pool_bytes == int(budget)
+    # Memory for less than a slab (a container's small /dev/shm): a pool of one smaller slab.
+    small = host_sizes(memory, available=GIB)
+    assert 0 < small.kv_pool_bytes < GIB and small.model_cache_bytes > 0
     # An engine on its own holds at most what its models need.
     assert host_sizes(memory, 100 * GIB, models_bytes=3 * GIB).model_cache_bytes == 3 * GIB
 

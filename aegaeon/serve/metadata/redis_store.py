@@ -199,11 +199,14 @@ class RedisStore(MetadataStore):
     # nodes and placement
     @_store_errors
     def _put_node(self, info: NodeInfo) -> None:
-        key = self._key("node", info.node_id)
-        with self._redis.pipeline() as pipe:  # MULTI: readers never see half a node
+        self._replace_listed(self._key("node", info.node_id), info, self._key("nodes"), info.node_id)
+
+    def _replace_listed(self, key: str, record: Any, index: str, member: str) -> None:
+        """Write `record` as the hash at `key` (replacing it whole) and list `member` in the set `index`."""
+        with self._redis.pipeline() as pipe:  # MULTI: readers never see half a record
             pipe.delete(key)
-            pipe.hset(key, mapping=to_hash(info))
-            pipe.sadd(self._key("nodes"), info.node_id)
+            pipe.hset(key, mapping=to_hash(record))
+            pipe.sadd(index, member)
             pipe.execute()
 
     @_store_errors
@@ -239,12 +242,7 @@ class RedisStore(MetadataStore):
     # the model registry
     @_store_errors
     def put_model(self, record: ModelRecord) -> None:
-        key = self._key("registry", record.name)
-        with self._redis.pipeline() as pipe:  # MULTI: readers never see half a record
-            pipe.delete(key)
-            pipe.hset(key, mapping=to_hash(record))
-            pipe.sadd(self._key("registry"), record.name)
-            pipe.execute()
+        self._replace_listed(self._key("registry", record.name), record, self._key("registry"), record.name)
 
     @_store_errors
     def add_model_if_absent(self, record: ModelRecord) -> bool:
