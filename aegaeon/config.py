@@ -54,6 +54,9 @@ DEFAULT_KV_SLAB_BYTES = 1 * GIB
 # Host-to-device copies go in chunks this large, so one chunk's copy overlaps the next one's issue.
 DEFAULT_LOAD_CHUNK_BYTES = 64 * MIB
 DEFAULT_SHM_DIR = "/dev/shm"
+# Where a served model's weights are, best first (`/v1/models` reports it): in an instance's device
+# arena, in a node's host model cache, being read into one, or only on disk.
+MODEL_ON_DEVICE, MODEL_IN_HOST, MODEL_LOADING, MODEL_ON_DISK = "device", "host", "loading", "disk"
 
 # --- memory tiers: disk -> host model cache -> device arena (aegaeon/memory/sizing.py) -----------
 

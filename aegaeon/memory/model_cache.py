@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from aegaeon.config import MODEL_IN_HOST, MODEL_LOADING
 from aegaeon.memory.arena import align, dtype_size
 from aegaeon.memory.shm import SHM_FILE_MODE, SharedRegion
 
@@ -52,8 +53,6 @@ LAYOUTS_SUFFIX = ".layouts.json"
 FILL_POLL_S = 0.01
 # A load from disk logs its progress this often.
 LOAD_LOG_INTERVAL_S = 5.0
-# What `HostModelCache.state` says of a model.
-READY, LOADING = "host", "loading"
 
 
 class ModelCacheFullError(RuntimeError):
@@ -253,8 +252,8 @@ class HostModelCache:
             if entry is None:
                 return None
             if entry["ready"]:
-                return READY
-            return LOADING if _pid_alive(entry["loader_pid"]) else None
+                return MODEL_IN_HOST
+            return MODEL_LOADING if _pid_alive(entry["loader_pid"]) else None
 
     def pin(self, key: str) -> CachedModel | None:
         """Mark the cached model under `key` active in this process, so it is not evicted until

@@ -9,13 +9,14 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
+from aegaeon.config import MODEL_IN_HOST as HOST
+from aegaeon.config import MODEL_LOADING as LOADING
+from aegaeon.config import MODEL_ON_DEVICE as DEVICE
+from aegaeon.config import MODEL_ON_DISK as DISK
+
 if TYPE_CHECKING:
     from aegaeon.memory.model_cache import HostModelCache
 
-DEVICE = "device"  # its weights are in an instance's device arena: a switch to it copies nothing
-HOST = "host"  # in a node's host model cache: a switch copies it from there
-LOADING = "loading"  # being read into a host model cache
-DISK = "disk"  # registered, in no host cache yet
 STATES = (DEVICE, HOST, LOADING, DISK)  # best first
 
 

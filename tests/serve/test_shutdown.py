@@ -1,13 +1,15 @@
 """Stopping a server whose node has failed: SIGTERM ends it in bounded time, and it leaves no shared memory.
 
-An operator sees: the node fails (its host KV pool is too small for what a burst of long requests
-swaps out), requests get errors, and `kill -TERM` still stops the server within the drain timeout
+An operator sees: the node fails (its instance process keeps dying, more often than the node
+restarts it), requests get errors, and `kill -TERM` still stops the server within the drain timeout
 plus a few seconds, with no `aegaeon-*` files left in /dev/shm.
 """
 
 from __future__ import annotations
 
 import glob
+import os
+import re
 import signal
 import subprocess
 import threading
@@ -17,19 +19,20 @@ import httpx
 import yaml
 
 from aegaeon.config import MIB
+from aegaeon.instance.node import MAX_RESTARTS
 from tests.serve.serve_process import ServeProcess
 
 MODELS = ("llama", "mistral", "qwen2")
 DRAIN_TIMEOUT_S = 3.0
 # What shutting down may take past the drain timeout (closing sockets, stopping instance processes).
 SHUTDOWN_SLACK_S = 5.0
-# One slab, a few blocks: a batch of long requests swapped out when another model takes its turn
-# needs more, so the pool runs out and the node fails.
-HOST_KV_POOL_BYTES = MIB // 16
 KV_BYTES = 4 * MIB
 LONG_TOKENS = 400
 BURST_PER_MODEL = 4
 FAILURE_TIMEOUT_S = 120.0
+RESTART_TIMEOUT_S = 120.0
+# The api server's log line for a request its node failed.
+FAILED = r"request \S+ failed on"
 # A node's regions carry its pid (aegaeon/memory/shm.py), so other processes' regions do not count.
 SHM_PATTERN = "/dev/shm/aegaeon-*-{pid}-*"
 
@@ -42,8 +45,7 @@ def test_sigterm_after_the_node_failed_exits_in_time_and_leaves_no_shared_memory
         yaml.safe_dump(
             {
                 "models": [f"{name}={five_model_dirs[name]}" for name in MODELS],
-                "host_kv_pool_bytes": HOST_KV_POOL_BYTES,
-                "kv_slab_bytes": HOST_KV_POOL_BYTES,
+                "host_kv_pool_bytes": 16 * MIB,
                 "kv_cache_bytes": KV_BYTES,
             }
         )
@@ -78,7 +80,12 @@ def test_sigterm_after_the_node_failed_exits_in_time_and_leaves_no_shared_memory
         ]
         for thread in burst:
             thread.start()
-        server.wait_for(r"request \S+ failed on", FAILURE_TIMEOUT_S)
+        # Kill the instance process each time the node restarts it, until the node gives up.
+        killed: set[int] = set()
+        while (pid := new_instance_pid(server, killed, RESTART_TIMEOUT_S)) is not None:
+            os.kill(pid, signal.SIGKILL)
+        assert len(killed) <= MAX_RESTARTS + 1, "the node restarted its instance more often than allowed"
+        server.wait_for(FAILED, FAILURE_TIMEOUT_S)
         # Requests keep arriving at the failed node while it stops.
         threading.Thread(target=long_request, args=(MODELS[0],), daemon=True).start()
 
@@ -94,3 +101,34 @@ def test_sigterm_after_the_node_failed_exits_in_time_and_leaves_no_shared_memory
         assert time.monotonic() - started <= limit_s
         assert any(status != 200 for status in statuses), statuses  # the node did fail requests
     assert not glob.glob(regions)
+
+
+def new_instance_pid(server: ServeProcess, seen: set[int], timeout_s: float) -> int | None:
+    """The pid of the server's instance process (`python -m aegaeon.instance.worker`) not in `seen`,
+    once it runs (added to `seen`); None once the node has failed requests instead of restarting it."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if any(re.search(FAILED, line) for line in server.lines):
+            return None
+        for child in children(server.process.pid):
+            try:
+                with open(f"/proc/{child}/cmdline", "rb") as cmdline:
+                    worker = b"aegaeon.instance.worker" in cmdline.read()
+            except OSError:
+                continue
+            if worker and child not in seen:
+                seen.add(child)
+                return child
+        time.sleep(0.1)
+    raise AssertionError(f"no new instance process, and no failure, after {timeout_s} s")
+
+
+def children(pid: int) -> list[int]:
+    pids: list[int] = []
+    for task in glob.glob(f"/proc/{pid}/task/*/children"):
+        try:
+            with open(task) as listed:
+                pids += [int(child) for child in listed.read().split()]
+        except OSError:
+            continue
+    return pids
