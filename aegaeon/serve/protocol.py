@@ -135,14 +135,8 @@ class _Strict(BaseModel):
 
 class StreamOptions(_Strict):
     include_usage: bool = False
-    continuous_usage_stats: bool = False  # vLLM's usage in every chunk: not supported
-
-    @field_validator("continuous_usage_stats")
-    @classmethod
-    def _no_continuous_usage(cls, value: bool) -> bool:
-        if value:
-            raise ValueError("is not supported by this server; leave it out (usage comes in the last chunk)")
-        return value
+    # vLLM's: with include_usage, every chunk carries the usage so far, not only a last chunk of its own.
+    continuous_usage_stats: bool = False
 
 
 class JsonSchemaFormat(_Strict):
@@ -256,6 +250,11 @@ class _SamplingRequest(_Strict):
     @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
+
+    @property
+    def continuous_usage(self) -> bool:
+        """Usage in every chunk (vLLM's `continuous_usage_stats`, which counts only with include_usage)."""
+        return self.include_usage and self.stream_options.continuous_usage_stats
 
     def grammar_specs(self) -> list[GrammarSpec]:
         """The output constraints the request gives (structured outputs), each named by its field."""

@@ -232,7 +232,7 @@ class Routes:
             info, tokenizer, prompt_ids, params, CHAT_ID_PREFIX, body.include_usage, "messages"
         )
         if body.stream:
-            return streaming_response(self._chat_chunks(live, body.logprobs, parser))
+            return streaming_response(self._chat_chunks(live, body.logprobs, parser, body.continuous_usage))
         final = await collect(live, request)
         if final is None:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
@@ -267,6 +267,8 @@ class Routes:
         with_logprobs = body.logprobs is not None
 
         def chunk(choices: list[dict[str, Any]], usage: Usage | None = None) -> str:
+            if usage is None and body.continuous_usage:
+                usage = total_usage(lives)
             return sse_chunk(live, "text_completion", choices, usage)
 
         def render(position: int, delta: Delta) -> list[str]:
@@ -299,9 +301,11 @@ class Routes:
         return sse_stream(lives, [], render, lambda usage: chunk([], usage), with_logprobs or body.echo)
 
     def _chat_chunks(
-        self, live: LiveRequest, with_logprobs: bool, parser: ToolCallParser | None
+        self, live: LiveRequest, with_logprobs: bool, parser: ToolCallParser | None, continuous_usage: bool
     ) -> AsyncIterator[str]:
         def chunk(choices: list[dict[str, Any]], usage: Usage | None = None) -> str:
+            if usage is None and continuous_usage:
+                usage = live.usage()
             return sse_chunk(live, "chat.completion.chunk", choices, usage)
 
         def choice(

@@ -482,16 +482,27 @@ def test_unsupported_fields_are_a_400_naming_them(client, route, field):
     assert field in caught.value.body["message"]
 
 
-def test_continuous_usage_stats_is_refused(client):
-    with pytest.raises(openai.BadRequestError) as caught:
-        client.completions.create(
-            model="llama",
-            prompt="x",
-            max_tokens=1,
-            stream=True,
-            stream_options={"include_usage": True, "continuous_usage_stats": True},
+def test_continuous_usage_stats_puts_the_usage_so_far_in_every_chunk(client):
+    """vLLM's `continuous_usage_stats` (load tools such as guidellm send it): each chunk's usage counts
+    the tokens streamed so far, and the last one the whole request."""
+    for create, extra in (
+        (client.completions.create, {"prompt": "x"}),
+        (client.chat.completions.create, {"messages": MESSAGES}),
+    ):
+        chunks = list(
+            create(
+                model="llama",
+                max_tokens=6,
+                stream=True,
+                stream_options={"include_usage": True, "continuous_usage_stats": True},
+                extra_body={"ignore_eos": True},
+                **extra,
+            )
         )
-    assert caught.value.body["param"] == "stream_options.continuous_usage_stats"
+        assert all(chunk.usage is not None for chunk in chunks)
+        counts = [chunk.usage.completion_tokens for chunk in chunks]
+        assert counts == sorted(counts) and counts[-1] == 6 and counts[0] < 6
+        assert chunks[-1].usage.prompt_tokens > 0
 
 
 def test_metadata_fields_are_ignored(client):
