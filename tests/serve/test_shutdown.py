@@ -20,6 +20,7 @@ import yaml
 
 from aegaeon.config import MIB
 from aegaeon.instance.node import MAX_RESTARTS
+from benchmarks.served import children
 from tests.serve.serve_process import ServeProcess
 
 MODELS = ("llama", "mistral", "qwen2")
@@ -122,13 +123,3 @@ def new_instance_pid(server: ServeProcess, seen: set[int], timeout_s: float) -> 
         time.sleep(0.1)
     raise AssertionError(f"no new instance process, and no failure, after {timeout_s} s")
 
-
-def children(pid: int) -> list[int]:
-    pids: list[int] = []
-    for task in glob.glob(f"/proc/{pid}/task/*/children"):
-        try:
-            with open(task) as listed:
-                pids += [int(child) for child in listed.read().split()]
-        except OSError:
-            continue
-    return pids
