@@ -268,9 +268,9 @@ class Node:
     ) -> ModelFacts:
         """Serve one more model: every engine registers it, then requests for it are taken.
 
-        Each engine is held while it registers the model (the first one loads the weights into the
-        host cache; the others find them there). `slo` (None: the default) steers its scheduling;
-        `pinned` keeps it in the host cache while this node serves it.
+        Each engine is held while it registers the model (its checkpoint's headers are checked; its
+        weights are read into the host cache when first needed, or now if `pinned`, which keeps them
+        there while this node serves it). `slo` (None: the default) steers its scheduling.
         """
         with self.lock:
             if name in self.models or name in self._removing:
