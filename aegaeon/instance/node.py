@@ -125,8 +125,10 @@ class Node:
                 f"the host model cache ({sizes.model_cache_bytes} bytes) cannot hold the largest model "
                 f"({largest} bytes): raise host_model_cache_bytes (or host_memory_fraction)"
             )
+        # Not pinned here: the node copies nothing to a GPU, its instance processes pin their own
+        # mappings, and pinning would open a CUDA context (and take memory) on a GPU in the node.
         self.model_cache = HostModelCache.create(
-            memory.shm_dir, sizes.model_cache_bytes, name=node_region_name("models", tag)
+            memory.shm_dir, sizes.model_cache_bytes, name=node_region_name("models", tag), pin=False
         )
         self.kv_pool = HostKVPool.create(
             memory.shm_dir, node_region_name("kv", tag), sizes.kv_pool_bytes, memory.kv_slab_bytes
