@@ -232,14 +232,15 @@ class NodeConfig:
     # every visible GPU on CUDA; on the CPU one device per tensor-parallel rank.
     devices: str | tuple[str, ...] | None = None
     dtype: str = "float32"
-    # Devices (one process each) per instance, its model sharded across them.
-    tensor_parallel_size: int = 1
     # Colocated: each instance both prefills and decodes. Otherwise prefill and decode instances.
     colocated: bool = True
     colocated_instances: int = 1
     policy: str = "token"
     prefill_instances: int = 1
     decode_instances: int = 1
+    # Ranks (processes, one device each) of every instance: its models' weights, KV and compute are
+    # split over them (tensor parallelism); 1 runs each instance in one process on one device.
+    tensor_parallel_size: int = 1
     # Latency profiles (per model shape, dtype and device) the scheduler predicts with; instances
     # measure the shapes missing from it when they start.
     profile_path: str = DEFAULT_PROFILE_PATH
@@ -258,8 +259,15 @@ class NodeConfig:
     scheduler: SchedulerConfig = SchedulerConfig()
 
     def __post_init__(self) -> None:
-        if self.tensor_parallel_size < 1:
-            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        counts = (
+            {"colocated_instances": self.colocated_instances}
+            if self.colocated
+            else {"prefill_instances": self.prefill_instances, "decode_instances": self.decode_instances}
+        )
+        counts["tensor_parallel_size"] = self.tensor_parallel_size
+        for name, value in counts.items():
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
         if self.devices is not None:
             devices = parse_devices(self.devices, device_type(self.device))
             object.__setattr__(self, "devices", devices)  # frozen: the normalized spec replaces the given one
@@ -273,14 +281,6 @@ class NodeConfig:
                     f"tensor_parallel_size {self.tensor_parallel_size} needs that many distinct devices "
                     f"per instance; devices lists {len(devices)} ({', '.join(devices)})"
                 )
-        counts = (
-            {"colocated_instances": self.colocated_instances}
-            if self.colocated
-            else {"prefill_instances": self.prefill_instances, "decode_instances": self.decode_instances}
-        )
-        for name, value in counts.items():
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
         if self.policy not in SCHEDULING_POLICIES:
             raise ValueError(f"policy must be one of {SCHEDULING_POLICIES}, got {self.policy!r}")
         if self.policy == "request" and not self.colocated:
