@@ -190,12 +190,14 @@ def layout_instances(
             env[VISIBLE_DEVICES_ENV] = ",".join(_map_ordinal(device, visible) for device in owned)
             local = tuple(f"{CUDA}:{rank}" for rank in range(len(owned)))
             threads = None
-        else:
+        elif kind == CPU:
             owned_cores = sorted({core for device in owned for core in device_cores[device]})
             env[CPU_CORES_ENV] = format_cores(owned_cores)
             local = (kind,) * len(owned)
             # Each rank's threads: its device's cores over the instances sharing it.
             threads = max(1, min(len(device_cores[device]) for device in owned) // shared)
+        else:  # another accelerator: the device itself, shared as it is
+            local, threads = (kind,) * len(owned), None
         layout.append(InstanceDevices(name, owned, local, shared, env, threads))
     return layout
 
