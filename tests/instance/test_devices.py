@@ -8,6 +8,8 @@ node with two CPU devices runs its prefill and decode instance processes each on
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 
 import pytest
@@ -27,9 +29,11 @@ from aegaeon.instance.devices import (
     parse_devices,
 )
 from aegaeon.instance.node import Node
+from aegaeon.scheduler.timeline import EventKind
 
 EIGHT_GPUS = tuple(f"cuda:{index}" for index in range(8))
 NO_VISIBLE_LIST: dict[str, str] = {}  # a node started without CUDA_VISIBLE_DEVICES of its own
+REQUEST_TIMEOUT_S = 120
 
 
 def names(prefill: int, decode: int) -> list[str]:
@@ -179,6 +183,27 @@ def allowed_cores(pid: int) -> list[int]:
     return parse_cores(line.split(":", 1)[1])
 
 
+def generate(node: Node, prompt: list[int], tokens: int) -> list[int]:
+    """One greedy request through the node; its output tokens."""
+    output: list[int] = []
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def on_output(delta):
+        output.extend(delta.outputs[0].token_ids)
+        if delta.finished:
+            done.set()
+
+    def on_error(error):
+        errors.append(error)
+        done.set()
+
+    params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
+    node.submit(prompt, params, "llama", on_output, on_error)
+    assert done.wait(REQUEST_TIMEOUT_S) and not errors, errors
+    return output
+
+
 def test_a_node_with_two_cpu_devices_runs_its_prefill_and_decode_instance_each_on_its_own(
     make_demo_model, hf_greedy, profile_path
 ):
@@ -197,24 +222,22 @@ def test_a_node_with_two_cpu_devices_runs_its_prefill_and_decode_instance_each_o
         environs = [environ_of(pid) for pid in pids]
         cores = [allowed_cores(pid) for pid in pids]
         devices = [instance.device for instance in node.snapshot().instances]
-        output: list[int] = []
-        done = threading.Event()
-
-        def on_output(delta):
-            output.extend(delta.outputs[0].token_ids)
-            if delta.finished:
-                done.set()
-
-        params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
-        node.submit(prompt, params, "llama", on_output, lambda error: done.set())
-        assert done.wait(120)
+        first = generate(node, prompt, tokens)
+        # A restarted instance process comes back on the same device.
+        os.kill(pids[1], signal.SIGKILL)
+        second = generate(node, prompt, tokens)
+        restarted = node.engines[1].info.pid
+        restarted_environ, restarted_cores = environ_of(restarted), allowed_cores(restarted)
         prefill, decode = node.instances
     assert [environ[DEVICES_ENV] for environ in environs] == ["cpu:0", "cpu:1"] == devices
     # Each process runs on the cores its environment names, and the two CPU devices do not overlap
     # (on a one-core machine both get that core).
     assert [parse_cores(environ[CPU_CORES_ENV]) for environ in environs] == cores
-    if len(node_cores := set(cores[0]) | set(cores[1])) > 1:
-        assert not set(cores[0]) & set(cores[1]), node_cores
-    # The request was prefilled on one device and decoded on the other, exactly.
-    assert prefill.role == "prefill" and decode.role == "decode"
-    assert output == hf_greedy(model, prompt, tokens)
+    if len(set(cores[0]) | set(cores[1])) > 1:
+        assert not set(cores[0]) & set(cores[1]), cores
+    # Requests were prefilled on one device and decoded on the other, exactly.
+    assert prefill.timeline.of_kind(EventKind.PREFILL) and not prefill.timeline.of_kind(EventKind.DECODE_TURN)
+    assert decode.timeline.of_kind(EventKind.DECODE_TURN) and not decode.timeline.of_kind(EventKind.PREFILL)
+    assert first == second == hf_greedy(model, prompt, tokens)
+    assert restarted != pids[1] and decode.timeline.of_kind(EventKind.RESTART)
+    assert restarted_environ[DEVICES_ENV] == "cpu:1" and restarted_cores == cores[1]
