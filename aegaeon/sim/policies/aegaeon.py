@@ -156,6 +156,7 @@ class AegaeonDeployment(Deployment):
         ]
         self._node_of = place_models(context.models, dict(context.rates), len(self.nodes))
         self._gpus = cluster.gpus
+        self._tp = cluster.tensor_parallel_size
         for node in self.nodes:
             node.start()
 
@@ -167,7 +168,7 @@ class AegaeonDeployment(Deployment):
         for node in self.nodes:
             for instance in node.instances:
                 for kind, seconds in instance.busy_s.items():
-                    totals[kind] += seconds
+                    totals[kind] += seconds * self._tp
         return dict(totals)
 
     @property

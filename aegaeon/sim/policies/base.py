@@ -55,10 +55,11 @@ def model_load(models: ModelSet, rates: Mapping[str, float], model: str) -> floa
     return rates.get(model, 0.0) * models.weight_bytes(model)
 
 
-def total_busy_s(engines: Iterable) -> dict[str, float]:
-    """Device seconds by kind of work (prefill, decode, load...) summed over engines with `busy_s`."""
+def total_busy_s(engines: Iterable, devices_per_engine: int = 1) -> dict[str, float]:
+    """Device seconds by kind of work (prefill, decode, load...) summed over engines with `busy_s`;
+    an engine of several devices (tensor parallel) keeps all of them busy."""
     totals: dict[str, float] = defaultdict(float)
     for engine in engines:
         for kind, seconds in engine.busy_s.items():
-            totals[kind] += seconds
+            totals[kind] += seconds * devices_per_engine
     return dict(totals)
