@@ -224,7 +224,7 @@ def _fail(command: str, error: Exception) -> None:
 
 
 def _simulate(args: argparse.Namespace) -> None:
-    from aegaeon.sim.report import results_table, sweep_table
+    from aegaeon.sim.report import breakdown_line, results_table, sweep_table
     from aegaeon.sim.trace import write_trace
 
     try:
@@ -245,6 +245,9 @@ def _simulate(args: argparse.Namespace) -> None:
         return
     print(f"{len(arrivals)} requests, {results[0].num_models} models, {scenario.gpus} GPUs ({models.device})")
     print(results_table(results))
+    for result in results:
+        if result.breakdown:
+            print(f"{result.policy} latency breakdown: {breakdown_line(result.breakdown)}")
 
 
 def _run_sweep(args: argparse.Namespace, scenario: Scenario, policies: list[str], sweep_table) -> None:

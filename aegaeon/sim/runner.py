@@ -110,4 +110,5 @@ def simulate(
         wall_s=time.perf_counter() - started,
         events=loop.events_run,
         requests=requests,
+        breakdown=deployment.latency_breakdown(requests),
     )

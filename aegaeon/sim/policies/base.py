@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from aegaeon.config import SchedulerConfig
@@ -47,6 +47,11 @@ class Deployment(ABC):
 
     def notes(self) -> dict:
         """Policy-specific facts worth reporting (placements, models left unserved, ...)."""
+        return {}
+
+    def latency_breakdown(self, requests: Sequence[SchedRequest]) -> dict[str, float]:
+        """Mean seconds of a finished request's latency per component (aegaeon.sim.breakdown), where
+        the policy tracks them ({} otherwise)."""
         return {}
 
 
