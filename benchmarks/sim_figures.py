@@ -89,6 +89,7 @@ def _settings() -> list[Setting]:
         ),
         Setting("rate-fast", "rate", "rate", rates, (*both, "mux"), fast, rate),
         Setting("rate-slow", "rate", "rate", rates, both, slow, rate),
+        Setting("rate-fast-high", "rate", "rate", (0.8, 1.6), ("aegaeon", "mux"), fast, rate),
         Setting("tbt-tight-fast", "TBT", "models", (48, 96, 144), ("aegaeon",), fast, tbt_s=TBT_TIGHT_S),
         Setting("tbt-loose-fast", "TBT", "models", (96, 144, 192), ("aegaeon",), fast, tbt_s=TBT_LOOSE_S),
         Setting("tbt-tight-slow", "TBT", "models", (8, 16, 24), ("aegaeon",), slow, tbt_s=TBT_TIGHT_S),
@@ -202,19 +203,26 @@ def report(out: Path, plots: Path | None, target: float) -> None:
 
 
 def _curves(axes, records: dict, names: Sequence[str], target: float, xlabel: str) -> None:
+    """One line per policy and setting label (the settings' points merged, e.g. a sweep's extension)."""
     styles = {"aegaeon": "o-", "serverless": "s--", "mux": "^-."}
+    lines: dict[str, list[dict]] = {}
     for name in names:
         record = records.get(name)
         if record is None:
             continue
+        tbt = f", TBT {1000 * record['tbt_s']:g} ms" if record["tbt_s"] else ""
         for policy, series in record["points"].items():
-            label = f"{policy}, {name}"
-            axes.plot(
-                [p["value"] for p in series],
-                [100 * p["attainment"] for p in series],
-                styles.get(policy, "o-"),
-                label=label,
-            )
+            lines.setdefault(f"{policy}, link efficiency {record['link_efficiency']}{tbt}", []).extend(series)
+    for label, series in lines.items():
+        series = sorted(series, key=lambda p: p["value"])
+        axes.plot(
+            [p["value"] for p in series],
+            [100 * p["attainment"] for p in series],
+            styles.get(label.split(",")[0], "o-"),
+            label=label,
+        )
+    if xlabel.startswith("requests/s"):
+        axes.set_xscale("log", base=2)
     axes.axhline(100 * target, color="grey", linewidth=0.8)
     axes.set_xlabel(xlabel)
     axes.set_ylabel("SLO attainment, paper score (%)")
@@ -231,7 +239,10 @@ def _plot(records: dict, plots: Path, target: float) -> None:
 
     plots.mkdir(parents=True, exist_ok=True)
     figures = {
-        "sim-rate.png": (["rate-fast", "rate-slow"], f"requests/s per model ({RATE_SWEEP_MODELS} models)"),
+        "sim-rate.png": (
+            ["rate-fast", "rate-fast-high", "rate-slow"],
+            f"requests/s per model ({RATE_SWEEP_MODELS} models, log scale)",
+        ),
         "sim-tbt.png": (
             ["tbt-tight-fast", "tbt-loose-fast", "tbt-tight-slow", "tbt-loose-slow", "tbt-serverless"],
             "models (0.1 requests/s each)",
