@@ -56,8 +56,8 @@ class Efficiency:
     # they share when both load at once: half the link each (a lone pinned copy reaches 80-90%).
     host_link: float = DEFAULT_HOST_LINK_EFFICIENCY
     # Share of the NVLink datasheet bandwidth (per direction) a ring all-reduce's bus bandwidth
-    # reaches: nccl-tests' all_reduce_perf on 8 H100 SXM5 reports 360-480 GB/s of 450 for large
-    # messages; decode's messages (batch × hidden) are small, which the latency below stands for.
+    # reaches: below the 460-480 GB/s that published nccl-tests all_reduce_perf reference numbers
+    # give 8 H100 SXM5 for large messages, as decode's messages (batch × hidden) are small.
     nvlink: float = 0.8
     # Fixed seconds of one small all-reduce inside an NVLink node (launch and synchronisation),
     # assumed: the order of nccl-tests' times for messages of a few KB; not measured here.
