@@ -92,11 +92,12 @@ def _settings() -> list[Setting]:
         Setting("rate-fast-high", "rate", "rate", (0.8, 1.6), ("aegaeon", "mux"), fast, rate),
         Setting("tbt-tight-fast", "TBT", "models", (48, 96, 144), ("aegaeon",), fast, tbt_s=TBT_TIGHT_S),
         Setting("tbt-loose-fast", "TBT", "models", (96, 144, 192), ("aegaeon",), fast, tbt_s=TBT_LOOSE_S),
-        Setting("tbt-tight-slow", "TBT", "models", (8, 16, 24), ("aegaeon",), slow, tbt_s=TBT_TIGHT_S),
+        Setting("tbt-tight-slow", "TBT", "models", (8, 16, 24, 32), ("aegaeon",), slow, tbt_s=TBT_TIGHT_S),
         Setting("tbt-loose-slow", "TBT", "models", (16, 24, 32), ("aegaeon",), slow, tbt_s=TBT_LOOSE_S),
         Setting("tbt-serverless", "TBT", "models", (16, 24), ("serverless",), fast, tbt_s=TBT_TIGHT_S),
         Setting("long-fast", "lengths", "models", (32, 64, 96, 128), both, fast, long),
-        Setting("long-slow", "lengths", "models", (8, 16, 24), both, slow, long),
+        Setting("long-fast-high", "lengths", "models", (160,), ("aegaeon",), fast, long),
+        Setting("long-slow", "lengths", "models", (8, 16, 24, 32), both, slow, long),
         Setting(
             "tp72-fast",
             "72B TP 4",
@@ -247,7 +248,10 @@ def _plot(records: dict, plots: Path, target: float) -> None:
             ["tbt-tight-fast", "tbt-loose-fast", "tbt-tight-slow", "tbt-loose-slow", "tbt-serverless"],
             "models (0.1 requests/s each)",
         ),
-        "sim-lengths.png": (["long-fast", "long-slow"], "models (0.1 requests/s each, doubled lengths)"),
+        "sim-lengths.png": (
+            ["long-fast", "long-fast-high", "long-slow"],
+            "models (0.1 requests/s each, doubled lengths)",
+        ),
         "sim-tp72.png": (["tp72-fast", "tp72-slow"], "Qwen2.5-72B models at TP 4 on 16 H100s"),
     }
     for filename, (names, xlabel) in figures.items():
