@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
 
@@ -87,12 +87,35 @@ class ModelShape:
     def weight_bytes(self, dtype: str) -> int:
         return self.num_parameters() * dtype_bytes(dtype)
 
-    def kv_bytes_per_token(self, dtype: str) -> int:
-        """K and V of every layer for one token."""
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype_bytes(dtype)
+    def check_tensor_parallel(self, tp: int) -> None:
+        """ValueError unless `tp` ranks can shard this shape Megatron-style.
 
-    def kv_block_bytes(self, dtype: str) -> int:
-        return BLOCK_SIZE * self.kv_bytes_per_token(dtype)
+        Query heads split evenly; KV heads split evenly, or, when fewer than the ranks, each rank
+        holds a replica of one (the ranks must then be a multiple of the KV heads), as vLLM requires.
+        """
+        if tp < 1:
+            raise ValueError(f"tensor parallel size must be >= 1, got {tp}")
+        if self.num_heads % tp:
+            raise ValueError(f"{self.num_heads} attention heads do not split over {tp} ranks")
+        if self.num_kv_heads % tp and tp % self.num_kv_heads:
+            raise ValueError(f"{self.num_kv_heads} KV heads neither split over nor replicate to {tp} ranks")
+
+    def kv_heads_per_rank(self, tp: int = 1) -> int:
+        """KV heads each rank holds: its share, or one replica when there are fewer heads than ranks."""
+        self.check_tensor_parallel(tp)
+        return max(self.num_kv_heads // tp, 1)
+
+    def shard_weight_bytes(self, dtype: str, tp: int = 1) -> int:
+        """One rank's weights: every matrix split over the ranks (the vocabulary too), rounded up."""
+        self.check_tensor_parallel(tp)
+        return -(-self.weight_bytes(dtype) // tp)
+
+    def kv_bytes_per_token(self, dtype: str, tp: int = 1) -> int:
+        """K and V of every layer for one token (on one rank of `tp`)."""
+        return 2 * self.num_layers * self.kv_heads_per_rank(tp) * self.head_dim * dtype_bytes(dtype)
+
+    def kv_block_bytes(self, dtype: str, tp: int = 1) -> int:
+        return BLOCK_SIZE * self.kv_bytes_per_token(dtype, tp)
 
 
 @dataclass(frozen=True)
@@ -107,6 +130,8 @@ class GPUSpec:
     # The host link's bandwidth per direction (its datasheet figure); derive.py applies the share of
     # it a model load or KV swap reaches.
     host_link_bytes_per_s: float
+    # GPU-to-GPU bandwidth per direction inside a node (NVLink), which tensor-parallel all-reduces use.
+    nvlink_bytes_per_s: float = 0.0
     source: str = ""
 
 
@@ -115,6 +140,8 @@ class Catalog:
     gpus: dict[str, GPUSpec]
     models: dict[str, ModelShape]
     sources: dict[str, str]
+    # Ranks a catalogue model is served on unless told otherwise (1: one device).
+    tensor_parallel: dict[str, int] = field(default_factory=dict)
 
     def gpu(self, name: str) -> GPUSpec:
         for key, spec in self.gpus.items():
@@ -127,6 +154,13 @@ class Catalog:
             if name.lower() == key.lower():
                 return shape
         raise KeyError(f"unknown model {name!r}; known: {', '.join(self.models)}")
+
+    def default_tensor_parallel(self, name: str) -> int:
+        """The ranks the catalogue serves model `name` on (1 for a shape it does not list)."""
+        for key, tp in self.tensor_parallel.items():
+            if name.lower() == key.lower():
+                return tp
+        return 1
 
 
 @cache
@@ -141,6 +175,7 @@ def load_catalog() -> Catalog:
             hbm_bytes_per_s=float(g["hbm_bytes_per_s"]),
             bf16_flops=float(g["bf16_flops"]),
             host_link_bytes_per_s=float(g["host_link_bytes_per_s"]),
+            nvlink_bytes_per_s=float(g.get("nvlink_bytes_per_s", 0.0)),
             source=g.get("source", ""),
         )
         for name, g in data["gpus"].items()
@@ -151,4 +186,5 @@ def load_catalog() -> Catalog:
     }
     sources = {name: m.get("source", "") for name, m in data["models"].items()}
     sources.update({name: g.source for name, g in gpus.items()})
-    return Catalog(gpus, models, sources)
+    tensor_parallel = {name: int(m.get("tensor_parallel_size", 1)) for name, m in data["models"].items()}
+    return Catalog(gpus, models, sources, tensor_parallel)

@@ -87,6 +87,20 @@ def _add_cluster_args(parser: argparse.ArgumentParser, gpus_flag: bool = True) -
     group.add_argument(
         "--gpus-per-node", type=int, default=DEFAULT_GPUS_PER_NODE, help="devices per node (default 8)"
     )
+    if gpus_flag:
+        group.add_argument(
+            "--node-devices",
+            type=int,
+            nargs="+",
+            metavar="N",
+            help="devices of each node, when they differ, like 8 8 4 (instead of --gpus)",
+        )
+    group.add_argument(
+        "--tensor-parallel-size",
+        type=int,
+        help="devices per instance, each model sharded over them (default: the catalogue's for the "
+        "kinds, e.g. 4 for Qwen2.5-72B; 1 with --profiles)",
+    )
     group.add_argument("--prefill-share", type=float, help="aegaeon: share of a node that prefills (3/8)")
     group.add_argument("--colocated", action="store_true", help="aegaeon: colocated instances, no P/D split")
     group.add_argument("--gpu", default=DEFAULT_GPU, help="bundled GPU profile: H100 or H800 (default H100)")
@@ -175,6 +189,8 @@ def _scenario(args: argparse.Namespace, gpus: int | None = None) -> Scenario:
     return Scenario(
         gpus=gpus if gpus is not None else args.gpus,
         gpus_per_node=args.gpus_per_node,
+        node_devices=tuple(args.node_devices) if getattr(args, "node_devices", None) else None,
+        tensor_parallel_size=args.tensor_parallel_size,
         prefill_share=args.prefill_share,
         colocated=args.colocated,
         gpu=args.gpu,
@@ -208,7 +224,7 @@ def _fail(command: str, error: Exception) -> None:
 
 
 def _simulate(args: argparse.Namespace) -> None:
-    from aegaeon.sim.report import results_table, sweep_table
+    from aegaeon.sim.report import breakdown_line, results_table, sweep_table
     from aegaeon.sim.trace import write_trace
 
     try:
@@ -229,6 +245,9 @@ def _simulate(args: argparse.Namespace) -> None:
         return
     print(f"{len(arrivals)} requests, {results[0].num_models} models, {scenario.gpus} GPUs ({models.device})")
     print(results_table(results))
+    for result in results:
+        if result.breakdown:
+            print(f"{result.policy} latency breakdown: {breakdown_line(result.breakdown)}")
 
 
 def _run_sweep(args: argparse.Namespace, scenario: Scenario, policies: list[str], sweep_table) -> None:

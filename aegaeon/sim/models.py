@@ -27,22 +27,28 @@ DEFAULT_GPU = "H100"
 
 @dataclass(frozen=True)
 class ModelKind:
-    """One profiled shape on one device."""
+    """One profiled shape on one device, or on the `tp` devices of a tensor-parallel instance.
+
+    The scheduler plans a tensor-parallel instance as one unit whose ranks are alike, so its spec is
+    one rank's: the weights' shard (what each rank's switch copies) and the KV of its heads.
+    """
 
     name: str
     shape: ModelShape
     profile: Profile
+    tp: int = 1
 
     @property
     def weight_bytes(self) -> int:
-        return self.shape.weight_bytes(self.profile.dtype)
+        """One rank's weights (all of them on one device)."""
+        return self.shape.shard_weight_bytes(self.profile.dtype, self.tp)
 
     def spec(self, name: str) -> ModelSpec:
         return ModelSpec(
             name=name,
             shape_key=self.shape.shape_key,
             weight_bytes=self.weight_bytes,
-            kv_block_bytes=self.shape.kv_block_bytes(self.profile.dtype),
+            kv_block_bytes=self.shape.kv_block_bytes(self.profile.dtype, self.tp),
             max_model_len=self.shape.max_model_len,
         )
 
@@ -66,8 +72,9 @@ def load_profiles(path: str | Path | None) -> ProfileStore:
     return store
 
 
-def available_kinds(store: ProfileStore, device: str) -> dict[str, ModelKind]:
-    """Every profile of `store` on `device`, named by its catalogue model when the shape is known."""
+def available_kinds(store: ProfileStore, device: str, tp: int = 1) -> dict[str, ModelKind]:
+    """Every profile of `store` on `device` (profiles of instances of `tp` devices), named by its
+    catalogue model when the shape is known."""
     catalog = load_catalog()
     names = {shape.shape_key: (name, shape) for name, shape in catalog.models.items()}
     kinds = {}
@@ -77,7 +84,7 @@ def available_kinds(store: ProfileStore, device: str) -> dict[str, ModelKind]:
         name, shape = names.get(profile.shape_key, (profile.shape_key, None))
         if shape is None:
             shape = ModelShape.from_shape_key(profile.shape_key, DEFAULT_MAX_MODEL_LEN)
-        kinds[name] = ModelKind(name, shape, profile)
+        kinds[name] = ModelKind(name, shape, profile, tp)
     return kinds
 
 
@@ -85,9 +92,11 @@ def devices_of(store: ProfileStore) -> list[str]:
     return sorted({p.device for p in store})
 
 
-def select_kinds(store: ProfileStore, device: str, names: Sequence[str] | None) -> list[ModelKind]:
+def select_kinds(
+    store: ProfileStore, device: str, names: Sequence[str] | None, tp: int = 1
+) -> list[ModelKind]:
     """The kinds named (catalogue names or shape keys), or all on the device; ValueError if absent."""
-    kinds = available_kinds(store, device)
+    kinds = available_kinds(store, device, tp)
     if not kinds:
         raise ValueError(f"no profile for device {device!r}; the file has: {', '.join(devices_of(store))}")
     if not names:
@@ -187,7 +196,9 @@ def build_model_set(
     device: str,
     kind_names: Sequence[str] | None = None,
     mix: Sequence[float] | None = None,
+    tp: int = 1,
 ) -> ModelSet:
-    """Served `models` mapped onto the chosen kinds in the ratio `mix` (default: equal parts)."""
-    kinds = select_kinds(store, device, kind_names)
+    """Served `models` mapped onto the chosen kinds in the ratio `mix` (default: equal parts), each
+    served by instances of `tp` devices (`store` holds profiles of such instances)."""
+    kinds = select_kinds(store, device, kind_names, tp)
     return ModelSet.from_kinds(assign_kinds(models, kinds, mix or [1.0] * len(kinds)))

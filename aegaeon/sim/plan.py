@@ -78,17 +78,26 @@ def plan(
     max_gpus: int = DEFAULT_MAX_GPUS,
     progress: Callable[[str, int, float], None] | None = None,
 ) -> list[PlanResult]:
-    """The fewest GPUs each policy needs to reach `target` attainment on the arrivals."""
+    """The fewest GPUs each policy needs to reach `target` attainment on the arrivals.
+
+    With tensor-parallel instances of k devices the count searched is a multiple of k (whole instances).
+    """
     models = scenario.model_set(workload_models(arrivals))
+    tp = scenario.tp()
+    if scenario.gpus_per_node % tp:
+        raise ValueError(f"nodes of {scenario.gpus_per_node} devices do not split into instances of {tp}")
+    if max_gpus < tp:
+        raise ValueError(f"max_gpus {max_gpus} is less than one instance of {tp} devices")
     answers = []
     for policy in policies:
 
-        def run(gpus: int, policy: str = policy) -> SimResult:
-            result = scenario.with_gpus(gpus).run(policy, arrivals, models)
+        def run(instances: int, policy: str = policy) -> SimResult:
+            result = scenario.with_gpus(instances * tp).run(policy, arrivals, models)
             if progress is not None:
-                progress(policy, gpus, result.attainment)
+                progress(policy, instances * tp, result.attainment)
             return result
 
-        gpus, tried, result = fewest_gpus(run, target, max_gpus)
-        answers.append(PlanResult(policy, gpus, tried, result))
+        instances, tried, result = fewest_gpus(run, target, max_gpus // tp)
+        gpus = instances * tp if instances is not None else None
+        answers.append(PlanResult(policy, gpus, {n * tp: att for n, att in tried.items()}, result))
     return answers

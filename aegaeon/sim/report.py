@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from aegaeon.sim.breakdown import shares
 from aegaeon.sim.plan import PlanResult
 from aegaeon.sim.result import SimResult
 from aegaeon.sim.sweep import SweepPoint, sustained
@@ -38,6 +39,13 @@ def results_table(results: Sequence[SimResult]) -> str:
             f"{_pct(r.utilisation):>9}{r.wall_s:>7.1f}"
         )
     return "\n".join(rows)
+
+
+def breakdown_line(mean: Mapping[str, float]) -> str:
+    """A request's mean latency by component: seconds and share of the whole."""
+    share = shares(mean)
+    parts = ", ".join(f"{name} {seconds:.2f} s ({100 * share[name]:.0f}%)" for name, seconds in mean.items())
+    return f"mean {sum(mean.values()):.2f} s = {parts}"
 
 
 def sweep_table(axis: str, points: Mapping[str, Sequence[SweepPoint]], target: float) -> str:

@@ -26,6 +26,8 @@ class SimResult:
     wall_s: float
     events: int
     requests: list[SchedRequest] = field(repr=False, default_factory=list)
+    # Mean seconds of a finished request's latency by component (aegaeon.sim.breakdown; aegaeon only).
+    breakdown: dict[str, float] = field(default_factory=dict)
 
     @property
     def attainment(self) -> float:
@@ -78,4 +80,5 @@ class SimResult:
             "notes": self.notes,
             "wall_s": self.wall_s,
             "events": self.events,
+            "latency_breakdown_s": self.breakdown,
         }

@@ -62,6 +62,11 @@ def to_requests(arrivals: Sequence[Arrival], models: ModelSet) -> list[SchedRequ
     return requests
 
 
+def baseline_layout(cluster: ClusterConfig) -> str:
+    tp = cluster.tensor_parallel_size
+    return f"{cluster.gpus} GPUs" if tp == 1 else f"{cluster.gpus} GPUs as {cluster.engines} TP{tp} engines"
+
+
 def model_rates(arrivals: Sequence[Arrival], duration_s: float) -> dict[str, float]:
     counts = Counter(a.model for a in arrivals)
     return {model: count / duration_s for model, count in counts.items()}
@@ -96,7 +101,7 @@ def simulate(
         policy=policy,
         num_models=len({a.model for a in arrivals}),
         gpus=deployment.gpus,
-        layout=cluster.describe() if policy == "aegaeon" else f"{cluster.gpus} GPUs",
+        layout=cluster.describe() if policy == "aegaeon" else baseline_layout(cluster),
         device=models.device,
         horizon_s=horizon,
         report=report,
@@ -105,4 +110,5 @@ def simulate(
         wall_s=time.perf_counter() - started,
         events=loop.events_run,
         requests=requests,
+        breakdown=deployment.latency_breakdown(requests),
     )

@@ -16,10 +16,11 @@ from aegaeon.sim.cluster import (
     DEFAULT_GPUS_PER_NODE,
     ClusterConfig,
     MemoryConfig,
-    colocated_layout,
-    layout_for_gpus,
+    colocated_nodes,
+    node_sizes,
+    split_nodes,
 )
-from aegaeon.sim.derive import Efficiency, derive_bundled_profiles
+from aegaeon.sim.derive import DEFAULT_HOST_LINK_EFFICIENCY, Efficiency, derive_bundled_profiles
 from aegaeon.sim.models import (
     DEFAULT_GPU,
     PAPER_KINDS,
@@ -40,6 +41,11 @@ class Scenario:
 
     gpus: int = 16
     gpus_per_node: int = DEFAULT_GPUS_PER_NODE
+    # Devices of each node, when they differ (None: `gpus` in nodes of `gpus_per_node`); sets `gpus`.
+    node_devices: tuple[int, ...] | None = None
+    # Devices per instance (None: the catalogue's for the chosen kinds, which must agree; 1 with a
+    # profile file). Every instance of the pool has this size; models are sharded over its ranks.
+    tensor_parallel_size: int | None = None
     # aegaeon's split: share of each node's devices that prefill (None: the paper's 3 of 8).
     prefill_share: float | None = None
     colocated: bool = False
@@ -58,8 +64,39 @@ class Scenario:
     scheduler: SchedulerConfig = SchedulerConfig()
     options: SimOptions = field(default_factory=SimOptions)
 
+    def __post_init__(self) -> None:
+        if self.node_devices is not None:
+            if not self.node_devices or min(self.node_devices) < 1:
+                raise ValueError(f"every node needs at least one device, got {list(self.node_devices)}")
+            object.__setattr__(self, "gpus", sum(self.node_devices))
+
     def with_gpus(self, gpus: int) -> Scenario:
-        return Scenario(**{**self.__dict__, "gpus": gpus})
+        return Scenario(**{**self.__dict__, "gpus": gpus, "node_devices": None})
+
+    def tp(self) -> int:
+        """Devices per instance: as given, else the catalogue's for the chosen model kinds."""
+        if self.tensor_parallel_size is not None:
+            catalog = load_catalog()
+            for kind in self.kinds or ():
+                if kind.lower() in (name.lower() for name in catalog.models):
+                    try:
+                        catalog.model(kind).check_tensor_parallel(self.tensor_parallel_size)
+                    except ValueError as error:
+                        raise ValueError(f"{kind}: {error}") from None
+            if self.tensor_parallel_size < 1:
+                raise ValueError(f"tensor parallel size must be >= 1, got {self.tensor_parallel_size}")
+            return self.tensor_parallel_size
+        if self.profiles is not None or not self.kinds:
+            return 1
+        catalog = load_catalog()
+        sizes = {kind: catalog.default_tensor_parallel(kind) for kind in self.kinds}
+        if len(set(sizes.values())) > 1:
+            listed = ", ".join(f"{kind} at {tp}" for kind, tp in sizes.items())
+            raise ValueError(
+                f"the catalogue serves {listed}; a simulated pool has one tensor parallel size: "
+                "give it (tensor_parallel_size)"
+            )
+        return next(iter(sizes.values()))
 
     def device_name(self) -> str:
         if self.device is not None:
@@ -83,16 +120,19 @@ class Scenario:
         kinds, mix = self.kinds, self.mix
         if self.profiles is not None and kinds == PAPER_KINDS:
             kinds, mix = None, None  # a measured file: every kind it holds, in equal parts
-        return build_model_set(models, store, self.device_name(), kinds, mix)
+        return build_model_set(models, store, self.device_name(), kinds, mix, self.tp())
 
     def profile_store(self) -> ProfileStore:
-        if self.link_efficiency is None:
+        tp = self.tp()
+        if self.link_efficiency is None and tp == 1:
             return load_profiles(self.profiles)
         if self.profiles is not None:
             raise ValueError(
-                "a link efficiency re-derives the bundled profiles; a profile file has its own switches"
+                "a link efficiency or a tensor parallel size re-derives the bundled profiles; a profile "
+                "file holds its own, measured on one device each"
             )
-        return derive_bundled_profiles(Efficiency(host_link=self.link_efficiency))
+        link = DEFAULT_HOST_LINK_EFFICIENCY if self.link_efficiency is None else self.link_efficiency
+        return derive_bundled_profiles(Efficiency(host_link=link), tp=tp)
 
     def memory(self, device: str) -> MemoryConfig:
         for spec in load_catalog().gpus.values():
@@ -101,10 +141,15 @@ class Scenario:
         return MemoryConfig(kv_bytes=self.kv_bytes or DEFAULT_KV_CACHE_BYTES)
 
     def cluster(self, device: str) -> ClusterConfig:
+        sizes = (
+            list(self.node_devices)
+            if self.node_devices is not None
+            else node_sizes(self.gpus, self.gpus_per_node)
+        )
         nodes = (
-            colocated_layout(self.gpus, self.gpus_per_node)
+            colocated_nodes(sizes, self.tp())
             if self.colocated
-            else layout_for_gpus(self.gpus, self.gpus_per_node, self.prefill_share)
+            else split_nodes(sizes, self.prefill_share, self.tp())
         )
         return ClusterConfig(nodes, self.memory(device))
 

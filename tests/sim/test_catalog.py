@@ -36,3 +36,24 @@ def test_gpu_lookup_by_name_or_device() -> None:
     assert catalog.gpu("h100") is catalog.gpu("NVIDIA H100 80GB HBM3")
     with pytest.raises(KeyError, match="unknown GPU"):
         catalog.gpu("TPU")
+
+
+def test_the_72b_model_is_listed_at_tensor_parallel_4() -> None:
+    catalog = load_catalog()
+    shape = catalog.model("Qwen2.5-72B")
+    assert shape.num_parameters() / 1e9 == pytest.approx(72.7, rel=0.01)
+    assert catalog.default_tensor_parallel("qwen2.5-72b") == 4
+    assert catalog.default_tensor_parallel("Qwen2.5-7B") == 1
+
+
+def test_tensor_parallel_ranks_hold_a_shard_of_weights_and_kv_heads() -> None:
+    shape = load_catalog().model("Qwen2.5-72B")  # 64 query heads, 8 KV heads
+    assert shape.shard_weight_bytes("bfloat16", 4) == pytest.approx(shape.weight_bytes("bfloat16") / 4, abs=1)
+    assert shape.kv_heads_per_rank(4) == 2
+    assert shape.kv_bytes_per_token("bfloat16", 4) == shape.kv_bytes_per_token("bfloat16") // 4
+    # More ranks than KV heads: each rank keeps a replica of one.
+    assert shape.kv_heads_per_rank(16) == 1
+    with pytest.raises(ValueError, match="do not split over 3 ranks"):
+        shape.shard_weight_bytes("bfloat16", 3)
+    with pytest.raises(ValueError, match="must be >= 1"):
+        shape.kv_heads_per_rank(0)

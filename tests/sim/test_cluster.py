@@ -2,7 +2,15 @@ from __future__ import annotations
 
 import pytest
 
-from aegaeon.sim.cluster import MemoryConfig, NodeLayout, colocated_layout, layout_for_gpus
+from aegaeon.sim.cluster import (
+    ClusterConfig,
+    MemoryConfig,
+    NodeLayout,
+    colocated_layout,
+    colocated_nodes,
+    layout_for_gpus,
+    split_nodes,
+)
 
 
 def test_paper_layout_and_smaller_pools() -> None:
@@ -32,3 +40,24 @@ def test_bad_layouts_are_refused() -> None:
         NodeLayout(prefill=0, decode=3)
     with pytest.raises(ValueError, match="gpus"):
         layout_for_gpus(0)
+
+
+def test_nodes_split_into_tensor_parallel_instances() -> None:
+    # Two 8-GPU nodes of TP=4 instances: two instances each, one prefill and one decode.
+    nodes = layout_for_gpus(16, tp=4)
+    assert nodes == (NodeLayout(1, 1, tensor_parallel_size=4),) * 2
+    assert all(node.instances == 2 and node.gpus == 8 for node in nodes)
+    # The paper's 8-GPU node of 3 prefill + 5 decode single-device instances.
+    assert layout_for_gpus(8) == (NodeLayout(3, 5),)
+    # Nodes of their own sizes; a node of one instance does both.
+    assert split_nodes([8, 4], tp=4) == (
+        NodeLayout(1, 1, tensor_parallel_size=4),
+        NodeLayout(colocated=1, tensor_parallel_size=4),
+    )
+    assert colocated_nodes([8], tp=2) == (NodeLayout(colocated=4, tensor_parallel_size=2),)
+    pool = ClusterConfig(split_nodes([8, 8], tp=4), MemoryConfig(kv_bytes=1))
+    assert (pool.gpus, pool.engines, pool.tensor_parallel_size) == (16, 4, 4)
+    with pytest.raises(ValueError, match="does not split into instances of 4"):
+        split_nodes([8, 6], tp=4)
+    with pytest.raises(ValueError, match="same tensor parallel size"):
+        ClusterConfig((NodeLayout(1, 1), NodeLayout(1, 1, tensor_parallel_size=2)), MemoryConfig(kv_bytes=1))

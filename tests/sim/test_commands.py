@@ -77,3 +77,25 @@ def test_bad_input_is_a_clear_error(tmp_path: Path) -> None:
         main(["simulate", "--sweep", "models"])
     with pytest.raises(SystemExit, match="unknown GPU"):
         main(["simulate", "--gpu", "TPU", "--models", "2", "--duration", "5"])
+
+
+def test_simulate_takes_a_tensor_parallel_size_and_node_sizes(capsys: pytest.CaptureFixture[str]) -> None:
+    common = [
+        "simulate",
+        "--kinds",
+        "Qwen2.5-72B",
+        "--models",
+        "2",
+        "--duration",
+        "30",
+        "--policy",
+        "aegaeon",
+    ]
+    main([*common, "--node-devices", "8", "4", "--json"])
+    result = json.loads(capsys.readouterr().out)["results"][0]
+    assert result["gpus"] == 12 and result["layout"] == "1P+1D TP4 + 1C TP4"
+    main([*common, "--gpus", "16", "--tensor-parallel-size", "8", "--json"])
+    result = json.loads(capsys.readouterr().out)["results"][0]
+    assert result["gpus"] == 16 and result["layout"] == "1C TP8 + 1C TP8"
+    with pytest.raises(SystemExit, match="does not split into instances of 4"):
+        main([*common, "--node-devices", "6"])

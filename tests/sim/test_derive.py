@@ -6,6 +6,7 @@ from aegaeon.sim.catalog import load_catalog
 from aegaeon.sim.derive import (
     ARTIFACT_HOST_LINK_EFFICIENCY,
     Efficiency,
+    all_reduce_costs,
     derive_bundled_profiles,
     derive_profile,
 )
@@ -62,3 +63,30 @@ def test_a_scenario_rederives_the_bundled_profiles_at_its_link_share() -> None:
     assert models.kv_move_s("a", 1000) == pytest.approx(2 * bundled.kv_move_s("a", 1000))
     with pytest.raises(ValueError, match="profile file"):
         Scenario(link_efficiency=0.25, profiles="any.json").model_set(["a"])
+
+
+def test_a_tensor_parallel_switch_copies_one_kth_per_rank() -> None:
+    catalog = load_catalog()
+    shape, gpu = catalog.model("Qwen2.5-72B"), catalog.gpu("H100")
+    whole = derive_profile(shape, gpu)
+    for tp in (2, 4, 8):
+        # Every rank copies its shard over its own link, all at once: the switch takes 1/k as long.
+        assert derive_profile(shape, gpu, tp=tp).switch_s == pytest.approx(whole.switch_s / tp)
+
+
+def test_a_tensor_parallel_step_is_the_roofline_over_k_plus_its_all_reduces() -> None:
+    catalog = load_catalog()
+    shape, gpu = catalog.model("Qwen2.5-72B"), catalog.gpu("H100")
+    efficiency = Efficiency()
+    whole, tp4 = derive_profile(shape, gpu), derive_profile(shape, gpu, tp=4)
+    per_step, per_token = all_reduce_costs(shape, gpu, 4, efficiency)
+    # Two all-reduces per layer, 80 layers: a fixed cost per step and a per-token one over NVLink.
+    assert per_step == pytest.approx(2 * 80 * efficiency.all_reduce_latency_s)
+    assert per_token == pytest.approx(2 * 80 * 1.5 * 8192 * 2 / (gpu.nvlink_bytes_per_s * efficiency.nvlink))
+    weight_read = whole.decode[0] - efficiency.step_overhead_s
+    assert tp4.decode[0] == pytest.approx(efficiency.step_overhead_s + weight_read / 4 + per_step)
+    assert tp4.decode[1] == pytest.approx(whole.decode[1] / 4)
+    assert tp4.decode[2] == pytest.approx(whole.decode[2] / 4 + per_token)
+    # A 72B decode step at TP 4 on H100s: tens of milliseconds, slower than a quarter of TP 1's.
+    assert whole.predict_decode([1000]) / 4 < tp4.predict_decode([1000]) < 0.03
+    assert all_reduce_costs(shape, gpu, 1, efficiency) == (0.0, 0.0)

@@ -44,3 +44,14 @@ def test_plan_answers_grow_with_the_target_and_the_load() -> None:
     heavy_gpus = plan(heavy, scenario, ["aegaeon"], 0.9, max_gpus=32)[0].gpus
     assert light_gpus is not None and heavy_gpus is not None
     assert 1 <= light_gpus <= heavy_gpus <= 6
+
+
+def test_plan_counts_whole_tensor_parallel_instances() -> None:
+    """72B models on TP=4 instances: every count tried is a multiple of 4 devices."""
+    scenario = Scenario(kinds=("Qwen2.5-72B",), mix=None)
+    arrivals = generate_workload(WorkloadConfig(num_models=2, rate_per_model=0.1, duration_s=60))
+    (answer,) = plan(arrivals, scenario, ["aegaeon"], 0.9, max_gpus=16)
+    assert answer.gpus is not None and answer.gpus % 4 == 0
+    assert answer.tried and all(n % 4 == 0 for n in answer.tried)
+    with pytest.raises(ValueError, match="do not split into instances of 4"):
+        plan(arrivals, Scenario(gpus_per_node=6, kinds=("Qwen2.5-72B",), mix=None), ["aegaeon"], 0.9)

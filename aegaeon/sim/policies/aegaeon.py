@@ -18,6 +18,7 @@ from aegaeon.scheduler.prefill import PrefillDispatcher, PrefillQueue
 from aegaeon.scheduler.request import SchedRequest
 from aegaeon.scheduler.timeline import Timeline
 from aegaeon.scheduler.turn_loop import COLOCATED, DECODE, PREFILL
+from aegaeon.sim.breakdown import LatencyBreakdown
 from aegaeon.sim.cluster import ClusterConfig, DeviceMemory, NodeLayout
 from aegaeon.sim.device import ResidentWeights, SlotWeights
 from aegaeon.sim.events import EventLoop, Process, Signal
@@ -53,6 +54,7 @@ class SimNode:
         memory: DeviceMemory,
         max_batch_size: int,
         options: AegaeonOptions = AegaeonOptions(),
+        breakdown: LatencyBreakdown | None = None,
     ) -> None:
         self.name = name
         self.loop = loop
@@ -88,7 +90,7 @@ class SimNode:
                     models.predictor.switch_s,
                     largest_bytes=models.largest_weight_bytes(),
                 )
-            self.instances.append(SimInstance(instance_name, role, self, queue, decode, weights))
+            self.instances.append(SimInstance(instance_name, role, self, queue, decode, weights, breakdown))
         self.prefill = PrefillDispatcher(
             [i.prefill_queue for i in self.instances if i.prefill_queue is not None], scheduler
         )
@@ -141,6 +143,7 @@ class AegaeonDeployment(Deployment):
     def __init__(self, context: SimContext, options: AegaeonOptions = AegaeonOptions()) -> None:
         cluster: ClusterConfig = context.cluster
         memory = cluster.memory.aegaeon_split(context.models.largest_weight_bytes())
+        self.breakdown = LatencyBreakdown()
         self.nodes: Sequence[SimNode] = [
             SimNode(
                 f"node{index}",
@@ -151,11 +154,13 @@ class AegaeonDeployment(Deployment):
                 memory,
                 cluster.max_batch_size,
                 options,
+                self.breakdown,
             )
             for index, layout in enumerate(cluster.nodes)
         ]
         self._node_of = place_models(context.models, dict(context.rates), len(self.nodes))
         self._gpus = cluster.gpus
+        self._tp = cluster.tensor_parallel_size
         for node in self.nodes:
             node.start()
 
@@ -167,7 +172,7 @@ class AegaeonDeployment(Deployment):
         for node in self.nodes:
             for instance in node.instances:
                 for kind, seconds in instance.busy_s.items():
-                    totals[kind] += seconds
+                    totals[kind] += seconds * self._tp
         return dict(totals)
 
     @property
@@ -176,6 +181,9 @@ class AegaeonDeployment(Deployment):
 
     def timelines(self) -> dict[str, Timeline]:
         return {name: t for node in self.nodes for name, t in node.timelines().items()}
+
+    def latency_breakdown(self, requests: Sequence[SchedRequest]) -> dict[str, float]:
+        return self.breakdown.mean(requests)
 
     def notes(self) -> dict:
         models_per_node = [sum(1 for n in self._node_of.values() if n == i) for i in range(len(self.nodes))]

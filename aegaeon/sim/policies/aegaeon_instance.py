@@ -30,6 +30,7 @@ from aegaeon.scheduler.turn_loop import (
     Switch,
     TurnLoop,
 )
+from aegaeon.sim.breakdown import DECODE, KV, PREFILL, PREFILL_SWITCH, SWITCH, LatencyBreakdown
 from aegaeon.sim.device import ResidentWeights, has_copy_engine
 from aegaeon.sim.events import Process
 
@@ -59,6 +60,7 @@ class SimInstance:
         prefill_queue: PrefillQueue | None,
         decode: DecodeInstance | None,
         weights: ResidentWeights,
+        breakdown: LatencyBreakdown | None = None,
     ) -> None:
         self.name = name
         self.node = node
@@ -77,6 +79,10 @@ class SimInstance:
         # Seconds spent moving weights and KV: "switch", "swap", "export" (computing: see `busy_s`).
         self._moving_s: dict[str, float] = defaultdict(float)
         self.copies_overlap = has_copy_engine(self.models.device)
+        self.breakdown = breakdown if breakdown is not None else LatencyBreakdown()
+        # The last switch that waited for a copy: (model, start, seconds); charged to the requests of
+        # the prefill group or decode turn it was for.
+        self._last_switch: tuple[str, float, float] | None = None
 
     @property
     def prefill_queue(self) -> PrefillQueue | None:
@@ -104,6 +110,7 @@ class SimInstance:
         that found nothing to do, wait for work."""
         idle_passes = 0
         loop, on_device, decode_s = self.loop, self.on_device, self.models.predictor.decode_s
+        charge_all = self.breakdown.charge_all
         while True:
             start = loop.now
             turns = self.turns.work()
@@ -118,6 +125,7 @@ class SimInstance:
                     # Here rather than in `_execute`: a run is mostly decode steps.
                     requests = command.requests
                     end = loop.now + decode_s(command.model, [r.context_len for r in requests])
+                    charge_all(requests, DECODE, end - loop.now)
                     yield end
                     for request in requests:
                         request.record_token(end)
@@ -141,11 +149,20 @@ class SimInstance:
             case Adopt():
                 return self._adopt_handoffs()
             case Switch(model=model):
-                return (yield from self._switch(model))
+                start = self.loop.now
+                result = yield from self._switch(model)
+                self._last_switch = (model, start, self.loop.now - start) if self.loop.now > start else None
+                return result
             case Prefetch(model=model):
                 return (yield from self._prefetch(model))
             case Place(model=model, requests=requests):
-                return (yield from self._place_on_device(model, requests))
+                start = self.loop.now
+                result = yield from self._place_on_device(model, requests)
+                self.breakdown.charge_all(requests, KV, self.loop.now - start)
+                if self._last_switch is not None and self._last_switch[0] == model:
+                    self.breakdown.charge_all(requests, SWITCH, self._last_switch[2])
+                self._last_switch = None
+                return result
             case SwapOut(requests=requests):
                 seconds = self._swap_out(requests)
                 yield self.loop.now + seconds
@@ -156,6 +173,11 @@ class SimInstance:
                 return True
             case Prefill(request=request):
                 end = self.loop.now + self.models.predictor.prefill_s(request.model, [request.prompt_len])
+                self.breakdown.charge(request, PREFILL, end - self.loop.now)
+                if self._last_switch is not None:
+                    model, start, seconds = self._last_switch
+                    if model == request.model and request.arrival_s <= start:
+                        self.breakdown.charge(request, PREFILL_SWITCH, seconds)
                 yield end
                 request.record_token(end)
                 return None
@@ -170,6 +192,7 @@ class SimInstance:
         self.on_device.pop(request, None)
         seconds = self.models.kv_move_s(request.model, request.context_len)
         self._moving_s["export"] += seconds
+        self.breakdown.charge(request, KV, seconds)
         return seconds
 
     def _adopt_handoffs(self) -> bool:
@@ -184,7 +207,9 @@ class SimInstance:
         seconds = 0.0
         for request in requests:
             self.on_device.pop(request, None)
-            seconds += self.models.kv_move_s(request.model, request.context_len)
+            move_s = self.models.kv_move_s(request.model, request.context_len)
+            self.breakdown.charge(request, KV, move_s)
+            seconds += move_s
         self._moving_s["swap"] += seconds
         return seconds
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from aegaeon.config import SchedulerConfig
@@ -49,16 +49,22 @@ class Deployment(ABC):
         """Policy-specific facts worth reporting (placements, models left unserved, ...)."""
         return {}
 
+    def latency_breakdown(self, requests: Sequence[SchedRequest]) -> dict[str, float]:
+        """Mean seconds of a finished request's latency per component (aegaeon.sim.breakdown), where
+        the policy tracks them ({} otherwise)."""
+        return {}
+
 
 def model_load(models: ModelSet, rates: Mapping[str, float], model: str) -> float:
     """Rough relative demand of a model: its request rate times its size (switch and decode cost)."""
     return rates.get(model, 0.0) * models.weight_bytes(model)
 
 
-def total_busy_s(engines: Iterable) -> dict[str, float]:
-    """Device seconds by kind of work (prefill, decode, load...) summed over engines with `busy_s`."""
+def total_busy_s(engines: Iterable, devices_per_engine: int = 1) -> dict[str, float]:
+    """Device seconds by kind of work (prefill, decode, load...) summed over engines with `busy_s`;
+    an engine of several devices (tensor parallel) keeps all of them busy."""
     totals: dict[str, float] = defaultdict(float)
     for engine in engines:
         for kind, seconds in engine.busy_s.items():
-            totals[kind] += seconds
+            totals[kind] += seconds * devices_per_engine
     return dict(totals)

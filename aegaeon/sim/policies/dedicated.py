@@ -31,7 +31,7 @@ class DedicatedDeployment(Deployment):
         self.loop = context.loop
         models, cluster = context.models, context.cluster
         loads = {m: model_load(models, context.rates, m) for m in models}
-        self.replicas = assign_gpus(loads, cluster.gpus)
+        self.replicas = assign_gpus(loads, cluster.engines)
         self.engines: dict[str, list[BatchingEngine]] = defaultdict(list)
         for model, count in self.replicas.items():
             arena = cluster.memory.arena_bytes(models.largest_weight_bytes())
@@ -48,6 +48,7 @@ class DedicatedDeployment(Deployment):
                 self.engines[model].append(engine)
                 self.loop.spawn(engine.run())
         self._gpus = cluster.gpus
+        self._tp = cluster.tensor_parallel_size
         self.unserved = sorted(set(models) - set(self.replicas))
 
     def submit(self, request: SchedRequest) -> None:
@@ -58,7 +59,7 @@ class DedicatedDeployment(Deployment):
         min(replicas, key=lambda e: e.requests()).add(request)
 
     def busy_s(self) -> dict[str, float]:
-        return total_busy_s(engine for replicas in self.engines.values() for engine in replicas)
+        return total_busy_s((engine for replicas in self.engines.values() for engine in replicas), self._tp)
 
     @property
     def gpus(self) -> int:

@@ -59,7 +59,7 @@ class MuxDeployment(Deployment):
         loads = {m: model_load(models, context.rates, m) for m in models}
         weights = {m: models.weight_bytes(m) for m in models}
         room = int(arena * (1 - options.min_kv_fraction))
-        self.placement = place_models(loads, weights, cluster.gpus, room)
+        self.placement = place_models(loads, weights, cluster.engines, room)
         self.engine_of: dict[str, BatchingEngine] = {}
         self.engines: list[BatchingEngine] = []
         for index, placed in enumerate(self.placement):
@@ -72,7 +72,7 @@ class MuxDeployment(Deployment):
             self.loop.spawn(engine.run())
             for model in placed:
                 self.engine_of[model] = engine
-        self._gpus = cluster.gpus
+        self._gpus, self._tp = cluster.gpus, cluster.tensor_parallel_size
         self.unserved = sorted(set(models) - set(self.engine_of))
 
     def submit(self, request: SchedRequest) -> None:
@@ -83,7 +83,7 @@ class MuxDeployment(Deployment):
         engine.add(request)
 
     def busy_s(self) -> dict[str, float]:
-        return total_busy_s(self.engines)
+        return total_busy_s(self.engines, self._tp)
 
     @property
     def gpus(self) -> int:

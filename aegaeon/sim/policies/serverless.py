@@ -67,10 +67,11 @@ class ServerlessDeployment(Deployment):
                 cluster.max_batched_tokens,
                 on_idle=self._on_idle,
             )
-            for index in range(cluster.gpus)
+            for index in range(cluster.engines)
         ]
         for engine in self.engines:
             self.loop.spawn(engine.run())
+        self._gpus, self._tp = cluster.gpus, cluster.tensor_parallel_size
         self.queue: deque[SchedRequest] = deque()
         self.timed_out = 0
         self.loads = 0
@@ -137,11 +138,11 @@ class ServerlessDeployment(Deployment):
         self.timed_out += 1
 
     def busy_s(self) -> dict[str, float]:
-        return total_busy_s(self.engines)
+        return total_busy_s(self.engines, self._tp)
 
     @property
     def gpus(self) -> int:
-        return len(self.engines)
+        return self._gpus
 
     def notes(self) -> dict:
         return {"timed_out": self.timed_out, "model_loads": self.loads}
