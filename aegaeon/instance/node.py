@@ -229,6 +229,7 @@ class Node:
             store.add(profile)
             path.parent.mkdir(parents=True, exist_ok=True)
             store.save(path)
+        logger.info("latency profile of %s (%s): %s", spec.name, spec.shape_key, profile.describe_errors())
         return profile
 
     def _measure_aside(self, name: str, path: str | Path) -> Profile:
