@@ -205,8 +205,8 @@ class SchedulerConfig:
 # smallest below (most prompts are short, and a relative error weighs as much at 16 tokens as at 2k).
 # A demo model on the CPU profiles in seconds at these densities; a 7B model on a GPU in about a minute.
 DEFAULT_PROFILE_PREFILL_POINTS = 10
-DEFAULT_PROFILE_BATCH_POINTS = 6
-DEFAULT_PROFILE_CONTEXT_POINTS = 6
+DEFAULT_PROFILE_BATCH_POINTS = 5
+DEFAULT_PROFILE_CONTEXT_POINTS = 5
 PROFILE_MIN_PROMPT_TOKENS = 4
 PROFILE_MIN_CONTEXT_TOKENS = 16
 # Each point is measured this many times (after one warm-up run); times farther than

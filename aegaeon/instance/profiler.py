@@ -158,17 +158,22 @@ def measure_switch_s(engine: LLMEngine, served: ServedModel) -> float:
 def measure_prefill(
     engine: LLMEngine, served: ServedModel, plan: ProfilePlan, grid: ProfileGrid, rng: random.Random, bar
 ) -> list[Sample]:
-    """One sample per prompt length: the trimmed time of `grid.repeats` prefills (after a warm-up)."""
-    samples = []
+    """One sample per prompt length: the trimmed time of `grid.repeats` prefills.
+
+    The lengths are measured in rounds, each length once a round (a warm-up round first), so a burst
+    of load from another process slows one measurement of many lengths, which trimming drops, rather
+    than every measurement of one.
+    """
+    times: list[list[float]] = [[] for _ in plan.prompt_lengths]
     params = SamplingParams(max_tokens=1)
-    for length in plan.prompt_lengths:
-        times = []
-        for _ in range(grid.repeats + 1):  # the first run of each length warms up
+    for round_index in range(grid.repeats + 1):
+        for length, measured in zip(plan.prompt_lengths, times, strict=True):
             engine.add_request("profile", _prompt(rng, served, length), params, served.name)
-            times.append(_timed_prefill(engine, "profile"))
-        samples.append(([length], trimmed_time(times[1:])))
+            seconds = _timed_prefill(engine, "profile")
+            if round_index:
+                measured.append(seconds)
         bar.update()
-    return samples
+    return [([length], trimmed_time(t)) for length, t in zip(plan.prompt_lengths, times, strict=True)]
 
 
 def measure_decode(
@@ -207,7 +212,7 @@ def profile_model(
         served.max_model_len, engine.config.max_num_seqs, served.batcher.allocator.num_free, grid
     )
     rng = random.Random(PROFILE_SEED)
-    total = len(plan.prompt_lengths) + len(plan.decode_points)
+    total = grid.repeats + 1 + len(plan.decode_points)
     bar = tqdm(total=total, desc=f"profiling {name}", disable=not progress or None, leave=False)
     with bar:
         prefill = measure_prefill(engine, served, plan, grid, rng, bar)
