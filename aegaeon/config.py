@@ -217,6 +217,9 @@ PROFILE_OUTLIER_MADS = 3.0
 # The held-out error of a fit: each point is predicted by the fit of the others, in this many folds
 # (point i is held out in fold i mod folds).
 DEFAULT_PROFILE_FOLDS = 5
+# A fit whose held-out mean relative error exceeds this is reported as poor (the node warns at start):
+# the scheduler's quotas rest on step predictions, and its TBT slack is about this fine.
+PROFILE_POOR_FIT_ERROR = 0.15
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from aegaeon.config import DEFAULT_PROFILE_FOLDS
+from aegaeon.config import DEFAULT_PROFILE_FOLDS, PROFILE_POOR_FIT_ERROR
 from aegaeon.scheduler.models import ModelSpec
 
 PROFILE_FORMAT_VERSION = 1
@@ -191,7 +191,19 @@ class Profile:
                 "held-out error not measured (a profile from an older aegaeon, or derived): "
                 "`aegaeon profile` measures it anew"
             )
-        return f"prefill {self.prefill_error}; decode {self.decode_error} (held out)"
+        text = f"prefill {self.prefill_error}; decode {self.decode_error} (held out)"
+        if self.poor_fit:
+            text += (
+                f" - above {PROFILE_POOR_FIT_ERROR:.0%}: the steps were noisy while profiling (another "
+                "process on the machine?) or the formula misses this device; re-profile on a quiet machine"
+            )
+        return text
+
+    @property
+    def poor_fit(self) -> bool:
+        """Whether either fit's held-out mean relative error is above PROFILE_POOR_FIT_ERROR."""
+        errors = (self.prefill_error, self.decode_error)
+        return any(e is not None and e.mean_relative_error > PROFILE_POOR_FIT_ERROR for e in errors)
 
 
 def _coeffs(values: Sequence[float]) -> Coeffs:

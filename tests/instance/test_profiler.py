@@ -87,27 +87,34 @@ def test_a_profile_of_a_tiny_model_reports_its_held_out_error(make_demo_model) -
 
 
 def test_a_node_logs_each_profile_s_held_out_error_at_start(make_demo_model, tmp_path, caplog) -> None:
-    measured, old = make_demo_model("llama"), make_demo_model("qwen2")
-    error = FitError(r2=0.987, mean_relative_error=0.042, points=25)
+    measured, old, noisy = make_demo_model("llama"), make_demo_model("qwen2"), make_demo_model("mistral")
+    good = FitError(r2=0.987, mean_relative_error=0.042, points=25)
+    poor = FitError(r2=0.31, mean_relative_error=0.56, points=25)
+    prefill, decode = (1e-3, 1e-5, 0.0), (1e-3, 1e-6, 1e-4)
     profiles = ProfileStore(
         [
-            Profile(
-                _shape(measured), "float32", "cpu", (1e-3, 1e-5, 0.0), (1e-3, 1e-6, 1e-4), 0.01, error, error
-            ),
+            Profile(_shape(measured), "float32", "cpu", prefill, decode, 0.01, good, good),
             # As written before held-out errors were measured: it still serves, and says so.
-            Profile(_shape(old), "float32", "cpu", (1e-3, 1e-5, 0.0), (1e-3, 1e-6, 1e-4), 0.01),
+            Profile(_shape(old), "float32", "cpu", prefill, decode, 0.01),
+            Profile(_shape(noisy), "float32", "cpu", prefill, decode, 0.01, good, poor),
         ]
     )
     path = tmp_path / "profiles.json"
     profiles.save(path)
     config = NodeConfig(profile_path=str(path), engine=EngineConfig(kv_cache_bytes=4 * MIB))
     caplog.set_level(logging.INFO, logger="aegaeon.instance.node")
-    with Node({"measured": measured, "old": old}, config, progress=False):
-        lines = [r.getMessage() for r in caplog.records if "latency profile" in r.getMessage()]
-    by_model = {line.split()[3]: line for line in lines}
-    assert set(by_model) == {"measured", "old"}
-    assert "prefill R² 0.987, mean relative error 4.2% (25 points)" in by_model["measured"]
-    assert "not measured" in by_model["old"] and "aegaeon profile" in by_model["old"]
+    with Node({"measured": measured, "old": old, "noisy": noisy}, config, progress=False):
+        records = [r for r in caplog.records if "latency profile" in r.getMessage()]
+    by_model = {r.getMessage().split()[3]: r for r in records}
+    assert set(by_model) == {"measured", "old", "noisy"}
+    assert "prefill R² 0.987, mean relative error 4.2% (25 points)" in by_model["measured"].getMessage()
+    assert by_model["measured"].levelno == logging.INFO
+    assert "not measured" in by_model["old"].getMessage()
+    assert "aegaeon profile" in by_model["old"].getMessage()
+    # A fit that misses held-out points by more than the scheduler can absorb is a warning.
+    assert by_model["noisy"].levelno == logging.WARNING
+    assert "decode R² 0.310, mean relative error 56.0%" in by_model["noisy"].getMessage()
+    assert "re-profile on a quiet machine" in by_model["noisy"].getMessage()
 
 
 def _shape(path) -> str:
