@@ -29,7 +29,7 @@ from aegaeon.config import (
 from aegaeon.engine.engine import LLMEngine
 from aegaeon.engine.residency import ServedModel
 from aegaeon.engine.sampling_params import SamplingParams
-from aegaeon.scheduler.predictor import Profile, Sample, fit_profile
+from aegaeon.scheduler.predictor import NUM_COEFFS, Profile, Sample, fit_profile
 
 SWITCH_REPEATS = 3
 PROFILE_SEED = 0
@@ -211,6 +211,12 @@ def profile_model(
     plan = plan_profile(
         served.max_model_len, engine.config.max_num_seqs, served.batcher.allocator.num_free, grid
     )
+    if min(len(plan.prompt_lengths), len(plan.decode_points)) < NUM_COEFFS:
+        raise ValueError(
+            f"cannot profile {name}: a max_model_len of {served.max_model_len} and "
+            f"{served.batcher.allocator.num_free} free KV blocks leave fewer than {NUM_COEFFS} prompt "
+            "lengths or decode points to fit"
+        )
     rng = random.Random(PROFILE_SEED)
     total = grid.repeats + 1 + len(plan.decode_points)
     bar = tqdm(total=total, desc=f"profiling {name}", disable=not progress or None, leave=False)

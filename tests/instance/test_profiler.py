@@ -119,3 +119,13 @@ def test_a_node_logs_each_profile_s_held_out_error_at_start(make_demo_model, tmp
 
 def _shape(path) -> str:
     return Architecture.from_pretrained(path).shape_key
+
+
+def test_a_model_too_short_to_profile_is_refused_with_a_reason(make_demo_model) -> None:
+    engine = LLMEngine(
+        models={"short": make_demo_model("llama")},
+        config=EngineConfig(kv_cache_bytes=4 * MIB, max_model_len=8),
+        progress=False,
+    )
+    with pytest.raises(ValueError, match="cannot profile short: a max_model_len of 8"):
+        profile_model(engine, "short", progress=False, grid=SMALL_GRID)
