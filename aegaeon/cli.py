@@ -26,23 +26,104 @@ def _profile(args: argparse.Namespace) -> None:
     import json
     from pathlib import Path
 
-    from aegaeon.config import parse_model_entry
+    from aegaeon.config import EngineConfig, ProfileGrid, parse_model_entry
     from aegaeon.engine.engine import LLMEngine
     from aegaeon.instance.profiler import profile_model
     from aegaeon.scheduler.predictor import ProfileStore
 
+    try:
+        grid = ProfileGrid(
+            prefill_points=args.prefill_points,
+            batch_points=args.batch_points,
+            context_points=args.context_points,
+            repeats=args.repeats,
+            folds=args.folds,
+        )
+        engine_config = EngineConfig(
+            max_num_seqs=args.max_num_seqs,
+            max_model_len=args.max_model_len,
+            kv_cache_bytes=args.kv_cache_bytes,
+        )
+    except ValueError as error:
+        raise SystemExit(f"aegaeon profile: {error}") from None
     entries = [parse_model_entry(spec)[0] for spec in args.models]
     models = {entry.name: entry.path for entry in entries}
-    engine = LLMEngine(models=models, device=args.device, dtype=args.dtype)
+    engine = LLMEngine(models=models, device=args.device, dtype=args.dtype, config=engine_config)
     path = Path(args.profiles).expanduser()
     store = ProfileStore.load(path)
     for name in models:
-        profile = profile_model(engine, name)
+        profile = profile_model(engine, name, grid=grid)
         store.add(profile)
         print(json.dumps({"model": name, **profile.to_dict()}))
+        print(f"{name} ({profile.shape_key}): {profile.describe_errors()}", flush=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     store.save(path)
     print(f"saved {len(models)} profile(s) to {path}")
+
+
+def _add_profile_parser(commands) -> None:
+    from aegaeon.config import (
+        DEFAULT_MAX_NUM_SEQS,
+        DEFAULT_PROFILE_BATCH_POINTS,
+        DEFAULT_PROFILE_CONTEXT_POINTS,
+        DEFAULT_PROFILE_FOLDS,
+        DEFAULT_PROFILE_PATH,
+        DEFAULT_PROFILE_PREFILL_POINTS,
+        DEFAULT_PROFILE_REPEATS,
+    )
+
+    profile = commands.add_parser(
+        "profile", help="measure prefill/decode latency and switch time of models on this device"
+    )
+    profile.add_argument("models", nargs="+", metavar="MODEL", help="NAME=PATH, or a path or hub id")
+    profile.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    profile.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    profile.add_argument(
+        "--profiles",
+        default=DEFAULT_PROFILE_PATH,
+        help=f"profile file to update (default: {DEFAULT_PROFILE_PATH})",
+    )
+    grid = profile.add_argument_group(
+        "grid", "prompts up to max_model_len, decode batches up to max_num_seqs, each point repeated"
+    )
+    grid.add_argument(
+        "--prefill-points",
+        type=int,
+        default=DEFAULT_PROFILE_PREFILL_POINTS,
+        help=f"prompt lengths measured (default {DEFAULT_PROFILE_PREFILL_POINTS})",
+    )
+    grid.add_argument(
+        "--batch-points",
+        type=int,
+        default=DEFAULT_PROFILE_BATCH_POINTS,
+        help=f"decode batch sizes measured (default {DEFAULT_PROFILE_BATCH_POINTS})",
+    )
+    grid.add_argument(
+        "--context-points",
+        type=int,
+        default=DEFAULT_PROFILE_CONTEXT_POINTS,
+        help=f"decode context lengths per batch size (default {DEFAULT_PROFILE_CONTEXT_POINTS})",
+    )
+    grid.add_argument(
+        "--repeats",
+        type=int,
+        default=DEFAULT_PROFILE_REPEATS,
+        help=f"measurements per point, outliers dropped (default {DEFAULT_PROFILE_REPEATS})",
+    )
+    grid.add_argument(
+        "--folds",
+        type=int,
+        default=DEFAULT_PROFILE_FOLDS,
+        help=f"cross-validation folds of the held-out error (default {DEFAULT_PROFILE_FOLDS})",
+    )
+    grid.add_argument(
+        "--max-num-seqs", type=int, default=DEFAULT_MAX_NUM_SEQS, help="the largest decode batch to serve"
+    )
+    grid.add_argument(
+        "--max-model-len", type=int, help="the longest sequence to serve (default: the model's)"
+    )
+    grid.add_argument("--kv-cache-bytes", type=int, help="KV bytes of the engine (bounds the decode grid)")
+    profile.set_defaults(run=_profile)
 
 
 def _keys(args: argparse.Namespace) -> None:
@@ -143,18 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from aegaeon.config import DEFAULT_PROFILE_PATH, LOG_FORMATS, ROLES
 
-    profile = commands.add_parser(
-        "profile", help="measure prefill/decode latency and switch time of models on this device"
-    )
-    profile.add_argument("models", nargs="+", metavar="MODEL", help="NAME=PATH, or a path or hub id")
-    profile.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    profile.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
-    profile.add_argument(
-        "--profiles",
-        default=DEFAULT_PROFILE_PATH,
-        help=f"profile file to update (default: {DEFAULT_PROFILE_PATH})",
-    )
-    profile.set_defaults(run=_profile)
+    _add_profile_parser(commands)
 
     serve = commands.add_parser(
         "serve",

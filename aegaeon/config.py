@@ -205,6 +205,53 @@ class SchedulerConfig:
         return dict(self.model_slos).get(model, self.default_slo)
 
 
+# --- latency profiles (aegaeon/instance/profiler.py, aegaeon/scheduler/predictor.py) -------------
+
+# Points per axis of the profiling grid: prompt lengths up to max_model_len, decode batch sizes up to
+# max_num_seqs and decode context lengths up to max_model_len, each spaced geometrically from the
+# smallest below (most prompts are short, and a relative error weighs as much at 16 tokens as at 2k).
+# A demo model on the CPU profiles in seconds at these densities; a 7B model on a GPU in about a minute.
+DEFAULT_PROFILE_PREFILL_POINTS = 10
+DEFAULT_PROFILE_BATCH_POINTS = 5
+DEFAULT_PROFILE_CONTEXT_POINTS = 5
+PROFILE_MIN_PROMPT_TOKENS = 4
+PROFILE_MIN_CONTEXT_TOKENS = 16
+# Each point is measured this many times (after one warm-up run); times farther than
+# PROFILE_OUTLIER_MADS scaled median absolute deviations from their median are dropped (a step that
+# another process preempted), and the mean of the rest is the point's time.
+DEFAULT_PROFILE_REPEATS = 5
+PROFILE_OUTLIER_MADS = 3.0
+# The held-out error of a fit: each point is predicted by the fit of the others, in this many folds
+# (point i is held out in fold i mod folds).
+DEFAULT_PROFILE_FOLDS = 5
+# A fit whose held-out mean relative error exceeds this is reported as poor (the node warns at start):
+# the scheduler's quotas rest on step predictions, and its TBT slack is about this fine.
+PROFILE_POOR_FIT_ERROR = 0.15
+
+
+@dataclass(frozen=True)
+class ProfileGrid:
+    """How densely, and how many times over, `aegaeon profile` measures a model."""
+
+    prefill_points: int = DEFAULT_PROFILE_PREFILL_POINTS
+    batch_points: int = DEFAULT_PROFILE_BATCH_POINTS
+    context_points: int = DEFAULT_PROFILE_CONTEXT_POINTS
+    repeats: int = DEFAULT_PROFILE_REPEATS
+    folds: int = DEFAULT_PROFILE_FOLDS
+
+    def __post_init__(self) -> None:
+        # Three coefficients per formula: fewer prompt lengths or decode points cannot determine them.
+        for name in ("prefill_points", "context_points"):
+            if getattr(self, name) < 3:
+                raise ValueError(f"{name} must be >= 3, got {getattr(self, name)}")
+        if self.batch_points < 1 or self.repeats < 1:
+            raise ValueError(
+                f"batch_points and repeats must be >= 1, got {self.batch_points} and {self.repeats}"
+            )
+        if self.folds < 2:
+            raise ValueError(f"folds must be >= 2, got {self.folds}")
+
+
 # --- node (instances of one machine) -------------------------------------------------------------
 
 DEFAULT_PROFILE_PATH = "~/.cache/aegaeon/profiles.json"

@@ -2,6 +2,7 @@
 
     python benchmarks/scheduling.py [--json] [--duration 30] [--rates 0.5 1 2] [--models 4]
     python benchmarks/scheduling.py --turns [--json] [--duration 30] [--rates 2 4] [--models 2]
+    python benchmarks/scheduling.py --predictions [--json] [--duration 30] [--rates 0.5 1 2] [--models 4]
 
 Part 1, SLO attainment. Several tiny models share one colocated CPU instance; requests arrive as a
 Poisson process per model. The same workload (same seed) runs twice, side by side:
@@ -20,6 +21,13 @@ costs milliseconds; the same workload runs under the default quotas and under th
 alone (`max_switch_share` 0.999: the floor never gives way), side by side. Reported: mean decode
 steps per turn, KV swaps (in and out) per generated token, attainment.
 
+Part 1c (`--predictions`), the predictor against the clock. The same workload under aegaeon's
+scheduler; every engine step the instance runs is timed (the instance's call of its engine, as the
+scheduler sees it) beside what the node's predictor said it would take: a decode step by the batch's
+context lengths, a prefill by its prompt's length. Reported per rate and kind: steps, mean and median
+relative error |predicted - measured| / measured, the share of steps within 15%, and the mean signed
+error (a bias). Step times on a shared machine are noisy; the median is the steadier figure.
+
 Part 2, scheduler overhead. The 100M-parameter benchmark model decodes 8 requests on a colocated
 instance; the share of the decode loop's time spent outside `engine.step()` is the scheduler's own
 overhead per decode step.
@@ -29,8 +37,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from live_workload import BENCH_DIR, DRAIN_S, KV_BYTES, PROFILE_PATH, SCALED_SLO, live_models, workload
@@ -45,14 +55,99 @@ from aegaeon.config import (
 )
 from aegaeon.demo import ensure_benchmark_model
 from aegaeon.engine.sampling_params import SamplingParams
+from aegaeon.instance.instance import Instance
 from aegaeon.instance.node import Node
 from aegaeon.scheduler.slo import slo_report
+from aegaeon.scheduler.turn_loop import Prefill, Step
 
 SEED = 0
 # The paper's floor alone: switches may take up to 99.9% of a round before it gives way.
 PAPER_FLOOR_SHARE = 0.999
 OVERHEAD_BATCH = 8
 OVERHEAD_TOKENS = 96
+# A step's prediction counts as accurate within this relative error of its measured time.
+PREDICTION_TOLERANCE = 0.15
+
+
+@dataclass(frozen=True)
+class StepTiming:
+    kind: str  # "decode" or "prefill"
+    model: str
+    batch: int
+    predicted_s: float
+    measured_s: float
+
+    @property
+    def relative_error(self) -> float:
+        return abs(self.predicted_s - self.measured_s) / self.measured_s
+
+
+class StepRecorder:
+    """Times every engine step a node's instances run, beside the node's prediction for it.
+
+    It wraps each instance's command execution and its engine's `step` (observing, not replacing
+    them): a `Step` command is one engine step, predicted by the batch's context lengths; a `Prefill`
+    is the engine steps up to the prompt's first token, predicted by its length.
+    """
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.steps: list[StepTiming] = []
+        for instance in node.instances:
+            self._observe(instance)
+
+    def _observe(self, instance: Instance) -> None:
+        execute, engine = instance._execute, instance.engine
+        engine_step = engine.step
+        stepped: list[float] = []  # seconds of each engine step of the command under way
+
+        def step():
+            start = time.perf_counter()
+            try:
+                return engine_step()
+            finally:
+                stepped.append(time.perf_counter() - start)
+
+        def observed(command):
+            predictor = self.node.predictor
+            if type(command) is Step:
+                batch = [r.context_len for r in command.requests]
+                kind, model, predicted = "decode", command.model, predictor.decode_s(command.model, batch)
+            elif type(command) is Prefill:
+                batch = [command.request.prompt_len]
+                model = command.request.model
+                kind, predicted = "prefill", predictor.prefill_s(model, batch)
+            else:
+                return execute(command)
+            stepped.clear()
+            result = execute(command)
+            if stepped:
+                self.steps.append(StepTiming(kind, model, len(batch), predicted, sum(stepped)))
+            return result
+
+        engine.step = step
+        instance._execute = observed
+
+    def summary(self) -> dict:
+        """Per kind: steps, mean and median relative error, share within tolerance, mean signed error."""
+        out = {}
+        for kind in ("decode", "prefill"):
+            steps = [s for s in self.steps if s.kind == kind]
+            if not steps:
+                continue
+            errors = [s.relative_error for s in steps]
+            out[kind] = {
+                "steps": len(steps),
+                "mean_relative_error": statistics.fmean(errors),
+                "median_relative_error": statistics.median(errors),
+                "within_tolerance": sum(e <= PREDICTION_TOLERANCE for e in errors) / len(errors),
+                "mean_signed_error": statistics.fmean(
+                    (s.predicted_s - s.measured_s) / s.measured_s for s in steps
+                ),
+                "mean_predicted_s": statistics.fmean(s.predicted_s for s in steps),
+                "mean_measured_s": statistics.fmean(s.measured_s for s in steps),
+            }
+        return out
 
 
 def bench_models(count: int) -> dict[str, Path]:
@@ -96,6 +191,7 @@ def run_policy(
     )
     requests = workload(list(models), rate, duration, SEED)
     with Node(models, config, progress=False) as node:
+        recorder = StepRecorder(node)
         replay(node, requests, duration)
         horizon = node.now()
         unfinished = [live.sched for live in node.live.values()]
@@ -122,6 +218,7 @@ def run_policy(
         "swaps": swaps,
         "generated": generated,
         "swaps_per_token": swaps / generated if generated else None,
+        "predictions": recorder.summary(),
     }
 
 
@@ -153,6 +250,34 @@ def print_turns(results: dict) -> None:
             )
 
 
+def predictions(models: dict[str, Path], rates: list[float], duration: float) -> dict:
+    """The token-level scheduler's runs, each rate: how close the predictor came to each step."""
+    return {str(rate): run_policy(models, "token", rate, duration) for rate in rates}
+
+
+def print_predictions(results: dict) -> None:
+    columns = (
+        "rate/model",
+        "kind",
+        "steps",
+        "mean err",
+        "median err",
+        "within 15%",
+        "bias",
+        "pred ms",
+        "meas ms",
+    )
+    print(" ".join(f"{c:>10}" for c in columns))
+    for rate, r in results.items():
+        for kind, p in r["predictions"].items():
+            print(
+                f"{rate:>10} {kind:>10} {p['steps']:>10} {p['mean_relative_error']:>10.1%} "
+                f"{p['median_relative_error']:>10.1%} {p['within_tolerance']:>10.1%} "
+                f"{p['mean_signed_error']:>+10.1%} {p['mean_predicted_s'] * 1e3:>10.2f} "
+                f"{p['mean_measured_s'] * 1e3:>10.2f}"
+            )
+
+
 def scheduler_overhead() -> dict:
     """Share of the decode loop outside engine.step(), 8 requests of the 100M model."""
     model = ensure_benchmark_model(BENCH_DIR / "llama-100m")
@@ -177,9 +302,20 @@ def main() -> None:
     parser.add_argument("--rates", type=float, nargs="+", default=[0.5, 1.0, 2.0], help="req/s per model")
     parser.add_argument("--models", type=int, default=4)
     parser.add_argument("--turns", action="store_true", help="turn lengths with resident models only")
+    parser.add_argument(
+        "--predictions", action="store_true", help="predicted against measured step times only"
+    )
     args = parser.parse_args()
 
     models = bench_models(args.models)
+    if args.predictions:
+        results = predictions(models, args.rates, args.duration)
+        if args.json:
+            print(json.dumps({"models": args.models, "rates": results}))
+            return
+        print(f"{args.models} models, one colocated CPU instance, aegaeon's scheduler")
+        print_predictions(results)
+        return
     if args.turns:
         turns = turn_lengths(models, args.rates, args.duration)
         if args.json:

@@ -246,6 +246,9 @@ class Node:
             store.add(profile)
             path.parent.mkdir(parents=True, exist_ok=True)
             store.save(path)
+        errors = profile.describe_errors()
+        level = logging.WARNING if profile.poor_fit else logging.INFO
+        logger.log(level, "latency profile of %s (%s): %s", spec.name, spec.shape_key, errors)
         return profile
 
     def _measure_aside(self, name: str, path: str | Path) -> Profile:

@@ -3,21 +3,26 @@
     T_prefill = a + b·Σlen + c·Σlen²       (Σlen² = sum over the batch of each prompt length squared)
     T_decode  = a + b·Σcontext + c·batch
 
-A profile is keyed by (shape_key, dtype, device) and also holds the measured switch time. A set of
-profiles is stored as ONE JSON file: {"version": 1, "profiles": [profile.to_dict(), ...]}.
+Both are fitted by least squares on relative residuals (each sample weighted by 1/its time), so a
+16-token prompt's prediction is as close in percent as a 2k-token one's. A profile is keyed by
+(shape_key, dtype, device) and also holds the measured switch time and each fit's held-out error
+(cross-validated over the measured points; absent in profiles written before it was measured). A set
+of profiles is stored as ONE JSON file: {"version": 1, "profiles": [profile.to_dict(), ...]}.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from aegaeon.config import DEFAULT_PROFILE_FOLDS, PROFILE_POOR_FIT_ERROR
 from aegaeon.scheduler.models import ModelSpec
 
 PROFILE_FORMAT_VERSION = 1
@@ -37,15 +42,23 @@ def decode_features(context_lens: Sequence[int]) -> tuple[float, float, float]:
     return (1.0, float(sum(context_lens)), float(len(context_lens)))
 
 
-def _fit(samples: Iterable[Sample], features) -> Coeffs:
+Features = Callable[[Sequence[int]], tuple[float, float, float]]
+
+
+def _fit(samples: Iterable[Sample], features: Features) -> Coeffs:
     rows, times = [], []
     for lengths, seconds in samples:
         rows.append(features(lengths))
         times.append(float(seconds))
     if len(rows) < NUM_COEFFS:
         raise ValueError(f"need at least {NUM_COEFFS} samples to fit, got {len(rows)}")
+    if min(times) <= 0:
+        raise ValueError(f"sample times must be positive, got {min(times)}")
+    # Relative residuals: each row divided by its time. Unweighted, the longest steps would decide the
+    # fit and the short ones (most of a workload's) could be off by half.
+    weights = 1.0 / np.array(times)
     # Rank-deficient samples (e.g. every decode sample at one batch size) get the minimum-norm solution.
-    coeffs, *_ = np.linalg.lstsq(np.array(rows), np.array(times), rcond=None)
+    coeffs, *_ = np.linalg.lstsq(np.array(rows) * weights[:, None], np.ones(len(times)), rcond=None)
     return (float(coeffs[0]), float(coeffs[1]), float(coeffs[2]))
 
 
@@ -62,6 +75,48 @@ def fit_decode(samples: Iterable[Sample]) -> Coeffs:
 def _evaluate(coeffs: Coeffs, features: tuple[float, float, float]) -> float:
     # A fitted line can dip below zero outside the profiled range; time cannot.
     return max(sum(k * x for k, x in zip(coeffs, features, strict=True)), 0.0)
+
+
+@dataclass(frozen=True)
+class FitError:
+    """How well a fit predicts points it was not fitted on (each measured point held out in turn)."""
+
+    r2: float  # coefficient of determination of the held-out predictions
+    mean_relative_error: float  # mean of |predicted - measured| / measured
+    points: int  # measured points, each predicted once
+
+    def to_dict(self) -> dict:
+        return {"r2": self.r2, "mean_relative_error": self.mean_relative_error, "points": self.points}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> FitError:
+        return cls(float(d["r2"]), float(d["mean_relative_error"]), int(d["points"]))
+
+    def __str__(self) -> str:
+        return f"R² {self.r2:.3f}, mean relative error {self.mean_relative_error:.1%} ({self.points} points)"
+
+
+def held_out_error(
+    samples: Sequence[Sample], features: Features, folds: int = DEFAULT_PROFILE_FOLDS
+) -> FitError | None:
+    """K-fold cross-validation: sample i is predicted by the fit of the samples outside fold i mod
+    `folds`. None when a fold's complement is too small to fit (fewer than NUM_COEFFS + 1 samples)."""
+    samples = list(samples)
+    folds = min(folds, len(samples))
+    if folds < 2 or len(samples) - math.ceil(len(samples) / folds) < NUM_COEFFS:
+        return None
+    predicted = [0.0] * len(samples)
+    for fold in range(folds):
+        kept = [s for i, s in enumerate(samples) if i % folds != fold]
+        coeffs = _fit(kept, features)
+        for i in range(fold, len(samples), folds):
+            predicted[i] = _evaluate(coeffs, features(samples[i][0]))
+    measured = np.array([float(seconds) for _, seconds in samples])
+    errors = np.array(predicted) - measured
+    spread = float(np.sum((measured - measured.mean()) ** 2))
+    # All points equal: R² is undefined; call it perfect if the predictions match them too.
+    r2 = 1.0 - float(np.sum(errors**2)) / spread if spread > 0 else float(np.allclose(errors, 0))
+    return FitError(r2, float(np.mean(np.abs(errors) / measured)), len(samples))
 
 
 @dataclass(frozen=True)
@@ -82,6 +137,10 @@ class Profile:
     decode: Coeffs
     # Measured seconds to switch this device to a model of this shape (weights host -> device).
     switch_s: float
+    # Held-out error of each fit (None: not measured, e.g. a profile derived from public numbers or
+    # written before aegaeon measured it).
+    prefill_error: FitError | None = None
+    decode_error: FitError | None = None
 
     @property
     def key(self) -> ProfileKey:
@@ -96,7 +155,7 @@ class Profile:
         return _evaluate(self.decode, decode_features(context_lens)) if context_lens else 0.0
 
     def to_dict(self) -> dict:
-        return {
+        d = {
             "shape_key": self.shape_key,
             "dtype": self.dtype,
             "device": self.device,
@@ -104,9 +163,17 @@ class Profile:
             "decode": list(self.decode),
             "switch_s": self.switch_s,
         }
+        for name, error in (("prefill_error", self.prefill_error), ("decode_error", self.decode_error)):
+            if error is not None:
+                d[name] = error.to_dict()
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping) -> Profile:
+        errors = {
+            name: FitError.from_dict(d[name]) if d.get(name) is not None else None
+            for name in ("prefill_error", "decode_error")
+        }
         return cls(
             shape_key=str(d["shape_key"]),
             dtype=str(d["dtype"]),
@@ -114,7 +181,29 @@ class Profile:
             prefill=_coeffs(d["prefill"]),
             decode=_coeffs(d["decode"]),
             switch_s=float(d["switch_s"]),
+            **errors,
         )
+
+    def describe_errors(self) -> str:
+        """One line: each fit's held-out error, or that it was not measured."""
+        if self.prefill_error is None or self.decode_error is None:
+            return (
+                "held-out error not measured (a profile from an older aegaeon, or derived): "
+                "`aegaeon profile` measures it anew"
+            )
+        text = f"prefill {self.prefill_error}; decode {self.decode_error} (held out)"
+        if self.poor_fit:
+            text += (
+                f" - above {PROFILE_POOR_FIT_ERROR:.0%}: the steps were noisy while profiling (another "
+                "process on the machine?) or the formula misses this device; re-profile on a quiet machine"
+            )
+        return text
+
+    @property
+    def poor_fit(self) -> bool:
+        """Whether either fit's held-out mean relative error is above PROFILE_POOR_FIT_ERROR."""
+        errors = (self.prefill_error, self.decode_error)
+        return any(e is not None and e.mean_relative_error > PROFILE_POOR_FIT_ERROR for e in errors)
 
 
 def _coeffs(values: Sequence[float]) -> Coeffs:
@@ -130,10 +219,20 @@ def fit_profile(
     prefill_samples: Iterable[Sample],
     decode_samples: Iterable[Sample],
     switch_s: float,
+    folds: int = DEFAULT_PROFILE_FOLDS,
 ) -> Profile:
-    """Fit both formulas from measurements and bundle them with the measured switch time."""
+    """Fit both formulas from measurements (all of them), with each fit's held-out error over
+    `folds` folds, and bundle them with the measured switch time."""
+    prefill, decode = list(prefill_samples), list(decode_samples)
     return Profile(
-        shape_key, dtype, device, fit_prefill(prefill_samples), fit_decode(decode_samples), float(switch_s)
+        shape_key,
+        dtype,
+        device,
+        fit_prefill(prefill),
+        fit_decode(decode),
+        float(switch_s),
+        held_out_error(prefill, prefill_features, folds),
+        held_out_error(decode, decode_features, folds),
     )
 
 

@@ -7,12 +7,16 @@ import pytest
 
 from aegaeon.scheduler.predictor import (
     PROFILE_FORMAT_VERSION,
+    FitError,
     Predictor,
     Profile,
     ProfileStore,
+    decode_features,
     fit_decode,
     fit_prefill,
     fit_profile,
+    held_out_error,
+    prefill_features,
 )
 from tests.scheduler.helpers import profile, spec
 
@@ -120,3 +124,73 @@ def test_predictor_maps_models_to_their_shape_profiles() -> None:
         Predictor.for_models([spec("a"), spec("c")], store, "float32", "cpu")
     with pytest.raises(KeyError, match="zzz"):
         pred.prefill_s("zzz", [1])
+
+
+def test_held_out_error_of_exact_samples_is_nil() -> None:
+    samples = _decode_samples(random.Random(3), 30)
+    error = held_out_error(samples, decode_features, folds=5)
+    assert error.points == 30
+    assert error.r2 == pytest.approx(1.0) and error.mean_relative_error == pytest.approx(0.0, abs=1e-9)
+
+
+def test_held_out_error_measures_the_noise_it_cannot_fit() -> None:
+    rng = random.Random(4)
+    # Every time off by 10% either way: no fit can predict a held-out point closer than that.
+    noisy = [(c, t * rng.choice((0.9, 1.1))) for c, t in _decode_samples(rng, 60)]
+    error = held_out_error(noisy, decode_features, folds=5)
+    assert 0.07 < error.mean_relative_error < 0.15
+    assert error.r2 < 0.999
+
+
+def test_held_out_error_of_a_wrong_formula_is_large() -> None:
+    # Prefill that grows with the cube of the prompt: the quadratic formula misses held-out points.
+    samples = [([n], 1e-3 + 1e-9 * n**3) for n in range(16, 2048, 64)]
+    assert held_out_error(samples, prefill_features).mean_relative_error > 0.15
+
+
+def test_held_out_error_needs_enough_samples_to_fit_without_a_fold() -> None:
+    samples = _prefill_samples(random.Random(5), 5)
+    assert held_out_error(samples[:4], prefill_features, folds=2) is None  # 2 left to fit 3 coefficients
+    assert held_out_error(samples, prefill_features, folds=5).points == 5
+
+
+def test_the_fit_weighs_short_steps_as_much_as_long_ones() -> None:
+    # The longest sample is 20% slow (a stray measurement): in absolute terms it dwarfs the short ones,
+    # but the fit keeps them within a few percent.
+    samples = [([n], _prefill_time([n])) for n in (4, 8, 16, 32, 64, 128, 256, 512, 1024)]
+    samples.append(([2048], _prefill_time([2048]) * 1.2))
+    coeffs = fit_prefill(samples)
+    p = Profile("s", "f", "d", coeffs, DECODE_TRUE, 0.0)
+    for n in (4, 16, 64):
+        assert p.predict_prefill([n]) == pytest.approx(_prefill_time([n]), rel=0.03)
+
+
+def test_fit_profile_stores_held_out_errors_and_they_round_trip(tmp_path) -> None:
+    rng = random.Random(6)
+    p = fit_profile("s", "float32", "cpu", _prefill_samples(rng), _decode_samples(rng), 0.1, folds=4)
+    assert p.prefill_error.points == 20 and p.decode_error.points == 20
+    path = tmp_path / "p.json"
+    ProfileStore([p]).save(path)
+    assert ProfileStore.load(path).get("s", "float32", "cpu") == p
+    assert "R² 1.000" in p.describe_errors()
+
+
+def test_a_profile_file_without_held_out_errors_still_loads(tmp_path) -> None:
+    # As written before the held-out error was measured (and as the bundled derived profiles are).
+    old = {"shape_key": "s", "dtype": "float32", "device": "cpu", "prefill": [0.01, 1e-4, 0.0]}
+    old |= {"decode": [0.01, 1e-5, 1e-3], "switch_s": 0.5}
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps({"version": 1, "profiles": [old]}))
+    loaded = ProfileStore.load(path).get("s", "float32", "cpu")
+    assert loaded == profile("s") and loaded.prefill_error is None
+    assert "not measured" in loaded.describe_errors() and "aegaeon profile" in loaded.describe_errors()
+
+
+def test_fit_error_reads_as_a_user_would_want() -> None:
+    text = str(FitError(r2=0.9876, mean_relative_error=0.0432, points=36))
+    assert text == "R² 0.988, mean relative error 4.3% (36 points)"
+
+
+def test_non_positive_times_are_refused() -> None:
+    with pytest.raises(ValueError, match="positive"):
+        fit_decode([([1], 0.1), ([2], 0.0), ([3], 0.3)])
