@@ -38,6 +38,15 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
 
 
+# --- tensor parallelism ------------------------------------------------------------------------
+
+# How long a rank of a tensor-parallel engine waits in a collective (or for its peers to start)
+# before failing. A rank that dies is noticed at once (its sockets close); this bounds a hung one.
+TENSOR_PARALLEL_TIMEOUT_S = 300.0
+# How often a rank process checks that its rank 0 is alive (it exits when rank 0 is gone).
+RANK_PARENT_CHECK_S = 0.5
+
+
 # --- memory (device arena, host model cache, host KV pool) ---------------------------------------
 
 # Tokens per KV block: a block holds K and V of all layers for this many tokens, contiguous (the
@@ -227,6 +236,9 @@ class NodeConfig:
     policy: str = "token"
     prefill_instances: int = 1
     decode_instances: int = 1
+    # Ranks (processes, one device each) of every instance: its models' weights, KV and compute are
+    # split over them (tensor parallelism); 1 runs each instance in one process on one device.
+    tensor_parallel_size: int = 1
     # Latency profiles (per model shape, dtype and device) the scheduler predicts with; instances
     # measure the shapes missing from it when they start.
     profile_path: str = DEFAULT_PROFILE_PATH
@@ -250,6 +262,7 @@ class NodeConfig:
             if self.colocated
             else {"prefill_instances": self.prefill_instances, "decode_instances": self.decode_instances}
         )
+        counts["tensor_parallel_size"] = self.tensor_parallel_size
         for name, value in counts.items():
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")

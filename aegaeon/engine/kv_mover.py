@@ -32,8 +32,9 @@ class KVMover:
         output so far when swapped in, which under greedy decoding continues exactly. A full pool is
         momentary back-pressure, never a failure. True if the KV was kept.
         """
-        if self.kv_pool is None:
-            raise RuntimeError("this engine has no host KV pool to swap to (pass kv_pool=...)")
+        if self.kv_pool is None:  # nowhere to keep it (a tensor-parallel engine): recomputed later
+            served.batcher.drop(seq)
+            return False
         if seq.kv_arrival is not None:
             seq.kv_arrival.wait()
             seq.kv_arrival = None

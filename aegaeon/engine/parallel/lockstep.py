@@ -1,0 +1,175 @@
+"""Rank 0 of a tensor-parallel engine: an LLMEngine whose every state-changing call also runs, in
+the same order, on the engine replicas of the other ranks.
+
+Every rank holds the same requests, block tables and schedule, because an engine is deterministic
+given its calls: rank 0 makes the calls and decides with what it returns; the other ranks repeat
+them. A step's collectives (all-reduces, the logit gather) keep the ranks' forward passes in step,
+and its sampled tokens are rank 0's (broadcast in LLMEngine.step). The calls are sent once, as
+small pickled commands on the CPU group; the step's tensors are built on every rank from its own
+copy of the state. Decisions that depend on timing (a KV copy landed or not) would differ between
+ranks, so a tensor-parallel engine keeps no host KV pool: a sequence taken off the device has its
+KV dropped and recomputed when it comes back, exactly under greedy decoding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import weakref
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from aegaeon.config import TENSOR_PARALLEL_TIMEOUT_S, EngineConfig, MemoryConfig, default_model_name
+from aegaeon.engine.engine import LLMEngine
+from aegaeon.engine.handoff import RequestHandoff
+from aegaeon.engine.outputs import RequestDelta
+from aegaeon.engine.parallel.ranks import Command, RankFailure, RankProcesses, rank_device
+from aegaeon.engine.prompt import PreparedPrompt
+from aegaeon.engine.residency import ServedModel
+from aegaeon.engine.sampling_params import SamplingParams
+from aegaeon.memory.model_cache import HostModelCache
+
+
+class TensorParallelEngine(LLMEngine):
+    """An engine over `tensor_parallel_size` ranks (processes, one device each), driven from here."""
+
+    def __init__(
+        self,
+        model: str | Path | None = None,
+        *,
+        models: Mapping[str, str | Path] | None = None,
+        tensor_parallel_size: int,
+        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype = "float32",
+        config: EngineConfig | None = None,
+        memory: MemoryConfig | None = None,
+        model_cache: HostModelCache | None = None,
+        progress: bool = True,
+        cpu_threads: int | None = None,
+        timeout_s: float = TENSOR_PARALLEL_TIMEOUT_S,
+    ):
+        if tensor_parallel_size < 2:
+            raise ValueError(f"a tensor-parallel engine has at least 2 ranks, got {tensor_parallel_size}")
+        if (model is None) == (models is None):
+            raise ValueError("pass either model=PATH or models={name: PATH, ...}")
+        models = {default_model_name(str(model)): model} if model is not None else dict(models)
+        self._mirroring = False  # the replicas make their own first switch, as this one does below
+        self._depth = 0  # calls of the ranks' API under way (only the outermost one is sent)
+        self.ranks = RankProcesses.start(
+            tensor_parallel_size,
+            {name: str(path) for name, path in models.items()},
+            str(device),
+            str(dtype).removeprefix("torch."),
+            config or EngineConfig(),
+            memory or MemoryConfig(),
+            model_cache.name if model_cache is not None else None,
+            timeout_s,
+            cpu_threads,
+        )
+        try:
+            super().__init__(
+                models=models,
+                device=rank_device(device, 0),
+                dtype=dtype,
+                config=config,
+                memory=memory,
+                model_cache=model_cache,
+                kv_pool=None,
+                progress=progress,
+                group=self.ranks.group,
+            )
+        except BaseException:
+            self.ranks.stop()
+            raise
+        self._mirroring = True
+        self._finalizer = weakref.finalize(self, self.ranks.stop)
+
+    @property
+    def tensor_parallel_size(self) -> int:
+        return self.ranks.group.size
+
+    def close(self) -> None:
+        """Stop the other ranks (also done when this engine is collected)."""
+        self._finalizer()
+
+    def _lockstep(self, method: str, args: tuple, first: bool):
+        """Run `method` here and on every rank: sent `first` when it communicates (the ranks must be
+        in it too), else after it succeeded here (bad input fails here only). A call made from
+        within another call (a switch inside `next_token_logits`) is not sent: the ranks make it too."""
+        local = getattr(LLMEngine, method)
+        if self._depth or not self._mirroring:
+            return local(self, *args)
+        self._depth += 1
+        try:
+            if first:
+                self.ranks.send(Command(method, args))
+                return self._collective(lambda: local(self, *args))
+            result = local(self, *args)
+            self.ranks.send(Command(method, args))
+            return result
+        finally:
+            self._depth -= 1
+
+    def _collective(self, call):
+        """Run a call that communicates with the ranks; a rank lost during it is a RankFailure."""
+        try:
+            return call()
+        except RankFailure:
+            raise
+        except RuntimeError as error:
+            self.ranks.check()
+            if "gloo" in str(error).lower() or "nccl" in str(error).lower():
+                raise RankFailure(f"a rank of the tensor-parallel engine failed: {error}") from error
+            raise
+
+    def switch_to(self, name: str) -> None:
+        self.model(name)  # an unknown name fails here, not on the ranks
+        # Sent first: every rank copies its shard at the same time.
+        self._lockstep("switch_to", (name,), first=True)
+
+    def step(self) -> list[RequestDelta]:
+        if self.active is None:
+            raise RuntimeError("no model is active: switch_to one first")
+        return self._lockstep("step", (), first=True)
+
+    def next_token_logits(self, prompts: list[list[int]], model: str | None = None) -> torch.Tensor:
+        self.model(model)
+        return self._lockstep("next_token_logits", (prompts, model), first=True)
+
+    def register(self, name: str, path: str | Path, pinned: bool = False) -> ServedModel:
+        return self._lockstep("register", (name, str(path), pinned), first=False)
+
+    def unregister(self, name: str) -> None:
+        self._lockstep("unregister", (name,), first=False)
+
+    def prefetch(self, name: str) -> bool:
+        return self._lockstep("prefetch", (name,), first=False)
+
+    def swap_out(self, request_id: str) -> None:
+        self._lockstep("swap_out", (request_id,), first=False)
+
+    def swap_in(self, request_id: str) -> bool:
+        return self._lockstep("swap_in", (request_id,), first=False)
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        model: str | None = None,
+    ) -> PreparedPrompt:
+        return self._lockstep("add_request", (request_id, prompt, params, model), first=False)
+
+    def export_request(self, request_id: str) -> RequestHandoff:
+        return self._lockstep("export_request", (request_id,), first=False)
+
+    def import_request(self, moved: RequestHandoff) -> None:
+        # KV in the host pool has another engine's layout: whatever KV comes along is recomputed.
+        moved = dataclasses.replace(
+            moved, seqs=[dataclasses.replace(seq, host_blocks=[]) for seq in moved.seqs]
+        )
+        self._lockstep("import_request", (moved,), first=False)
+
+    def abort_request(self, request_id: str) -> None:
+        self._lockstep("abort_request", (request_id,), first=False)
