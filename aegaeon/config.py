@@ -456,6 +456,7 @@ _NODE_KEYS = (
     "colocated_instances",
     "prefill_instances",
     "decode_instances",
+    "tensor_parallel_size",
     "profile_path",
     "max_waiting_per_model",
     "shed_waiting_after_s",

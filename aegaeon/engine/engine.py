@@ -287,6 +287,11 @@ class LLMEngine:
             for seq in seqs:
                 served.batcher.allocator.free(seq.block_table)
 
+    def synchronize(self) -> None:
+        """Return once every rank is done with the calls made so far (without TP: at once)."""
+        if self.group is not None:
+            self.group.barrier()
+
     def step(self) -> list[RequestDelta]:
         """Run one forward pass of the active model; what it added to each request it advanced."""
         served = self.active

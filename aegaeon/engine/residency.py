@@ -83,6 +83,13 @@ class ServedModel:
     batcher: ContinuousBatcher
     kv_shape: KVShape
     model_arch: Architecture  # the whole model (`arch` itself without TP)
+    tensor_parallel_size: int = 1
+
+    @property
+    def shape_key(self) -> str:
+        """What latency profiles are keyed by: the model's shape, and the ranks it runs on."""
+        key = self.model_arch.shape_key
+        return key if self.tensor_parallel_size == 1 else f"{key}-tp{self.tensor_parallel_size}"
 
 
 def weight_bytes(arch: Architecture, dtype: torch.dtype, shard: Shard = WHOLE_MODEL) -> int:
@@ -213,6 +220,7 @@ class Residency:
             ),
             kv_shape=KVShape(arch.num_layers, arch.num_kv_heads, arch.head_dim, self.dtype),
             model_arch=model_arch,
+            tensor_parallel_size=self.shard.size,
         )
 
     def register(self, name: str, path: str | Path, pinned: bool = False) -> ServedModel:

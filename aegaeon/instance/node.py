@@ -193,7 +193,8 @@ class Node:
     ) -> list[WorkerInfo]:
         """Spawn one instance process per name and wait until every engine is built."""
         config = self.config
-        cpu_threads = max(1, (os.cpu_count() or 1) // len(names)) if config.device == "cpu" else None
+        processes = len(names) * config.tensor_parallel_size
+        cpu_threads = max(1, (os.cpu_count() or 1) // processes) if config.device == "cpu" else None
         for index, name in enumerate(names):
             spec = WorkerSpec(
                 name=name,
@@ -206,6 +207,7 @@ class Node:
                 kv_pool_name=self.kv_pool.name,
                 address=worker_address(tag, name),
                 cpu_threads=cpu_threads,
+                tensor_parallel_size=config.tensor_parallel_size,
                 # One progress bar while the host cache fills: the other engines find it filled.
                 progress=progress and index == 0,
             )

@@ -100,7 +100,7 @@ def profile_model(engine: LLMEngine, name: str, progress: bool = True) -> Profil
                     engine.abort_request(request_id)
                 bar.update()
     return fit_profile(
-        served.arch.shape_key,
+        served.shape_key,
         str(engine.dtype).removeprefix("torch."),
         device_name(engine.device),
         prefill_samples,

@@ -70,6 +70,10 @@ class RankGroup:
         self.devices.allgather([parts], [padded]).wait()
         return torch.cat([p[..., :width] for p, width in zip(parts, widths, strict=True)], dim=-1)
 
+    def barrier(self) -> None:
+        """Return once every rank has got here."""
+        self.control.allreduce([torch.zeros(1)]).wait()
+
     def broadcast_object(self, value: Any = None) -> Any:
         """Rank 0's `value`, on every rank (the other ranks pass nothing)."""
         if self.rank == 0:

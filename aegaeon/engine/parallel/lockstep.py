@@ -137,6 +137,9 @@ class TensorParallelEngine(LLMEngine):
         self.model(model)
         return self._lockstep("next_token_logits", (prompts, model), first=True)
 
+    def synchronize(self) -> None:
+        self._lockstep("synchronize", (), first=True)
+
     def register(self, name: str, path: str | Path, pinned: bool = False) -> ServedModel:
         return self._lockstep("register", (name, str(path), pinned), first=False)
 
