@@ -8,6 +8,7 @@ token by token keeps every request's output exact. Each rank holds half of every
 
 from __future__ import annotations
 
+import psutil
 import pytest
 import torch
 
@@ -138,3 +139,23 @@ def test_a_model_whose_heads_do_not_split_is_refused(model_dirs):
     arch = Architecture.from_pretrained(model_dirs["llama"])
     with pytest.raises(ValueError, match="does not divide this model's 4 attention heads"):
         check_divisible(arch, 3)
+
+
+def test_offline_llm_with_tensor_parallel_size_two(model_dirs, hf_greedy):
+    from aegaeon import LLM
+
+    llm = LLM(model=model_dirs["qwen2"], tensor_parallel_size=2)
+    try:
+        outputs = llm.generate(PROMPTS, GREEDY)
+    finally:
+        llm.close()
+    assert [output.outputs[0].token_ids for output in outputs] == [
+        hf_greedy(model_dirs["qwen2"], prompt, OUTPUT_TOKENS) for prompt in PROMPTS
+    ]
+
+
+def test_an_engine_whose_model_does_not_split_fails_to_start_and_leaves_no_rank(model_dirs):
+    before = {child.pid for child in psutil.Process().children()}
+    with pytest.raises(ValueError, match="tensor_parallel_size=3 does not divide"):
+        TensorParallelEngine(model_dirs["llama"], tensor_parallel_size=3, progress=False)
+    assert {child.pid for child in psutil.Process().children()} <= before
