@@ -14,7 +14,9 @@ import threading
 import time
 
 import psutil
+import pytest
 
+from aegaeon.cli import build_parser, serve_config_from_args
 from aegaeon.engine.sampling_params import SamplingParams
 from aegaeon.instance.node import Node
 from aegaeon.scheduler.timeline import EventKind
@@ -91,3 +93,15 @@ def test_tp2_instance_switches_models_exactly_and_survives_a_killed_rank(
         assert node.error is None
         # No rank outlives its instance: the old one's processes are all gone.
         assert not psutil.pid_exists(old_pid) or psutil.Process(old_pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_serve_flag_and_yaml_key_set_the_instances_tensor_parallel_size(tmp_path):
+    flag = build_parser().parse_args(["serve", "m=/models/m", "--tensor-parallel-size", "2"])
+    assert serve_config_from_args(flag).node.tensor_parallel_size == 2
+    settings = tmp_path / "serve.yaml"
+    settings.write_text("models: {m: /models/m}\ntensor_parallel_size: 4\n")
+    yaml = build_parser().parse_args(["serve", "--config", str(settings)])
+    assert serve_config_from_args(yaml).node.tensor_parallel_size == 4
+    zero = build_parser().parse_args(["serve", "m=/models/m", "--tensor-parallel-size", "0"])
+    with pytest.raises(SystemExit, match="tensor_parallel_size must be >= 1"):
+        serve_config_from_args(zero)

@@ -14,6 +14,7 @@ KV dropped and recomputed when it comes back, exactly under greedy decoding.
 from __future__ import annotations
 
 import dataclasses
+import os
 import weakref
 from collections.abc import Mapping
 from pathlib import Path
@@ -56,6 +57,9 @@ class TensorParallelEngine(LLMEngine):
         models = {default_model_name(str(model)): model} if model is not None else dict(models)
         self._mirroring = False  # the replicas make their own first switch, as this one does below
         self._depth = 0  # calls of the ranks' API under way (only the outermost one is sent)
+        if cpu_threads is None and torch.device(device).type == "cpu":
+            # The ranks share the CPU: more threads than cores in all would preempt each other.
+            cpu_threads = max(1, (os.cpu_count() or 1) // tensor_parallel_size)
         self.ranks = RankProcesses.start(
             tensor_parallel_size,
             {name: str(path) for name, path in models.items()},
