@@ -77,7 +77,9 @@ class LLMEngine:
         )
         self.models = self.residency.models
         # KV moves on their own stream, ahead of the weights' copies (a swap-in never waits for a prefetch).
-        self.kv = KVMover(CopyStream(self.device, ahead_of=self.residency.copies), kv_pool)
+        self.kv = KVMover(
+            CopyStream(self.device, ahead_of=self.residency.copies), kv_pool, self.residency.shard
+        )
         self._requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         self._grammar_compilers: dict[str, GrammarCompiler] = {}

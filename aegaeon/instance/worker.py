@@ -223,6 +223,7 @@ def _build(spec: WorkerSpec):
             config=spec.engine,
             memory=spec.memory,
             model_cache=model_cache,
+            kv_pool=kv_pool,
             progress=spec.progress,
             cpu_threads=spec.cpu_threads,
         )

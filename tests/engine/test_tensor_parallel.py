@@ -8,6 +8,8 @@ token by token keeps every request's output exact. Each rank holds half of every
 
 from __future__ import annotations
 
+import os
+
 import psutil
 import pytest
 import torch
@@ -159,3 +161,40 @@ def test_an_engine_whose_model_does_not_split_fails_to_start_and_leaves_no_rank(
     with pytest.raises(ValueError, match="tensor_parallel_size=3 does not divide"):
         TensorParallelEngine(model_dirs["llama"], tensor_parallel_size=3, progress=False)
     assert {child.pid for child in psutil.Process().children()} <= before
+
+
+def test_tp2_requests_swapped_through_the_host_pool_stay_exact(model_dirs, hf_greedy):
+    """Each rank copies its part of every KV block to the shared pool and back; rank 0 chose them."""
+    from aegaeon.memory.kv_pool import HostKVPool
+
+    pool = HostKVPool.create(MemoryConfig().shm_dir, f"aegaeon-test-tp-kv-{os.getpid()}", 16 * MIB, MIB)
+    engine = TensorParallelEngine(
+        models={"llama": model_dirs["llama"], "qwen3": model_dirs["qwen3"]},
+        tensor_parallel_size=2,
+        config=EngineConfig(kv_cache_bytes=KV_BYTES),
+        kv_pool=pool,
+        progress=False,
+    )
+    try:
+        engine.switch_to("llama")
+        for index, prompt in enumerate(PROMPTS):
+            engine.add_request(f"s{index}", prompt, GREEDY, "llama")
+        tokens = {f"s{index}": [] for index in range(len(PROMPTS))}
+        steps = 0
+        while engine.has_unfinished_requests():
+            steps += 1
+            if steps % 3 == 0:  # every third step: both requests out to the pool and back in
+                for request_id in engine.requests_of("llama"):
+                    engine.swap_out(request_id)
+                assert pool.stats().allocated_bytes > 0
+                for request_id in engine.requests_of("llama"):
+                    engine.swap_in(request_id)
+            for output in engine.step():
+                tokens[output.request_id].extend(output.outputs[0].token_ids)
+        assert list(tokens.values()) == [
+            hf_greedy(model_dirs["llama"], prompt, OUTPUT_TOKENS) for prompt in PROMPTS
+        ]
+    finally:
+        engine.close()
+    assert pool.stats().allocated_bytes == 0  # every host block was given back
+    pool.close()

@@ -6,14 +6,16 @@ given its calls: rank 0 makes the calls and decides with what it returns; the ot
 them. A step's collectives (all-reduces, the logit gather) keep the ranks' forward passes in step,
 and its sampled tokens are rank 0's (broadcast in LLMEngine.step). The calls are sent once, as
 small pickled commands on the CPU group; the step's tensors are built on every rank from its own
-copy of the state. Decisions that depend on timing (a KV copy landed or not) would differ between
-ranks, so a tensor-parallel engine keeps no host KV pool: a sequence taken off the device has its
-KV dropped and recomputed when it comes back, exactly under greedy decoding.
+copy of the state. Nothing a rank decides may depend on timing, so KV moves complete before the
+call that starts them returns, and what depends on the shared host KV pool (which blocks a swap-out
+gets, or that the pool is full and the KV is dropped) rank 0 decides and sends with the call
+(engine/kv_mover.py). A host block holds every rank's part; rank 0 frees one only after a barrier,
+once no rank still reads it. Without a pool (an engine on its own), KV taken off the device is
+dropped and recomputed when it comes back, exactly under greedy decoding.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import weakref
 from collections.abc import Mapping
@@ -29,6 +31,7 @@ from aegaeon.engine.parallel.ranks import Command, RankFailure, RankProcesses, r
 from aegaeon.engine.prompt import PreparedPrompt
 from aegaeon.engine.residency import ServedModel
 from aegaeon.engine.sampling_params import SamplingParams
+from aegaeon.memory.kv_pool import HostKVPool
 from aegaeon.memory.model_cache import HostModelCache
 
 
@@ -46,6 +49,7 @@ class TensorParallelEngine(LLMEngine):
         config: EngineConfig | None = None,
         memory: MemoryConfig | None = None,
         model_cache: HostModelCache | None = None,
+        kv_pool: HostKVPool | None = None,
         progress: bool = True,
         cpu_threads: int | None = None,
         timeout_s: float = TENSOR_PARALLEL_TIMEOUT_S,
@@ -70,6 +74,7 @@ class TensorParallelEngine(LLMEngine):
             model_cache.name if model_cache is not None else None,
             timeout_s,
             cpu_threads,
+            kv_pool.name if kv_pool is not None else None,
         )
         try:
             super().__init__(
@@ -79,7 +84,7 @@ class TensorParallelEngine(LLMEngine):
                 config=config,
                 memory=memory,
                 model_cache=model_cache,
-                kv_pool=None,
+                kv_pool=kv_pool,
                 progress=progress,
                 group=self.ranks.group,
             )
@@ -107,13 +112,25 @@ class TensorParallelEngine(LLMEngine):
         self._depth += 1
         try:
             if first:
-                self.ranks.send(Command(method, args))
+                self.ranks.send(Command(method, args, self._take_decisions()))
                 return self._collective(lambda: local(self, *args))
             result = local(self, *args)
-            self.ranks.send(Command(method, args))
+            self.ranks.send(Command(method, args, self._take_decisions()))
             return result
         finally:
             self._depth -= 1
+
+    def _take_decisions(self) -> dict[int, list[int] | None] | None:
+        """The KV decisions made here since the last call sent, for the ranks to follow."""
+        decided, self.kv.decided = self.kv.decided, {}
+        return decided or None
+
+    def _free_released(self) -> None:
+        """Free the host KV blocks this rank is done with, once every rank is past its reads."""
+        if self.kv.released:
+            self.synchronize()
+            released, self.kv.released = self.kv.released, []
+            self.kv.kv_pool.free(released)
 
     def _collective(self, call):
         """Run a call that communicates with the ranks; a rank lost during it is a RankFailure."""
@@ -128,14 +145,18 @@ class TensorParallelEngine(LLMEngine):
             raise
 
     def switch_to(self, name: str) -> None:
-        self.model(name)  # an unknown name fails here, not on the ranks
-        # Sent first: every rank copies its shard at the same time.
+        target = self.model(name)  # an unknown name fails here, not on the ranks
+        if self.active is not None and target is not self.active and not self._depth:
+            self.kv.evict(self.active)  # first: where its KV goes is rank 0's decision to send
+        # Sent before the switch here: every rank copies its shard at the same time.
         self._lockstep("switch_to", (name,), first=True)
 
     def step(self) -> list[RequestDelta]:
         if self.active is None:
             raise RuntimeError("no model is active: switch_to one first")
-        return self._lockstep("step", (), first=True)
+        outputs = self._lockstep("step", (), first=True)
+        self._free_released()
+        return outputs
 
     def next_token_logits(self, prompts: list[list[int]], model: str | None = None) -> torch.Tensor:
         self.model(model)
@@ -169,13 +190,11 @@ class TensorParallelEngine(LLMEngine):
         return self._lockstep("add_request", (request_id, prompt, params, model), first=False)
 
     def export_request(self, request_id: str) -> RequestHandoff:
-        return self._lockstep("export_request", (request_id,), first=False)
+        moved = self._lockstep("export_request", (request_id,), first=False)
+        self.synchronize()  # every rank's part of its host blocks is written before another reads it
+        return moved
 
     def import_request(self, moved: RequestHandoff) -> None:
-        # KV in the host pool has another engine's layout: whatever KV comes along is recomputed.
-        moved = dataclasses.replace(
-            moved, seqs=[dataclasses.replace(seq, host_blocks=[]) for seq in moved.seqs]
-        )
         self._lockstep("import_request", (moved,), first=False)
 
     def abort_request(self, request_id: str) -> None:

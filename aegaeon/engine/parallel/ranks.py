@@ -48,6 +48,7 @@ class RankSpec:
     model_cache_name: str | None  # the node's host model cache; None: each rank a private one
     address: GroupAddress
     cpu_threads: int | None = None
+    kv_pool_name: str | None = None  # the node's host KV pool; None: KV taken off a device is dropped
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,8 @@ class Command:
 
     method: str
     args: tuple[Any, ...] = ()
+    # Rank 0's host KV blocks (None: dropped) for the sequences this call takes off the device.
+    kv_decisions: dict[int, list[int] | None] | None = None
 
 
 STOP = Command("stop")
@@ -88,11 +91,14 @@ class RankProcesses:
         model_cache_name: str | None,
         timeout_s: float,
         cpu_threads: int | None = None,
+        kv_pool_name: str | None = None,
     ) -> RankProcesses:
         """Start ranks 1..size-1 and join the group as rank 0 (waits for every rank to join)."""
         store_dir = tempfile.mkdtemp(prefix="aegaeon-tp-")
         address = GroupAddress(str(Path(store_dir) / "store"), size, timeout_s)
-        spec = RankSpec(models, device, dtype, engine, memory, model_cache_name, address, cpu_threads)
+        spec = RankSpec(
+            models, device, dtype, engine, memory, model_cache_name, address, cpu_threads, kv_pool_name
+        )
         processes = []
         for rank in range(1, size):
             process = subprocess.Popen(
@@ -155,6 +161,7 @@ def _exit_with_parent(parent: int) -> None:
 def serve_rank(spec: RankSpec, rank: int) -> None:
     """A rank process's main: build the engine replica, then carry out rank 0's calls."""
     from aegaeon.engine.engine import LLMEngine
+    from aegaeon.memory.kv_pool import HostKVPool
     from aegaeon.memory.model_cache import HostModelCache
 
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
@@ -167,6 +174,9 @@ def serve_rank(spec: RankSpec, rank: int) -> None:
     model_cache = (
         HostModelCache.attach(spec.memory.shm_dir, spec.model_cache_name) if spec.model_cache_name else None
     )
+    kv_pool = HostKVPool.attach(spec.memory.shm_dir, spec.kv_pool_name) if spec.kv_pool_name else None
+    if kv_pool is not None:
+        kv_pool.pin()
     engine = LLMEngine(
         models=spec.models,
         device=device,
@@ -174,6 +184,7 @@ def serve_rank(spec: RankSpec, rank: int) -> None:
         config=spec.engine,
         memory=spec.memory,
         model_cache=model_cache,
+        kv_pool=kv_pool,
         progress=False,
         group=group,
     )
@@ -183,6 +194,7 @@ def serve_rank(spec: RankSpec, rank: int) -> None:
             return
         # Rank 0 checks a call before sending it, so a call failing here means this rank no longer
         # matches rank 0: it exits (the error reaches the main below), and rank 0 fails with it.
+        engine.kv.decisions = dict(command.kv_decisions or {})
         getattr(LLMEngine, command.method)(engine, *command.args)
 
 
