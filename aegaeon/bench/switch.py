@@ -10,8 +10,8 @@ Three numbers for the same model bytes, measured side by side in one run (median
 
 With `--tensor-parallel-size N` the same switches also run on an engine of N ranks (processes),
 side by side: each rank copies its shard (`bytes_per_rank`, about 1/N of the model), all at once,
-and a switch ends when every rank's copy has. A tensor-parallel engine keeps no host KV pool, so
-there the request's KV is recomputed after each switch instead of swapped.
+and a switch ends when every rank's copy has. That engine runs without a host KV pool, so there
+the request's KV is recomputed after each switch instead of swapped (the switch time excludes it).
 """
 
 from __future__ import annotations
