@@ -95,6 +95,21 @@ def test_tp2_instance_switches_models_exactly_and_survives_a_killed_rank(
         assert not psutil.pid_exists(old_pid) or psutil.Process(old_pid).status() == psutil.STATUS_ZOMBIE
 
 
+def test_tp2_prefill_and_decode_instances_hand_requests_over_exactly(
+    five_model_dirs, profile_path, hf_greedy
+):
+    """Each prefill rank writes its part of the host KV blocks; the decode instance's ranks read theirs."""
+    models = {name: five_model_dirs[name] for name in MODELS}
+    config = node_config(profile_path, colocated=False, tensor_parallel_size=2)
+    with Node(models, config, progress=False) as node:
+        streams = Streams(node)
+        assert streams.done.wait(FINISH_TIMEOUT_S) and not streams.errors, streams.errors
+        for request_id, (model, prompt) in streams.prompts.items():
+            assert streams.tokens[request_id] == hf_greedy(models[model], prompt, OUTPUT_TOKENS)
+        decode = next(i for i in node.instances if i.instance_name.startswith("decode"))
+        assert decode.timeline.of_kind(EventKind.SWITCH)
+
+
 def test_serve_flag_and_yaml_key_set_the_instances_tensor_parallel_size(tmp_path):
     flag = build_parser().parse_args(["serve", "m=/models/m", "--tensor-parallel-size", "2"])
     assert serve_config_from_args(flag).node.tensor_parallel_size == 2
