@@ -170,6 +170,7 @@ def serve_config_from_args(args: argparse.Namespace):
         "requests_per_minute": args.rate_limit,
         "prefill_instances": args.prefill_instances,
         "decode_instances": args.decode_instances,
+        "tensor_parallel_size": args.tensor_parallel_size,
         "kv_cache_bytes": args.kv_cache_bytes,
         "profile_path": args.profiles,
         "role": args.role,
@@ -217,6 +218,12 @@ def build_parser() -> argparse.ArgumentParser:
     switch.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     switch.add_argument("--repeats", type=int, default=7, help="switches measured (median)")
     switch.add_argument("--cold-repeats", type=int, default=3, help="cold starts measured (median)")
+    switch.add_argument(
+        "--tensor-parallel-size",
+        type=int,
+        default=1,
+        help="also switch on an engine of this many ranks, side by side with one (default: 1, not)",
+    )
     switch.add_argument(
         "--model-root", default=".bench", help="where the two 100M-parameter benchmark models are written"
     )
@@ -271,6 +278,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     layout.add_argument("--prefill-instances", type=int, metavar="N", help="separate prefill instances")
     serve.add_argument("--decode-instances", type=int, metavar="M", help="separate decode instances")
+    serve.add_argument(
+        "--tensor-parallel-size",
+        type=int,
+        metavar="N",
+        help="ranks (processes, one device each) every instance splits its models over (default: 1)",
+    )
     serve.add_argument("--kv-cache-bytes", type=int, help="bytes of KV blocks per instance")
     serve.add_argument("--profiles", help=f"latency profile file (default: {DEFAULT_PROFILE_PATH})")
     serve.add_argument(

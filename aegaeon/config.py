@@ -40,6 +40,15 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
 
 
+# --- tensor parallelism ------------------------------------------------------------------------
+
+# How long a rank of a tensor-parallel engine waits in a collective (or for its peers to start)
+# before failing. A rank that dies is noticed at once (its sockets close); this bounds a hung one.
+TENSOR_PARALLEL_TIMEOUT_S = 300.0
+# How often a rank process checks that its rank 0 is alive (it exits when rank 0 is gone).
+RANK_PARENT_CHECK_S = 0.5
+
+
 # --- memory (device arena, host model cache, host KV pool) ---------------------------------------
 
 # Tokens per KV block: a block holds K and V of all layers for this many tokens, contiguous (the
@@ -519,6 +528,7 @@ _NODE_KEYS = (
     "colocated_instances",
     "prefill_instances",
     "decode_instances",
+    "tensor_parallel_size",
     "profile_path",
     "max_waiting_per_model",
     "shed_waiting_after_s",

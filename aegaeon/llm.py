@@ -2,7 +2,8 @@
 
 With several models, `LLM(models={"a": PATH_A, "b": PATH_B})` runs them on a node whose instances
 switch between them at token granularity, and `generate(..., model="a")` (or one model per prompt)
-picks which model answers.
+picks which model answers. `tensor_parallel_size=N` splits each model over N rank processes
+(one device each; see docs/engine.md).
 """
 
 from __future__ import annotations
@@ -35,12 +36,22 @@ class LLM:
         dtype: str | torch.dtype = "float32",
         config: EngineConfig | None = None,
         node_config: NodeConfig | None = None,
+        tensor_parallel_size: int = 1,
     ):
         if (model is None) == (models is None):
             raise ValueError("pass either model=PATH or models={name: PATH, ...}")
         self._ids = itertools.count()
         self.engine: LLMEngine | None = None
         self.node = None
+        if tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {tensor_parallel_size}")
+        if model is not None and tensor_parallel_size > 1:
+            from aegaeon.engine.parallel.lockstep import TensorParallelEngine
+
+            self.engine = TensorParallelEngine(
+                model, tensor_parallel_size=tensor_parallel_size, device=device, dtype=dtype, config=config
+            )
+            return
         if model is not None:
             self.engine = LLMEngine(model, device=device, dtype=dtype, config=config)
             return
@@ -48,6 +59,8 @@ class LLM:
 
         base = node_config or NodeConfig()
         overrides = {"device": str(device), "dtype": str(dtype).removeprefix("torch.")}
+        if tensor_parallel_size > 1:
+            overrides["tensor_parallel_size"] = tensor_parallel_size
         if config is not None:
             overrides["engine"] = config
         self.node = Node(models, dataclasses.replace(base, **overrides))
@@ -145,9 +158,11 @@ class LLM:
         return self.generate([tokenizer.apply_chat_template(messages)], params, model)[0]
 
     def close(self) -> None:
-        """Stop the node's instances and release its shared memory (several models only)."""
+        """Stop the node's instances and release its shared memory, or a single model's other ranks."""
         if self.node is not None:
             self.node.close()
+        elif hasattr(self.engine, "close"):
+            self.engine.close()
 
 
 def _is_token_list(prompts: object) -> bool:

@@ -7,6 +7,11 @@ Three numbers for the same model bytes, measured side by side in one run (median
 - cold_s: serving the same model the way a user does without aegaeon (Ollama, llama-swap): a
   fresh process that loads the checkpoint and produces its first token.
 - memcpy_s: one plain copy of `model_bytes` bytes on this device: the physical limit.
+
+With `--tensor-parallel-size N` the same switches also run on an engine of N ranks (processes),
+side by side: each rank copies its shard (`bytes_per_rank`, about 1/N of the model), all at once,
+and a switch ends when every rank's copy has. That engine runs without a host KV pool, so there
+the request's KV is recomputed after each switch instead of swapped (the switch time excludes it).
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from aegaeon.config import MIB, EngineConfig, MemoryConfig
 from aegaeon.demo import ensure_benchmark_model
 from aegaeon.engine.architecture import Architecture
 from aegaeon.engine.engine import LLMEngine
+from aegaeon.engine.parallel.lockstep import TensorParallelEngine
+from aegaeon.engine.parallel.shards import Shard
 from aegaeon.engine.residency import weight_bytes
 from aegaeon.engine.sampling_params import SamplingParams
 from aegaeon.memory.arena import align
@@ -111,6 +118,54 @@ def measure_switches(paths: dict[str, Path], device: torch.device, repeats: int)
     }
 
 
+def measure_tp_switches(paths: dict[str, Path], device: torch.device, repeats: int, size: int) -> dict:
+    """Median switch time inside a running engine of `size` ranks that holds one model at a time."""
+    bytes_per_rank = max(
+        weight_bytes(Architecture.from_pretrained(path), torch.float32, Shard(rank, size))
+        for path in paths.values()
+        for rank in range(size)
+    )
+    engine = TensorParallelEngine(
+        models=paths,
+        tensor_parallel_size=size,
+        device=device,
+        config=EngineConfig(kv_cache_bytes=KV_BYTES),
+        memory=MemoryConfig(cpu_arena_bytes=align(KV_BYTES) + bytes_per_rank),
+        progress=False,
+    )
+    try:
+        names = list(paths)
+        for name in names:
+            engine.switch_to(name)
+            engine.add_request(name, list(range(1, PROMPT_TOKENS + 1)), SamplingParams(max_tokens=None), name)
+            engine.step()
+        totals, loads = [], []
+        for turn in range(repeats + 1):  # the first round warms up
+            name = names[turn % len(names)]
+            engine.synchronize()
+            _sync(device)
+            start = time.perf_counter()
+            engine.switch_to(name)
+            engine.synchronize()  # every rank's copy has ended
+            elapsed = time.perf_counter() - start
+            engine.step()
+            if turn and engine.residency.last_switch.loaded:
+                totals.append(elapsed)
+                loads.append(engine.residency.last_switch.load_s)
+        for name in names:
+            engine.abort_request(name)
+    finally:
+        engine.close()
+    if not totals:
+        raise RuntimeError("no switch loaded weights: the arena held both models")
+    return {
+        "size": size,
+        "bytes_per_rank": bytes_per_rank,
+        "switch_s": statistics.median(totals),
+        "rank0_load_s": statistics.median(loads),
+    }
+
+
 def measure_cold_start(path: Path, device: torch.device, repeats: int) -> float:
     """Median wall time of a fresh process that loads the model and generates one token."""
     times = []
@@ -136,13 +191,18 @@ def measure_memcpy(nbytes: int, device: torch.device, repeats: int) -> float:
     return statistics.median(times[1:])
 
 
-def run(model_root: Path, device: str, repeats: int, cold_repeats: int) -> dict:
+def run(
+    model_root: Path, device: str, repeats: int, cold_repeats: int, tensor_parallel_size: int = 1
+) -> dict:
     device = torch.device(device)
     paths = {
         "a": ensure_benchmark_model(model_root / "llama-100m", seed=0),
         "b": ensure_benchmark_model(model_root / "llama-100m-b", seed=1),
     }
     result = measure_switches(paths, device, repeats)
+    result["bytes_per_rank"] = result["model_bytes"]
+    if tensor_parallel_size > 1:
+        result["tensor_parallel"] = measure_tp_switches(paths, device, repeats, tensor_parallel_size)
     result["cold_s"] = measure_cold_start(paths["a"], device, cold_repeats)
     result["memcpy_s"] = measure_memcpy(result["model_bytes"], device, repeats)
     result["cold_over_switch"] = result["cold_s"] / result["switch_s"]
@@ -167,10 +227,26 @@ def print_report(result: dict) -> None:
         f"  memcpy          {result['memcpy_s'] * 1e3:9.1f} ms   "
         f"(the switch runs at {result['memcpy_over_switch']:.0%} of memcpy speed)"
     )
+    parallel = result.get("tensor_parallel")
+    if parallel is not None:
+        size = parallel["size"]
+        print(f"tensor parallelism, side by side: {'':14} TP=1       TP={size}")
+        print(
+            f"  bytes copied per rank     {result['bytes_per_rank'] / MIB:9.1f} MiB "
+            f"{parallel['bytes_per_rank'] / MIB:9.1f} MiB "
+            f"({parallel['bytes_per_rank'] / result['bytes_per_rank']:.2f} of TP=1)"
+        )
+        print(
+            f"  switch (all ranks)        {result['switch_s'] * 1e3:9.1f} ms  "
+            f"{parallel['switch_s'] * 1e3:9.1f} ms  "
+            f"({parallel['switch_s'] / result['switch_s']:.2f} of TP=1)"
+        )
 
 
 def main(args) -> None:
-    result = run(Path(args.model_root), args.device, args.repeats, args.cold_repeats)
+    result = run(
+        Path(args.model_root), args.device, args.repeats, args.cold_repeats, args.tensor_parallel_size
+    )
     if args.json:
         print(json.dumps(result))
     else:

@@ -4,6 +4,9 @@ It composes what it holds: the registered models and the active one (`Residency`
 and from the host KV pool (`KVMover`), handoffs between engines (engine/handoff.py) and the output
 post-processor (engine/postprocess.py). Each step returns, per request it advanced, only what is
 new. A single-model engine (`LLMEngine(PATH)`) is the same thing with one registered model.
+
+Under tensor parallelism every rank runs an engine over its shard (`group`), fed the same calls in
+the same order by rank 0 (engine/parallel/lockstep.py); each step's sampled tokens are rank 0's.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from aegaeon.engine.grammar import GrammarCompiler
 from aegaeon.engine.handoff import RequestHandoff
 from aegaeon.engine.kv_mover import KVMover
 from aegaeon.engine.outputs import RequestDelta, SequenceDelta
+from aegaeon.engine.parallel.group import RankGroup
 from aegaeon.engine.postprocess import append_token, step_deltas
 from aegaeon.engine.prompt import PreparedPrompt, prepare_prompt, prompt_token_ids
 from aegaeon.engine.residency import Residency, ServedModel
@@ -49,6 +53,7 @@ class LLMEngine:
         model_cache: HostModelCache | None = None,
         kv_pool: HostKVPool | None = None,
         progress: bool = True,
+        group: RankGroup | None = None,
     ):
         if (model is None) == (models is None):
             raise ValueError("pass either model=PATH or models={name: PATH, ...}")
@@ -58,12 +63,23 @@ class LLMEngine:
         self.config = config or EngineConfig()
         self.device = torch.device(device)
         self.dtype = parse_dtype(dtype)
+        # A rank of a tensor-parallel group (None: the engine runs the whole model alone).
+        self.group = group if group is not None and group.size > 1 else None
         self.residency = Residency(
-            models, self.device, self.dtype, self.config, memory or MemoryConfig(), model_cache, progress
+            models,
+            self.device,
+            self.dtype,
+            self.config,
+            memory or MemoryConfig(),
+            model_cache,
+            progress,
+            group,
         )
         self.models = self.residency.models
         # KV moves on their own stream, ahead of the weights' copies (a swap-in never waits for a prefetch).
-        self.kv = KVMover(CopyStream(self.device, ahead_of=self.residency.copies), kv_pool)
+        self.kv = KVMover(
+            CopyStream(self.device, ahead_of=self.residency.copies), kv_pool, self.residency.shard
+        )
         self._requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         self._grammar_compilers: dict[str, GrammarCompiler] = {}
@@ -273,6 +289,11 @@ class LLMEngine:
             for seq in seqs:
                 served.batcher.allocator.free(seq.block_table)
 
+    def synchronize(self) -> None:
+        """Return once every rank is done with the calls made so far (without TP: at once)."""
+        if self.group is not None:
+            self.group.barrier()
+
     def step(self) -> list[RequestDelta]:
         """Run one forward pass of the active model; what it added to each request it advanced."""
         served = self.active
@@ -284,6 +305,10 @@ class LLMEngine:
             return []
         scheduled = scheduled.only(self.kv.landed(scheduled.seqs))
         sampled = served.runner.step(scheduled)
+        if self.group is not None:
+            # Rank 0's tokens: random sampling draws differently on each rank, and every rank's
+            # sequences must grow (and finish) alike for the next steps to match.
+            sampled.token_ids = self.group.broadcast_object(sampled.token_ids)
         advanced: dict[str, list[SequenceDelta]] = {}
         # A prompt prefilled in chunks samples (and appears in the outputs) with its last chunk only.
         seqs = scheduled.sampling

@@ -3,6 +3,10 @@
 No `nn.Module`: the model is an `Architecture` plus a `ModelWeights` view, so switching models is
 pointing at other tensors. The forward runs on a packed batch (`[tokens, hidden]`): a prefill
 packs several prompts back to back, a decode step holds one token per sequence.
+
+Under tensor parallelism (`group` given, see engine/parallel/shards.py) the architecture is one
+rank's share and the weights its shard: the embedding and the outputs of the row-parallel o and
+down products are summed over the ranks, and the logits of each rank's vocabulary rows gathered.
 """
 
 from __future__ import annotations
@@ -13,14 +17,21 @@ import torch.nn.functional as F
 from aegaeon.engine import cpu_kernels
 from aegaeon.engine.architecture import Architecture
 from aegaeon.engine.attention import AttentionBatch, attention
+from aegaeon.engine.parallel.group import RankGroup
+from aegaeon.engine.parallel.shards import vocab_range
 from aegaeon.engine.weights import LayerWeights, ModelWeights
 
 
 class Transformer:
     """Runs forward passes of one architecture over whatever weights and KV cache it is handed."""
 
-    def __init__(self, arch: Architecture, device: torch.device, dtype: torch.dtype):
+    def __init__(
+        self, arch: Architecture, device: torch.device, dtype: torch.dtype, group: RankGroup | None = None
+    ):
         self.arch = arch
+        # Only a group of several ranks communicates; a group of one is the plain model.
+        self.group = group if group is not None and group.size > 1 else None
+        self._vocab = vocab_range(arch.vocab_size, group.shard) if self.group is not None else None
         self._norm_shape = (arch.hidden_size,)
         self._head_norm_shape = (arch.head_dim,)
         # On the CPU, where the C kernels build, the residual add + norm and SiLU * up run as one
@@ -44,7 +55,7 @@ class Transformer:
         Every layer writes the K/V of every token; past the last attention only `rows` are computed
         (in a prefill, the last token of each prompt: the rest feed no logit).
         """
-        residual = F.embedding(token_ids, weights.embed)  # a fresh tensor: the adds below work in place
+        residual = self._embed(weights, token_ids)  # a fresh tensor: the adds below work in place
         hidden = self._add_rms_norm(residual, None, weights.layers[0].input_norm)
         last = len(weights.layers) - 1
         for i, layer in enumerate(weights.layers):
@@ -61,7 +72,24 @@ class Transformer:
 
     def logits(self, weights: ModelWeights, hidden: torch.Tensor) -> torch.Tensor:
         """float32 logits `[rows, vocab]` for already-normed hidden states."""
-        return F.linear(hidden, weights.lm_head).float()
+        logits = F.linear(hidden, weights.lm_head).float()
+        if self.group is None:
+            return logits
+        return self.group.gather_vocab(logits, self.arch.vocab_size)
+
+    def _embed(self, weights: ModelWeights, token_ids: torch.Tensor) -> torch.Tensor:
+        """The tokens' embeddings; under TP each rank looks up its vocabulary rows, zeros elsewhere."""
+        if self.group is None:
+            return F.embedding(token_ids, weights.embed)
+        start, end = self._vocab
+        outside = (token_ids < start) | (token_ids >= end)
+        local = (token_ids - start).masked_fill_(outside, 0)
+        embedded = F.embedding(local, weights.embed).masked_fill_(outside.unsqueeze(-1), 0.0)
+        return self.group.all_reduce(embedded)
+
+    def _reduce(self, partial: torch.Tensor) -> torch.Tensor:
+        """A row-parallel product's output: the ranks' partial sums added up (TP), else as it is."""
+        return partial if self.group is None else self.group.all_reduce(partial)
 
     def _add_rms_norm(
         self, residual: torch.Tensor, x: torch.Tensor | None, weight: torch.Tensor
@@ -108,12 +136,12 @@ class Transformer:
         out = attention(q, kv, kv_cache, index, batch)
         if rows is not None:
             out = out.index_select(0, rows)
-        return F.linear(out, layer.o, layer.o_bias)
+        return self._reduce(F.linear(out, layer.o, layer.o_bias))
 
     def _mlp(self, layer: LayerWeights, hidden: torch.Tensor) -> torch.Tensor:
         gate_up = F.linear(hidden, layer.gate_up, layer.gate_up_bias)
         if self.cpu_kernels is not None:
-            return F.linear(self.cpu_kernels.silu_mul(gate_up), layer.down, layer.down_bias)
+            return self._reduce(F.linear(self.cpu_kernels.silu_mul(gate_up), layer.down, layer.down_bias))
         gate, up = gate_up.chunk(2, dim=-1)
         # In place on the gate_up product, which nothing else holds; mm reads the strided result as is.
-        return F.linear(F.silu(gate, inplace=True).mul_(up), layer.down, layer.down_bias)
+        return self._reduce(F.linear(F.silu(gate, inplace=True).mul_(up), layer.down, layer.down_bias))

@@ -8,6 +8,10 @@ so the first token of the requests waiting for it, waits for the read). The engi
 the host cache only while it is active here or being copied into the arena, so the cache may hold
 fewer models than the node serves; a prefetch of a model the host cache lacks starts its disk read
 in the background instead, and copies it once it is there.
+
+Under tensor parallelism each rank's engine has its own Residency holding its shard of every model
+(engine/parallel/shards.py): the host model cache keys shards by rank and group size, so a switch
+copies only this rank's part, and every rank's KV region holds its own heads.
 """
 
 from __future__ import annotations
@@ -26,6 +30,14 @@ from aegaeon.config import DEFAULT_KV_CACHE_BYTES, RESIDENT_MODELS_ON_DEVICE, En
 from aegaeon.engine.architecture import Architecture
 from aegaeon.engine.batcher import ContinuousBatcher
 from aegaeon.engine.kv_cache import BLOCK_SIZE, BlockAllocator, kv_block_bytes, kv_block_shape
+from aegaeon.engine.parallel.group import RankGroup
+from aegaeon.engine.parallel.shards import (
+    WHOLE_MODEL,
+    Shard,
+    rank_architecture,
+    read_shard,
+    shard_shapes,
+)
 from aegaeon.engine.runner import ModelRunner
 from aegaeon.engine.tokenizer import Tokenizer
 from aegaeon.engine.weights import ModelWeights, canonical_shapes, checkpoint_pieces, resolve_model_dir
@@ -60,7 +72,7 @@ class ServedModel:
 
     name: str
     model_dir: Path
-    arch: Architecture
+    arch: Architecture  # what this engine runs: the whole model, or under TP this rank's share
     tokenizer: Tokenizer
     eos_token_ids: frozenset[int]
     cache_key: str  # its key in the host model cache
@@ -70,11 +82,20 @@ class ServedModel:
     runner: ModelRunner
     batcher: ContinuousBatcher
     kv_shape: KVShape
+    model_arch: Architecture  # the whole model (`arch` itself without TP)
+    tensor_parallel_size: int = 1
+
+    @property
+    def shape_key(self) -> str:
+        """What latency profiles are keyed by: the model's shape, and the ranks it runs on."""
+        key = self.model_arch.shape_key
+        return key if self.tensor_parallel_size == 1 else f"{key}-tp{self.tensor_parallel_size}"
 
 
-def weight_bytes(arch: Architecture, dtype: torch.dtype) -> int:
-    """Bytes of a model's weights as the host model cache and the arena lay them out."""
-    return plan_layout(canonical_shapes(arch), dtype)[1]
+def weight_bytes(arch: Architecture, dtype: torch.dtype, shard: Shard = WHOLE_MODEL) -> int:
+    """Bytes of a model's weights (one rank's shard under TP) as the host model cache and the arena
+    lay them out."""
+    return plan_layout(shard_shapes(arch, shard), dtype)[1]
 
 
 class Residency:
@@ -89,9 +110,12 @@ class Residency:
         memory: MemoryConfig,
         model_cache: HostModelCache | None,
         progress: bool,
+        group: RankGroup | None = None,
     ):
         self.device, self.dtype, self.config, self.memory = device, dtype, config, memory
         self.progress = progress
+        self.group = group
+        self.shard = group.shard if group is not None else WHOLE_MODEL
         specs = {name: self._describe(path) for name, path in models.items()}
         largest = max(nbytes for _, _, nbytes in specs.values())
         if model_cache is None:  # an engine on its own: a private cache, at most what its models need
@@ -141,7 +165,7 @@ class Residency:
         for served in self.models.values():
             self.model_cache.acquire(
                 served.cache_key,
-                canonical_shapes(served.arch),
+                self._shapes(served),
                 dtype,
                 self._fill(served),
                 progress,
@@ -163,13 +187,15 @@ class Residency:
     def _describe(self, path: str | Path) -> tuple[Path, Architecture, int]:
         model_dir = resolve_model_dir(path)
         arch = Architecture.from_pretrained(model_dir)
-        nbytes = weight_bytes(arch, self.dtype)
+        rank_architecture(arch, self.shard.size)  # refuses a model whose heads do not split evenly
+        nbytes = weight_bytes(arch, self.dtype, self.shard)
         # Read the checkpoint's headers now, so a missing or misshapen tensor fails the registration,
         # not the first request (the weights themselves are read when the model is first needed).
         checkpoint_pieces(model_dir, arch, self.dtype, plan_layout(canonical_shapes(arch), self.dtype)[0])
         return model_dir, arch, nbytes
 
-    def _register(self, name: str, model_dir: Path, arch: Architecture, kv_bytes: int) -> ServedModel:
+    def _register(self, name: str, model_dir: Path, model_arch: Architecture, kv_bytes: int) -> ServedModel:
+        arch = rank_architecture(model_arch, self.shard.size)
         if kv_bytes // kv_block_bytes(arch, self.dtype) < 1:
             raise ValueError(
                 f"kv_cache_bytes={kv_bytes} holds no KV block of model {name} "
@@ -184,15 +210,17 @@ class Residency:
             arch=arch,
             tokenizer=tokenizer,
             eos_token_ids=frozenset(arch.eos_token_ids) | tokenizer.eos_token_ids,
-            cache_key=cache_key(model_dir, self.dtype),
-            weight_bytes=weight_bytes(arch, self.dtype),
+            cache_key=cache_key(model_dir, self.dtype, self.shard.rank, self.shard.size),
+            weight_bytes=weight_bytes(model_arch, self.dtype, self.shard),
             num_blocks=num_blocks,
             max_model_len=min(max_model_len, num_blocks * BLOCK_SIZE),
-            runner=ModelRunner(arch, self.device, self.dtype),
+            runner=ModelRunner(arch, self.device, self.dtype, self.group),
             batcher=ContinuousBatcher(
                 BlockAllocator(num_blocks), self.config.max_num_seqs, self.config.max_num_batched_tokens
             ),
             kv_shape=KVShape(arch.num_layers, arch.num_kv_heads, arch.head_dim, self.dtype),
+            model_arch=model_arch,
+            tensor_parallel_size=self.shard.size,
         )
 
     def register(self, name: str, path: str | Path, pinned: bool = False) -> ServedModel:
@@ -231,12 +259,18 @@ class Residency:
 
     # -- the host model cache ------------------------------------------------------------------------
 
+    def _shapes(self, served: ServedModel) -> dict[str, tuple[int, ...]]:
+        """The layout of `served`'s weights on this rank (the canonical state without TP)."""
+        return shard_shapes(served.model_arch, self.shard)
+
     def _fill(self, served: ServedModel):
-        """What reads `served`'s checkpoint from disk into its entry of the host model cache."""
+        """What reads `served`'s checkpoint (this rank's shard) from disk into the host model cache."""
+        if self.shard.size > 1:
+            return read_shard(served.model_dir, served.model_arch, self.shard, self.dtype)
         memory = self.memory
 
         def fill(entry: torch.Tensor, layout: CachedModel, progress: Callable[[int], None]) -> None:
-            pieces = checkpoint_pieces(served.model_dir, served.arch, self.dtype, layout.tensors)
+            pieces = checkpoint_pieces(served.model_dir, served.model_arch, self.dtype, layout.tensors)
             read_pieces(pieces, entry, memory.disk_read_threads, memory.disk_read_chunk_bytes, progress)
 
         return fill
@@ -253,7 +287,7 @@ class Residency:
             self._pins.discard(key)
         cached = self.model_cache.acquire(
             key,
-            canonical_shapes(served.arch),
+            self._shapes(served),
             self.dtype,
             self._fill(served),
             self.progress,
@@ -282,7 +316,7 @@ class Residency:
 
         def read() -> None:
             self.model_cache.acquire(
-                key, canonical_shapes(served.arch), self.dtype, self._fill(served), False, pin=False
+                key, self._shapes(served), self.dtype, self._fill(served), False, pin=False
             )
 
         def report(future: Future) -> None:

@@ -22,6 +22,7 @@ from aegaeon.engine.batcher import PrefillChunk, ScheduledStep
 from aegaeon.engine.cpu_kernels import LayerKernels, cpu_decode_supports, cpu_rotary_supports
 from aegaeon.engine.kv_cache import BLOCK_SIZE
 from aegaeon.engine.model import Transformer
+from aegaeon.engine.parallel.group import RankGroup
 from aegaeon.engine.rope import RotaryTable, rotate
 from aegaeon.engine.sampler import Sampler, SamplerOutput, SamplingRow, token_logprobs
 from aegaeon.engine.sequence import Sequence
@@ -45,13 +46,15 @@ def paged_decode_kernel(
 class ModelRunner:
     """Builds the tensors of a step, runs the transformer and samples (one model, one device)."""
 
-    def __init__(self, arch: Architecture, device: torch.device, dtype: torch.dtype):
+    def __init__(
+        self, arch: Architecture, device: torch.device, dtype: torch.dtype, group: RankGroup | None = None
+    ):
         self.arch = arch
         # Pointed at the arena by `bind` when the model is switched in; the runner owns neither.
         self.weights: ModelWeights | None = None
         self.kv_cache: torch.Tensor | None = None
         self.device = device
-        self.model = Transformer(arch, device, dtype)
+        self.model = Transformer(arch, device, dtype, group)
         self.rotary = RotaryTable(arch.rope, arch.head_dim, dtype, device)
         self.sampler = Sampler()
         self.scale = arch.head_dim**-0.5

@@ -221,6 +221,7 @@ class Node:
                 kv_pool_name=self.kv_pool.name,
                 address=worker_address(tag, owned.name),
                 cpu_threads=owned.cpu_threads,
+                tensor_parallel_size=config.tensor_parallel_size,
                 # One progress bar while the host cache fills: the other engines find it filled.
                 progress=progress and index == 0,
                 devices=owned.devices,

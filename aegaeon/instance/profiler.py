@@ -224,7 +224,7 @@ def profile_model(
         prefill = measure_prefill(engine, served, plan, grid, rng, bar)
         decode = measure_decode(engine, served, plan, grid, rng, bar)
     return fit_profile(
-        served.arch.shape_key,
+        served.shape_key,
         str(engine.dtype).removeprefix("torch."),
         device_name(engine.device),
         prefill,

@@ -8,7 +8,10 @@ answers `Call`s: each names a method of `EngineService` and its arguments, and t
 result or the exception. Requests, handoffs and outputs are plain picklable records; KV never crosses
 the socket, only host-pool block handles do.
 
-A worker exits when asked (`shutdown`) or when its node is gone (its parent changed).
+A worker exits when asked (`shutdown`) or when its node is gone (its parent changed). With
+`tensor_parallel_size` N > 1 the worker is rank 0 of its engine and starts ranks 1..N-1 itself
+(engine/parallel/ranks.py); when one of them dies the worker exits at once, without answering, so
+its node sees the instance die and restarts it as it would after any crash.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from aegaeon.portable import portable
 
 # How often an idle worker checks that its node is still alive.
 PARENT_CHECK_MS = 1000
+# A worker whose tensor-parallel engine lost a rank exits with this code (its node restarts it).
+RANK_LOST_EXIT_CODE = 4
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,7 @@ class WorkerSpec:
     progress: bool = False
     devices: tuple[str, ...] = ()  # the node's devices it owns ("cuda:3"); `device` is its local name
     env: dict[str, str] = field(default_factory=dict)  # set in its process's environment (devices.py)
+    tensor_parallel_size: int = 1  # ranks (processes, one device each) of this instance's engine
 
 
 @dataclass(frozen=True)
@@ -123,8 +129,8 @@ class EngineService:
             name=served.name,
             model_dir=str(served.model_dir),
             cache_key=served.cache_key,
-            shape_key=served.arch.shape_key,
-            num_parameters=served.arch.num_parameters(),
+            shape_key=served.shape_key,
+            num_parameters=served.model_arch.num_parameters(),
             vocab_size=served.arch.vocab_size,
             weight_bytes=served.weight_bytes,
             kv_block_bytes=kv_block_bytes(served.arch, self.engine.dtype),
@@ -210,6 +216,22 @@ def _build(spec: WorkerSpec):
     model_cache = HostModelCache.attach(spec.memory.shm_dir, spec.model_cache_name)
     kv_pool = HostKVPool.attach(spec.memory.shm_dir, spec.kv_pool_name)
     kv_pool.pin()
+    if spec.tensor_parallel_size > 1:
+        from aegaeon.engine.parallel.lockstep import TensorParallelEngine
+
+        engine = TensorParallelEngine(
+            models=spec.models,
+            tensor_parallel_size=spec.tensor_parallel_size,
+            device=spec.device,
+            dtype=spec.dtype,
+            config=spec.engine,
+            memory=spec.memory,
+            model_cache=model_cache,
+            kv_pool=kv_pool,
+            progress=spec.progress,
+            cpu_threads=spec.cpu_threads,
+        )
+        return EngineService(engine, kv_pool)
     engine = LLMEngine(
         models=spec.models,
         device=spec.device,
@@ -226,6 +248,8 @@ def _build(spec: WorkerSpec):
 def serve(spec: WorkerSpec) -> None:
     """The worker process's main: build the engine, then answer calls until shut down."""
     import zmq
+
+    from aegaeon.engine.parallel.ranks import RankFailure
 
     parent = os.getppid()
     context = zmq.Context()
@@ -252,6 +276,12 @@ def serve(spec: WorkerSpec) -> None:
                 if call.method.startswith("_") or not hasattr(EngineService, call.method):
                     raise AttributeError(f"an instance has no operation {call.method!r}")
                 reply = Reply(value=getattr(service, call.method)(*call.args))
+            except RankFailure:
+                # Not an error of this call: the instance can no longer run. Dying (its ranks follow)
+                # is what makes the node restart it and resume its requests.
+                traceback.print_exc(file=sys.stderr)
+                sys.stderr.flush()
+                os._exit(RANK_LOST_EXIT_CODE)
             except Exception as error:  # noqa: BLE001 - the caller re-raises it
                 reply = Reply(error=portable(error))
             socket.send_pyobj(reply)

@@ -403,15 +403,21 @@ class HostKVPool:
         return slabs, blocks
 
     def _move_plan(
-        self, handles: list[int], kv: torch.Tensor, blocks: list[int]
+        self, handles: list[int], kv: torch.Tensor, blocks: list[int], part: int = 0, parts: int = 1
     ) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
-        """The device KV region's bytes and the runs pairing its `blocks` with the pool's `handles`."""
+        """The device KV region's bytes and the runs pairing its `blocks` with the pool's `handles`.
+
+        A tensor-parallel engine's host block holds every rank's block, rank r's at part r: the
+        pool block has `parts` times the device block's layers, and this rank's are the `part`-th run.
+        """
         if kv.dim() != 6 or kv.shape[2:4] != (2, BLOCK_SIZE) or not kv.is_contiguous():
             raise ValueError(
                 f"a KV region is a contiguous [blocks, layers, 2, {BLOCK_SIZE}, kv_heads, head_dim] "
                 f"tensor, got {tuple(kv.shape)}"
             )
-        shape = KVShape(kv.shape[1], kv.shape[4], kv.shape[5], kv.dtype)
+        shape = KVShape(kv.shape[1] * parts, kv.shape[4], kv.shape[5], kv.dtype)
+        if not 0 <= part < parts:
+            raise ValueError(f"part {part} of a host KV block in {parts} parts does not exist")
         if len(handles) != len(blocks):
             raise ValueError(f"{len(handles)} host KV blocks for {len(blocks)} device blocks")
         if len(set(handles)) != len(handles) or len(set(blocks)) != len(blocks):
@@ -420,12 +426,22 @@ class HostKVPool:
             raise ValueError(f"device KV blocks {blocks} are not all below {kv.shape[0]}")
         with self._locked():
             self._locate_all(np.array(handles, dtype=np.int64), shape)
-        block_bytes = shape.block_bytes
-        runs = block_runs(handles, [block * block_bytes for block in blocks], block_bytes)
+        block_bytes = shape.block_bytes // parts
+        runs = block_runs(
+            [handle + part * block_bytes for handle in handles],
+            [block * block_bytes for block in blocks],
+            block_bytes,
+        )
         return kv.view(-1).view(torch.uint8), runs
 
     def copy_from_device(
-        self, copies: CopyStream, handles: list[int], kv: torch.Tensor, blocks: list[int]
+        self,
+        copies: CopyStream,
+        handles: list[int],
+        kv: torch.Tensor,
+        blocks: list[int],
+        part: int = 0,
+        parts: int = 1,
     ) -> Copy:
         """Start copying device KV blocks `kv[blocks[i]]` into pool blocks `handles[i]`.
 
@@ -433,15 +449,21 @@ class HostKVPool:
         must be allocated blocks of its shape. One copy per run of blocks consecutive on both sides;
         the pool's lock is taken once, to check the handles.
         """
-        device, runs = self._move_plan(handles, kv, blocks)
+        device, runs = self._move_plan(handles, kv, blocks, part, parts)
         pool = self.region.tensor
         return copies.copy([(pool[h : h + n], device[d : d + n]) for h, d, n in runs])
 
     def copy_to_device(
-        self, copies: CopyStream, handles: list[int], kv: torch.Tensor, blocks: list[int]
+        self,
+        copies: CopyStream,
+        handles: list[int],
+        kv: torch.Tensor,
+        blocks: list[int],
+        part: int = 0,
+        parts: int = 1,
     ) -> Copy:
         """Start copying pool blocks `handles[i]` into device KV blocks `kv[blocks[i]]` (see above)."""
-        device, runs = self._move_plan(handles, kv, blocks)
+        device, runs = self._move_plan(handles, kv, blocks, part, parts)
         pool = self.region.tensor
         return copies.copy([(device[d : d + n], pool[h : h + n]) for h, d, n in runs])
 

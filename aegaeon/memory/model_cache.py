@@ -103,9 +103,11 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def cache_key(model_dir: Path, dtype: torch.dtype) -> str:
-    """The key a model's weights have in the host model cache: its directory and dtype."""
-    return f"{Path(model_dir).resolve()}@{_dtype_name(dtype)}"
+def cache_key(model_dir: Path, dtype: torch.dtype, rank: int = 0, size: int = 1) -> str:
+    """The key a model's weights have in the host model cache: its directory and dtype, and under
+    tensor parallelism which rank's shard of how many (each shard is its own contiguous entry)."""
+    key = f"{Path(model_dir).resolve()}@{_dtype_name(dtype)}"
+    return key if size == 1 else f"{key}#tp{rank}of{size}"
 
 
 # Fills a model's byte range (uint8, laid out as the CachedModel says), calling the third argument
