@@ -12,6 +12,7 @@ of profiles is stored as ONE JSON file: {"version": 1, "profiles": [profile.to_d
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -57,9 +58,33 @@ def _fit(samples: Iterable[Sample], features: Features) -> Coeffs:
     # Relative residuals: each row divided by its time. Unweighted, the longest steps would decide the
     # fit and the short ones (most of a workload's) could be off by half.
     weights = 1.0 / np.array(times)
-    # Rank-deficient samples (e.g. every decode sample at one batch size) get the minimum-norm solution.
-    coeffs, *_ = np.linalg.lstsq(np.array(rows) * weights[:, None], np.ones(len(times)), rcond=None)
-    return (float(coeffs[0]), float(coeffs[1]), float(coeffs[2]))
+    a, b, c = _nonnegative_lstsq(np.array(rows) * weights[:, None], np.ones(len(times)))
+    return (a, b, c)
+
+
+def _nonnegative_lstsq(matrix: np.ndarray, target: np.ndarray) -> Coeffs:
+    """The least-squares coefficients that are all >= 0.
+
+    Every term of the formulas is a cost (a fixed one, per token, per sequence): a negative one fits
+    noise, and makes long batches predict less time than short ones (even zero). With three
+    coefficients, the best of the least-squares fits over every subset of them that comes out
+    non-negative is the exact constrained optimum. Rank-deficient samples (e.g. every decode sample
+    at one batch size) get the minimum-norm solution of their subset.
+    """
+    best, best_residual = np.zeros(NUM_COEFFS), float(np.sum(target**2))
+    for subset in itertools.product((False, True), repeat=NUM_COEFFS):
+        columns = [i for i, used in enumerate(subset) if used]
+        if not columns:
+            continue
+        solution, *_ = np.linalg.lstsq(matrix[:, columns], target, rcond=None)
+        if (solution < 0).any():
+            continue
+        coeffs = np.zeros(NUM_COEFFS)
+        coeffs[columns] = solution
+        residual = float(np.sum((matrix @ coeffs - target) ** 2))
+        if residual < best_residual:
+            best, best_residual = coeffs, residual
+    return (float(best[0]), float(best[1]), float(best[2]))
 
 
 def fit_prefill(samples: Iterable[Sample]) -> Coeffs:
