@@ -25,7 +25,14 @@ from pathlib import Path
 
 import torch
 
-from aegaeon.config import DEFAULT_ATTAINMENT_TARGET, SLO, NodeConfig, SchedulerConfig
+from aegaeon.config import (
+    DEFAULT_ATTAINMENT_TARGET,
+    DEFAULT_KEY_WEIGHT,
+    DEFAULT_PRIORITY,
+    SLO,
+    NodeConfig,
+    SchedulerConfig,
+)
 from aegaeon.engine.architecture import Architecture
 from aegaeon.engine.handoff import RequestHandoff, SequenceHandoff
 from aegaeon.engine.outputs import RequestDelta
@@ -264,13 +271,18 @@ class Node:
     # -- the live registry ---------------------------------------------------------------------------
 
     def add_model(
-        self, name: str, path: str | Path, slo: SLO | None = None, pinned: bool = False
+        self,
+        name: str,
+        path: str | Path,
+        slo: SLO | None = None,
+        pinned: bool = False,
+        priority: float = DEFAULT_PRIORITY,
     ) -> ModelFacts:
         """Serve one more model: every engine registers it, then requests for it are taken.
 
         Each engine is held while it registers the model (its checkpoint's headers are checked; its
         weights are read into the host cache when first needed, or now if `pinned`, which keeps them
-        there while this node serves it). `slo` (None: the default) steers its scheduling.
+        there while this node serves it). `slo` (None: the default) and `priority` steer its scheduling.
         """
         with self.lock:
             if name in self.models or name in self._removing:
@@ -300,6 +312,11 @@ class Node:
             if slo is not None:
                 slos = {**dict(self.config.scheduler.model_slos), name: slo}
                 self._use_scheduler(replace(self.config.scheduler, model_slos=tuple(slos.items())))
+            if priority != self.config.scheduler.priority(name):
+                priorities = {**dict(self.config.scheduler.model_priorities), name: priority}
+                self._use_scheduler(
+                    replace(self.config.scheduler, model_priorities=tuple(priorities.items()))
+                )
             self.tokenizers[name] = tokenizer
             self._spawn_with(name, str(path))
             self.models[name] = facts  # last: requests for it are taken from now on
@@ -366,18 +383,27 @@ class Node:
         request_id: str | None = None,
         output_token_ids: Mapping[int, list[int]] | None = None,
         finish_reasons: Mapping[int, str] | None = None,
+        key: str | None = None,
+        key_weight: float = DEFAULT_KEY_WEIGHT,
     ) -> str:
         """Accept a request (ValueError/KeyError on bad input, before anything is queued); its id.
 
         A request begun elsewhere (its node went silent) brings its tokens so far by choice index, and
         the choices that finished: it continues as after an instance restart, its KV recomputed.
+        `key` (the id of the API key it came with) and `key_weight` place it in its model's fair queue.
         """
         if self.error is not None:
             raise Unavailable(f"the node has failed: {self.error}")
         prepared = self.prepare_prompt(prompt, params, model)
         request_id = request_id or f"req-{next(self._ids)}"
         sched = SchedRequest(
-            request_id, prepared.model, self.now(), len(prepared.token_ids), prepared.max_tokens
+            request_id,
+            prepared.model,
+            self.now(),
+            len(prepared.token_ids),
+            prepared.max_tokens,
+            key=key,
+            key_weight=key_weight,
         )
         live = LiveRequest(sched, prepared.token_ids, params, on_output, on_error)
         live.token_ids = {index: list(ids) for index, ids in (output_token_ids or {}).items() if ids}

@@ -1,0 +1,110 @@
+"""Fair sharing by API key over the real serving path: a real node, a real uvicorn server with two API
+keys, the official openai client.
+
+What reaches the scheduler is the key's id and weight, never the key; a heavy key's flood and a light
+key's trickle on one model both complete, the light key's requests within their TTFT SLO. (That the
+light key keeps its SLO however deep the flood is shown on the simulator's clock, with the same
+scheduler classes, in tests/scheduler/test_fairness.py: a shared 2-core machine cannot time a live
+server's TTFTs to an SLO reliably.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import httpx
+import openai
+import pytest
+
+from aegaeon.config import MIB, EngineConfig, NodeConfig, SchedulerConfig, api_key_id
+from aegaeon.instance.node import Node
+from aegaeon.scheduler.slo import request_score
+from aegaeon.serve.api_server import build_app
+from aegaeon.serve.backend import ClusterBackend
+from aegaeon.serve.dashboard import observability_router
+from aegaeon.serve.metadata import MemoryStore
+from aegaeon.serve.metrics import NodeMetrics
+from aegaeon.serve.node_server import NodeServer
+from tests.serve.http_server import ServerThread
+
+HEAVY_KEY, LIGHT_KEY = "sk-heavy-secret-1234", "sk-light-secret-5678"
+LIGHT_WEIGHT = 2.0
+MODEL = "llama"
+# The heavy key sends ten requests for each of the light key's.
+LIGHT_REQUESTS, RATE_RATIO = 3, 10
+MAX_TOKENS = 4
+
+
+@pytest.fixture(scope="module")
+def served(five_model_dirs, profile_path):
+    config = NodeConfig(
+        profile_path=str(profile_path),
+        engine=EngineConfig(kv_cache_bytes=4 * MIB),
+        scheduler=SchedulerConfig(),
+    )
+    store = MemoryStore()
+    with Node({MODEL: five_model_dirs[MODEL]}, config, progress=False) as node, NodeServer(node, store):
+        app = build_app(
+            ClusterBackend(store),
+            api_keys=(HEAVY_KEY, LIGHT_KEY),
+            api_key_weights={api_key_id(LIGHT_KEY): LIGHT_WEIGHT},
+        )
+        app.include_router(observability_router(NodeMetrics(node)))
+        with ServerThread(app) as server:
+            yield node, server
+
+
+def _ended(node: Node) -> dict:
+    requests, _ = node.ended_since(0)
+    return {r.request_id: r for r in requests}
+
+
+def test_the_scheduler_sees_each_keys_id_and_weight_never_the_key(served, caplog):
+    node, server = served
+    caplog.set_level(logging.DEBUG)
+    ids = {}
+    for key in (HEAVY_KEY, LIGHT_KEY):
+        with openai.OpenAI(base_url=f"{server.url}/v1", api_key=key) as client:
+            ids[key] = client.completions.create(model=MODEL, prompt="Hello", max_tokens=MAX_TOKENS).id
+    ended = _ended(node)
+    heavy, light = ended[ids[HEAVY_KEY]], ended[ids[LIGHT_KEY]]
+    assert (heavy.key, heavy.key_weight) == (api_key_id(HEAVY_KEY), 1.0)
+    assert (light.key, light.key_weight) == (api_key_id(LIGHT_KEY), LIGHT_WEIGHT)
+    assert heavy.key.startswith("key-") and HEAVY_KEY not in heavy.key
+    # The request log names the key by its id; no log line holds a key.
+    logged = [getattr(record, "api_key_id", None) for record in caplog.records]
+    assert api_key_id(LIGHT_KEY) in logged
+    text = caplog.text + " ".join(str(record.__dict__) for record in caplog.records)
+    assert HEAVY_KEY not in text and LIGHT_KEY not in text
+    metrics = httpx.get(f"{server.url}/metrics").text
+    assert HEAVY_KEY not in metrics and LIGHT_KEY not in metrics
+
+
+def test_a_heavy_keys_flood_and_a_light_keys_trickle_both_complete_the_light_within_slo(served):
+    node, server = served
+
+    async def send(client: openai.AsyncOpenAI, count: int, gap_s: float) -> list[str]:
+        async def one(index: int) -> str:
+            await asyncio.sleep(index * gap_s)
+            prompt = f"Request {index}: " + "tell me a story " * 20
+            return (await client.completions.create(model=MODEL, prompt=prompt, max_tokens=MAX_TOKENS)).id
+
+        return await asyncio.gather(*(one(i) for i in range(count)))
+
+    async def flood() -> tuple[list[str], list[str]]:
+        heavy = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=HEAVY_KEY, timeout=120)
+        light = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=LIGHT_KEY, timeout=120)
+        async with heavy, light:
+            light_gap_s = 0.2
+            return await asyncio.gather(
+                send(heavy, LIGHT_REQUESTS * RATE_RATIO, light_gap_s / RATE_RATIO),
+                send(light, LIGHT_REQUESTS, light_gap_s),
+            )
+
+    heavy_ids, light_ids = asyncio.run(flood())
+    ended = _ended(node)
+    assert all(ended[i].generated == MAX_TOKENS for i in heavy_ids + light_ids)
+    slo = node.config.scheduler.slo(MODEL)
+    light = [request_score(ended[i], slo) for i in light_ids]
+    assert sum(score.met_ttft for score in light) / len(light) >= 0.95
