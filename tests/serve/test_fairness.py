@@ -11,13 +11,14 @@ server's TTFTs to an SLO reliably.)
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 
 import httpx
 import openai
 import pytest
 
-from aegaeon.config import MIB, EngineConfig, NodeConfig, SchedulerConfig, api_key_id
+from aegaeon.config import MIB, EngineConfig, NodeConfig, SchedulerConfig, api_key_id, build_serve_config
 from aegaeon.instance.node import Node
 from aegaeon.scheduler.slo import request_score
 from aegaeon.serve.api_server import build_app
@@ -29,6 +30,7 @@ from aegaeon.serve.node_server import NodeServer
 from tests.serve.http_server import ServerThread
 
 HEAVY_KEY, LIGHT_KEY = "sk-heavy-secret-1234", "sk-light-secret-5678"
+ADMIN_KEY = "sk-admin-secret-0000"
 LIGHT_WEIGHT = 2.0
 MODEL = "llama"
 # The heavy key sends ten requests for each of the light key's.
@@ -49,10 +51,11 @@ def served(five_model_dirs, profile_path):
             ClusterBackend(store),
             api_keys=(HEAVY_KEY, LIGHT_KEY),
             api_key_weights={api_key_id(LIGHT_KEY): LIGHT_WEIGHT},
+            admin_key=ADMIN_KEY,
         )
         app.include_router(observability_router(NodeMetrics(node)))
         with ServerThread(app) as server:
-            yield node, server
+            yield node, server, five_model_dirs[MODEL]
 
 
 def _ended(node: Node) -> dict:
@@ -61,7 +64,7 @@ def _ended(node: Node) -> dict:
 
 
 def test_the_scheduler_sees_each_keys_id_and_weight_never_the_key(served, caplog):
-    node, server = served
+    node, server, _ = served
     caplog.set_level(logging.DEBUG)
     ids = {}
     for key in (HEAVY_KEY, LIGHT_KEY):
@@ -82,7 +85,7 @@ def test_the_scheduler_sees_each_keys_id_and_weight_never_the_key(served, caplog
 
 
 def test_a_heavy_keys_flood_and_a_light_keys_trickle_both_complete_the_light_within_slo(served):
-    node, server = served
+    node, server, _ = served
 
     async def send(client: openai.AsyncOpenAI, count: int, gap_s: float) -> list[str]:
         async def one(index: int) -> str:
@@ -108,3 +111,66 @@ def test_a_heavy_keys_flood_and_a_light_keys_trickle_both_complete_the_light_wit
     slo = node.config.scheduler.slo(MODEL)
     light = [request_score(ended[i], slo) for i in light_ids]
     assert sum(score.met_ttft for score in light) / len(light) >= 0.95
+
+
+def test_a_model_added_with_a_priority_is_scheduled_with_it(served):
+    node, server, model_dir = served
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    with httpx.Client(base_url=server.url, headers=admin, timeout=120) as http:
+        path = json.dumps(str(model_dir))
+        # Each priority as JSON text: 1e999 is a JSON number that reads as infinity.
+        for priority, message in (
+            ("0", "greater than 0"),
+            ('"high"', "valid number"),
+            ("1e999", "finite number"),
+        ):
+            text = f'{{"name": "extra", "path": {path}, "priority": {priority}}}'
+            refused = http.post(
+                "/v1/admin/models", content=text, headers={"Content-Type": "application/json"}
+            )
+            assert refused.status_code == 400 and message in refused.json()["error"]["message"], refused.text
+        body = {"name": "extra", "path": str(model_dir), "priority": 3}
+        added = http.post("/v1/admin/models", json=body)
+        assert added.status_code == 201, added.text
+        assert added.json()["settings"]["priority"] == 3
+        assert node.config.scheduler.priority("extra") == 3.0
+        assert node.config.scheduler.priority(MODEL) == 1.0
+        assert http.delete("/v1/admin/models/extra").status_code == 200
+
+
+# --- configuration -------------------------------------------------------------------------------
+
+
+def test_priorities_and_key_weights_come_from_the_yaml_settings(tmp_path):
+    keys_file = tmp_path / "keys"
+    keys_file.write_text(f"{LIGHT_KEY}\n")
+    config = build_serve_config(
+        {
+            "models": [{"name": "chat", "path": "/m/chat", "priority": 2}, "code=/m/code"],
+            "api_key": HEAVY_KEY,
+            "api_key_file": str(keys_file),
+            "api_key_weights": {HEAVY_KEY: 0.5, api_key_id(LIGHT_KEY): 3},
+        }
+    )
+    assert [m.priority for m in config.models] == [2.0, 1.0]
+    assert config.node.scheduler.priority("chat") == 2.0 and config.node.scheduler.priority("code") == 1.0
+    # A key may be named itself or by its id; the config holds ids only.
+    assert dict(config.api_key_weights) == {api_key_id(HEAVY_KEY): 0.5, api_key_id(LIGHT_KEY): 3.0}
+    assert config.key_weight(api_key_id(HEAVY_KEY)) == 0.5 and config.key_weight(None) == 1.0
+    assert HEAVY_KEY not in repr(config.api_key_weights)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"models": [{"path": "/m", "priority": 0}]}, "priority of model 'm' must be a positive number"),
+        ({"models": [{"path": "/m", "priority": "high"}]}, "positive number"),
+        ({"models": ["a=/m"], "api_key_weights": {"sk-typo": 2}}, "neither a configured API key"),
+        ({"models": ["a=/m"], "api_key_weights": [1]}, "must map API keys"),
+        ({"models": ["a=/m"], "api_key": HEAVY_KEY, "api_key_weights": {HEAVY_KEY: -1}}, "positive number"),
+    ],
+)
+def test_bad_priorities_and_key_weights_say_what_to_fix(settings, message):
+    with pytest.raises(ValueError, match=message) as raised:
+        build_serve_config(settings)
+    assert "sk-typo" not in str(raised.value)
