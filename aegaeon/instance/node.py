@@ -416,7 +416,7 @@ class Node:
         with self._work:
             if request_id in self.live:
                 raise ValueError(f"request id {request_id!r} is already in use")
-            self._admit(prepared.model)
+            self._admit(prepared.model, key, key_weight)
             self.live[request_id] = live
             if live.token_ids:
                 try:
@@ -430,18 +430,30 @@ class Node:
             self._work.notify_all()
         return request_id
 
-    def _admit(self, model: str) -> None:
-        """Refuse a request of `model` if too many of its requests wait already (under the lock)."""
+    def _admit(self, model: str, key: str | None = None, key_weight: float = DEFAULT_KEY_WEIGHT) -> None:
+        """Refuse a request of `model` if too many of its requests wait already (under the lock).
+
+        At the limit, a request whose API key holds less than its weighted share of the limit among
+        the keys waiting is still taken: one key's flood fills the queue for itself only. (The shares
+        add up to the limit, so the queue stays bounded by about twice it.)
+        """
         limit = self.config.max_waiting_per_model
-        waiting = sum(
-            1 for live in self.live.values() if live.sched.model == model and not live.sched.token_times
+        waiting = [
+            live.sched
+            for live in self.live.values()
+            if live.sched.model == model and not live.sched.token_times
+        ]
+        if len(waiting) < limit:
+            return
+        weights = {r.key: r.key_weight for r in waiting} | {key: key_weight}
+        mine = sum(1 for r in waiting if r.key == key)
+        if mine < limit * key_weight / sum(weights.values()):
+            return
+        drain_s = min(queue.waiting_work_s(self.now()) for queue in self.prefill.instances)
+        raise Overloaded(
+            f"model {model!r} has {len(waiting)} waiting to start (the limit is {limit}); retry later",
+            retry_after_s(drain_s),
         )
-        if waiting >= limit:
-            drain_s = min(queue.waiting_work_s(self.now()) for queue in self.prefill.instances)
-            raise Overloaded(
-                f"model {model!r} has {waiting} waiting to start (the limit is {limit}); retry later",
-                retry_after_s(drain_s),
-            )
 
     def shed_if_late(self, request: SchedRequest) -> bool:
         """Fail a request that waited longer than `shed_waiting_after_s` for its prefill; True if so."""
