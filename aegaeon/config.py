@@ -474,10 +474,6 @@ class ServeConfig:
                 raise ValueError(f"api_key_weights: {key_id!r} is not an API key id ({API_KEY_ID_PREFIX}...)")
             check_weight(f"the weight of API key {key_id}", weight)
 
-    def key_weight(self, key_id: str | None) -> float:
-        """The weight of the API key `key_id` (None: a request without a key)."""
-        return dict(self.api_key_weights).get(key_id, DEFAULT_KEY_WEIGHT) if key_id else DEFAULT_KEY_WEIGHT
-
 
 # Settings a YAML file (and the matching flags) may give, by the config record they belong to.
 _ENGINE_KEYS = ("max_num_seqs", "max_num_batched_tokens", "kv_cache_bytes", "max_model_len")
