@@ -78,6 +78,7 @@ def serve_config_from_args(args: argparse.Namespace):
     flags = {
         "models": args.models or None,
         "device": args.device,
+        "devices": args.devices,
         "dtype": args.dtype,
         "host": args.host,
         "port": args.port,
@@ -166,6 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--config", help="YAML file with the same settings (models, SLOs, sizes)")
     serve.add_argument("--device", help="cpu or cuda (default: cpu)")
+    serve.add_argument(
+        "--devices",
+        metavar="LIST",
+        help="the node's devices, one or more per instance: GPU ordinals (0-7, 0,2,4) with --device cuda, "
+        "or cpu,cpu (each CPU device a share of the cores) (default: every visible GPU; one CPU device)",
+    )
     serve.add_argument("--dtype", help="float32, bfloat16 or float16 (default: float32)")
     serve.add_argument("--host", help="address to listen on (default: 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to listen on (default: 8000; 0 picks a free one)")

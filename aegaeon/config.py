@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
+from aegaeon.instance.devices import device_type, parse_devices
+
 MIB = 1 << 20
 
 DEFAULT_MAX_NUM_SEQS = 64
@@ -103,6 +105,10 @@ class MemoryConfig:
     disk_read_threads: int = DEFAULT_DISK_READ_THREADS
     disk_read_chunk_bytes: int = DEFAULT_DISK_READ_CHUNK_BYTES
     host_cache_wait_s: float = DEFAULT_HOST_CACHE_WAIT_S
+    # Set by the node, not a setting: instances sharing this GPU. Above 1, each one's arena is
+    # device_memory_fraction / device_sharers of the GPU's total memory (at most the fraction of what
+    # is free), so the split does not depend on the order they start in.
+    device_sharers: int = 1
 
     def __post_init__(self) -> None:
         if not 0 < self.device_memory_fraction <= 1:
@@ -115,6 +121,7 @@ class MemoryConfig:
             "load_chunk_bytes",
             "disk_read_threads",
             "disk_read_chunk_bytes",
+            "device_sharers",
         ):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -238,9 +245,13 @@ DEFAULT_TIMELINE_EVENTS = 8192
 
 @dataclass(frozen=True)
 class NodeConfig:
-    """One machine: its device, how its instances split the work, and what each instance runs with."""
+    """One machine: its devices, how its instances split the work, and what each instance runs with."""
 
     device: str = "cpu"
+    # The devices the node gives its instances (aegaeon/instance/devices.py): a spec such as "0-7",
+    # "0,2,4" or "cpu,cpu", or a list; normalized to the devices' names ("cuda:0", "cpu:1"). None:
+    # every visible GPU on CUDA; on the CPU one device per tensor-parallel rank.
+    devices: str | tuple[str, ...] | None = None
     dtype: str = "float32"
     # Colocated: each instance both prefills and decodes. Otherwise prefill and decode instances.
     colocated: bool = True
@@ -248,6 +259,9 @@ class NodeConfig:
     policy: str = "token"
     prefill_instances: int = 1
     decode_instances: int = 1
+    # Ranks (processes, one device each) of every instance: its models' weights, KV and compute are
+    # split over them (tensor parallelism); 1 runs each instance in one process on one device.
+    tensor_parallel_size: int = 1
     # Latency profiles (per model shape, dtype and device) the scheduler predicts with; instances
     # measure the shapes missing from it when they start.
     profile_path: str = DEFAULT_PROFILE_PATH
@@ -271,9 +285,23 @@ class NodeConfig:
             if self.colocated
             else {"prefill_instances": self.prefill_instances, "decode_instances": self.decode_instances}
         )
+        counts["tensor_parallel_size"] = self.tensor_parallel_size
         for name, value in counts.items():
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.devices is not None:
+            devices = parse_devices(self.devices, device_type(self.device))
+            object.__setattr__(self, "devices", devices)  # frozen: the normalized spec replaces the given one
+            if ":" in self.device and device_type(self.device) != "cpu":
+                raise ValueError(
+                    f"device {self.device!r} names one GPU; with a devices list, set device to "
+                    f"{device_type(self.device)!r}"
+                )
+            if self.tensor_parallel_size > len(devices):
+                raise ValueError(
+                    f"tensor_parallel_size {self.tensor_parallel_size} needs that many distinct devices "
+                    f"per instance; devices lists {len(devices)} ({', '.join(devices)})"
+                )
         if self.policy not in SCHEDULING_POLICIES:
             raise ValueError(f"policy must be one of {SCHEDULING_POLICIES}, got {self.policy!r}")
         if self.policy == "request" and not self.colocated:
@@ -493,6 +521,7 @@ _MEMORY_KEYS = (
 )
 _NODE_KEYS = (
     "device",
+    "devices",
     "dtype",
     "colocated",
     "colocated_instances",

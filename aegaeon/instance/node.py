@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 import threading
 import time
 import uuid
@@ -43,6 +42,7 @@ from aegaeon.engine.tokenizer import Tokenizer
 from aegaeon.engine.weights import parse_dtype, resolve_model_dir
 from aegaeon.errors import InvalidRequest, ModelNotFound, RequestFailed, Unavailable
 from aegaeon.instance.admission import Overloaded, Shed, retry_after_s
+from aegaeon.instance.devices import CUDA, InstanceDevices, device_type, layout_instances, node_devices
 from aegaeon.instance.instance import DECODING, Abort, Instance
 from aegaeon.instance.remote import RemoteEngine, worker_address
 from aegaeon.instance.request_level import RequestLevelInstance
@@ -132,13 +132,16 @@ class Node:
                 f"the host model cache ({sizes.model_cache_bytes} bytes) cannot hold the largest model "
                 f"({largest} bytes): raise host_model_cache_bytes (or host_memory_fraction)"
             )
+        # Not pinned here: the node copies nothing to a GPU, its instance processes pin their own
+        # mappings, and pinning would open a CUDA context (and take memory) on a GPU in the node.
         self.model_cache = HostModelCache.create(
-            memory.shm_dir, sizes.model_cache_bytes, name=node_region_name("models", tag)
+            memory.shm_dir, sizes.model_cache_bytes, name=node_region_name("models", tag), pin=False
         )
         self.kv_pool = HostKVPool.create(
             memory.shm_dir, node_region_name("kv", tag), sizes.kv_pool_bytes, memory.kv_slab_bytes
         )
         self.engines: list[RemoteEngine] = []
+        self.layout: list[InstanceDevices] = []  # each instance's devices, in the order of `engines`
         self._finalizer = weakref.finalize(self, _release, self.engines, self.model_cache, self.kv_pool)
 
         roles = (
@@ -198,23 +201,37 @@ class Node:
     def _start_engines(
         self, tag: str, names: list[str], models: dict[str, str], progress: bool
     ) -> list[WorkerInfo]:
-        """Spawn one instance process per name and wait until every engine is built."""
+        """Spawn one instance process per name on its devices; wait until every engine is built."""
         config = self.config
-        cpu_threads = max(1, (os.cpu_count() or 1) // len(names)) if config.device == "cpu" else None
-        for index, name in enumerate(names):
+        devices = node_devices(config.device, config.devices, config.tensor_parallel_size)
+        self.layout = layout_instances(devices, names, config.tensor_parallel_size)
+        used = {device for owned in self.layout for device in owned.devices}
+        if len(used) < len(devices):
+            logger.info("devices %s are left unused", ", ".join(d for d in devices if d not in used))
+        shared = [owned for owned in self.layout if owned.sharers > 1]
+        if shared and device_type(devices[0]) == CUDA:
+            logger.warning(
+                "%d instances need %d GPUs, the node has %d: instances share GPUs and split their memory",
+                len(names),
+                len(names) * config.tensor_parallel_size,
+                len(devices),
+            )
+        for index, owned in enumerate(self.layout):
             spec = WorkerSpec(
-                name=name,
+                name=owned.name,
                 models=models,
-                device=config.device,
+                device=owned.device,
                 dtype=config.dtype,
                 engine=config.engine,
-                memory=config.memory,
+                memory=replace(config.memory, device_sharers=owned.sharers),
                 model_cache_name=self.model_cache.name,
                 kv_pool_name=self.kv_pool.name,
-                address=worker_address(tag, name),
-                cpu_threads=cpu_threads,
+                address=worker_address(tag, owned.name),
+                cpu_threads=owned.cpu_threads,
                 # One progress bar while the host cache fills: the other engines find it filled.
                 progress=progress and index == 0,
+                devices=owned.devices,
+                env=owned.env,
             )
             self.engines.append(RemoteEngine.start(spec))
         return [engine.wait_ready() for engine in self.engines]

@@ -58,7 +58,11 @@ class RemoteEngine:
         A fresh interpreter (not a fork, so no CUDA context or lock state is inherited, and not
         multiprocessing's spawn, which would re-run the user's main script) reads its spec on stdin.
         """
-        process = subprocess.Popen([sys.executable, "-m", "aegaeon.instance.worker"], stdin=subprocess.PIPE)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "aegaeon.instance.worker"],
+            stdin=subprocess.PIPE,
+            env={**os.environ, **spec.env},  # which devices it sees (aegaeon/instance/devices.py)
+        )
         process.stdin.write(pickle.dumps(spec))
         process.stdin.close()
         return cls(spec, process)

@@ -63,7 +63,7 @@ class InstanceSnapshot:
 
     name: str
     role: str
-    device: str
+    device: str  # the node's devices it owns: "cuda:3", "cuda:0,cuda:1", "cpu:0"
     address: str  # where its engine process listens
     pid: int | None
     up: bool
@@ -176,7 +176,7 @@ def _read_instance(node: Node, instance: Instance) -> InstanceSnapshot:
     return InstanceSnapshot(
         name=instance.instance_name,
         role=instance.role,
-        device=info.device if info else "",
+        device=",".join(instance.engine.spec.devices) or (info.device if info else ""),
         address=instance.engine.spec.address,
         pid=info.pid if info else None,
         up=instance.is_alive() and instance.error is None and instance.engine.alive,

@@ -42,6 +42,8 @@ class WorkerSpec:
     address: str  # the ZeroMQ endpoint the worker binds
     cpu_threads: int | None = None  # torch intra-op threads on a CPU device (None: torch's default)
     progress: bool = False
+    devices: tuple[str, ...] = ()  # the node's devices it owns ("cuda:3"); `device` is its local name
+    env: dict[str, str] = field(default_factory=dict)  # set in its process's environment (devices.py)
 
 
 @dataclass(frozen=True)
@@ -198,9 +200,11 @@ def _build(spec: WorkerSpec):
     import torch
 
     from aegaeon.engine.engine import LLMEngine
+    from aegaeon.instance.devices import bind_to_devices
     from aegaeon.memory.kv_pool import HostKVPool
     from aegaeon.memory.model_cache import HostModelCache
 
+    bind_to_devices(spec.device)  # first: the host regions are pinned in the current GPU's context
     if spec.cpu_threads is not None and torch.device(spec.device).type == "cpu":
         torch.set_num_threads(spec.cpu_threads)
     model_cache = HostModelCache.attach(spec.memory.shm_dir, spec.model_cache_name)

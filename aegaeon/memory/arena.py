@@ -57,11 +57,15 @@ class DeviceArena:
 
     @classmethod
     def for_device(cls, device: torch.device | str, config: MemoryConfig, cpu_bytes: int) -> DeviceArena:
-        """The arena of an instance: a fraction of the GPU's free memory, or `cpu_bytes` on the CPU."""
+        """The arena of an instance: a fraction of the GPU's free memory (its share of the GPU if
+        instances share it), or `cpu_bytes` on the CPU."""
         device = torch.device(device)
         if device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(device)
+            free, total = torch.cuda.mem_get_info(device)
             nbytes = int(free * config.device_memory_fraction)
+            if config.device_sharers > 1:
+                # A share of the whole GPU, not of what is free: the sharers start in any order.
+                nbytes = min(nbytes, int(total * config.device_memory_fraction / config.device_sharers))
         else:
             nbytes = config.cpu_arena_bytes or cpu_bytes
         return cls(align(nbytes), device)

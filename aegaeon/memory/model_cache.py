@@ -154,11 +154,14 @@ class HostModelCache:
         self.fills = 0
 
     @classmethod
-    def create(cls, directory: str | Path, nbytes: int, name: str | None = None) -> HostModelCache:
-        """A new, empty cache of `nbytes`; page-locked when CUDA is present."""
+    def create(
+        cls, directory: str | Path, nbytes: int, name: str | None = None, pin: bool = True
+    ) -> HostModelCache:
+        """A new, empty cache of `nbytes`; page-locked when CUDA is present, if `pin`."""
         name = name or f"aegaeon-models-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         region = SharedRegion.create(directory, name, align(nbytes))
-        region.pin()
+        if pin:
+            region.pin()
         cache = cls(region)
         descriptor = os.open(cache.index_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, SHM_FILE_MODE)
         with os.fdopen(descriptor, "w") as index_file:

@@ -211,7 +211,7 @@ class NodeServer:
                     instance_id=self.instance_id(instance.name),
                     node_id=self.node_id,
                     role=instance.role,
-                    device=snapshot.device,
+                    device=instance.device,
                     address=instance.address,
                 )
             )
