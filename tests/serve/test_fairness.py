@@ -99,7 +99,10 @@ def test_a_light_key_goes_ahead_of_a_heavy_keys_flood(served):
     async def one(client: openai.AsyncOpenAI, index: int, delay_s: float) -> str:
         await asyncio.sleep(delay_s)
         prompt = f"Request {index}: " + "tell me a story " * 75
-        return (await client.completions.create(model=MODEL, prompt=prompt, max_tokens=MAX_TOKENS)).id
+        completion = await client.completions.create(
+            model=MODEL, prompt=prompt, max_tokens=MAX_TOKENS, extra_body={"ignore_eos": True}
+        )
+        return completion.id
 
     async def flood() -> tuple[list[str], list[str]]:
         heavy = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=HEAVY_KEY, timeout=300)
