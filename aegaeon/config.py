@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 from aegaeon.instance.devices import device_type, parse_devices
@@ -167,6 +168,18 @@ DEFAULT_QMAX_MAX_S = None
 DEFAULT_KV_LOOKAHEAD_TOKENS = 64
 # A request scores "within deadline" when its paper-style time-fraction score is at least this.
 DEFAULT_ATTAINMENT_TARGET = 0.9
+# Priorities and fairness (docs/scheduling.md): a model's priority weights its share of each decode
+# round and moves its prefills ahead of lower-priority models' (never past their TTFT SLO); an API
+# key's weight is its share of each model's waiting queue. Equal weights schedule as if there were none.
+DEFAULT_PRIORITY = 1.0
+DEFAULT_KEY_WEIGHT = 1.0
+
+
+def check_weight(what: str, value: float) -> float:
+    """`value` as a float if it is a usable weight (finite, > 0); else a ValueError naming `what`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise ValueError(f"{what} must be a positive number, got {value!r}")
+    return float(value)
 
 
 @dataclass(frozen=True)
@@ -194,8 +207,12 @@ class SchedulerConfig:
     max_switch_share: float = DEFAULT_MAX_SWITCH_SHARE
     qmax_max_s: float | None = DEFAULT_QMAX_MAX_S
     kv_lookahead_tokens: int = DEFAULT_KV_LOOKAHEAD_TOKENS
+    # Per-model priorities (weights) by model name; a model not listed has DEFAULT_PRIORITY.
+    model_priorities: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
+        for model, priority in self.model_priorities:
+            check_weight(f"the priority of model {model!r}", priority)
         if self.max_group_size < 1:
             raise ValueError(f"max_group_size must be >= 1, got {self.max_group_size}")
         if self.qmax_s <= 0:
@@ -212,6 +229,10 @@ class SchedulerConfig:
     def slo(self, model: str) -> SLO:
         """The SLO of `model`."""
         return dict(self.model_slos).get(model, self.default_slo)
+
+    def priority(self, model: str) -> float:
+        """The priority (weight) of `model`."""
+        return dict(self.model_priorities).get(model, DEFAULT_PRIORITY)
 
 
 # --- latency profiles (aegaeon/instance/profiler.py, aegaeon/scheduler/predictor.py) -------------
@@ -433,10 +454,37 @@ class LivenessConfig:
 
 @dataclass(frozen=True)
 class ModelEntry:
-    """A served model: the name clients use, and a local HF directory or a hub id."""
+    """A served model: the name clients use, a local HF directory or a hub id, and its priority."""
 
     name: str
     path: str
+    priority: float = DEFAULT_PRIORITY
+
+    def __post_init__(self) -> None:
+        object.__setattr__(
+            self, "priority", check_weight(f"the priority of model {self.name!r}", self.priority)
+        )
+
+
+# An API key is named by this prefix and the start of its SHA-256 in logs, metrics and the scheduler:
+# the key itself (a secret) goes nowhere but the check of the Authorization header.
+API_KEY_ID_PREFIX = "key-"
+API_KEY_ID_HEX_DIGITS = 12
+
+
+def api_key_id(key: str) -> str:
+    """The id of an API key: `key-` and the first hex digits of its SHA-256 (not the secret)."""
+    return API_KEY_ID_PREFIX + hashlib.sha256(key.encode()).hexdigest()[:API_KEY_ID_HEX_DIGITS]
+
+
+def is_api_key_id(name: str) -> bool:
+    """Whether `name` has the form of an API key id."""
+    digits = name.removeprefix(API_KEY_ID_PREFIX)
+    return (
+        name.startswith(API_KEY_ID_PREFIX)
+        and len(digits) == API_KEY_ID_HEX_DIGITS
+        and all(c in "0123456789abcdef" for c in digits)
+    )
 
 
 @dataclass(frozen=True)
@@ -448,6 +496,9 @@ class ServeConfig:
     port: int = DEFAULT_PORT
     # Clients must send `Authorization: Bearer <key>` with one of these keys when any is set.
     api_keys: tuple[str, ...] = ()
+    # Weights of API keys by key id (`api_key_id`): a key's share of each model's waiting queue.
+    # A key not listed weighs DEFAULT_KEY_WEIGHT.
+    api_key_weights: tuple[tuple[str, float], ...] = ()
     limits: ApiLimits = ApiLimits()
     role: str = "all"
     # The metadata store shared by api servers and nodes; None keeps it in this process (role "all").
@@ -502,6 +553,10 @@ class ServeConfig:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.admin_key is not None and self.admin_key in self.api_keys:
             raise ValueError("admin_key must differ from every API key: an API key grants no admin rights")
+        for key_id, weight in self.api_key_weights:
+            if not is_api_key_id(key_id):
+                raise ValueError(f"api_key_weights: {key_id!r} is not an API key id ({API_KEY_ID_PREFIX}...)")
+            check_weight(f"the weight of API key {key_id}", weight)
 
 
 # Settings a YAML file (and the matching flags) may give, by the config record they belong to.
@@ -562,7 +617,8 @@ _SERVE_FIELD_KEYS = (
     "admin_key",
 )
 # ... and those read into other fields: the model entries, the API keys.
-_SERVE_KEYS = ("models", "api_key", "api_key_file", *_SERVE_FIELD_KEYS)
+_SERVE_KEYS = ("models", "api_key", "api_key_file", "api_key_weights", *_SERVE_FIELD_KEYS)
+_MODEL_ENTRY_KEYS = ("name", "path", "priority", *_SLO_KEYS)
 
 
 def default_model_name(path: str) -> str:
@@ -573,9 +629,11 @@ def default_model_name(path: str) -> str:
 def parse_model_entry(value: str | dict) -> tuple[ModelEntry, SLO | None]:
     """`NAME=PATH`, a path or hub id (named by its last part), or a YAML mapping with an optional SLO."""
     if isinstance(value, dict):
-        unknown = set(value) - {"name", "path", *_SLO_KEYS}
+        unknown = set(value) - set(_MODEL_ENTRY_KEYS)
         if unknown or "path" not in value:
-            raise ValueError(f"a model entry needs 'path' (and may have name, ttft_s, tbt_s); got {value}")
+            raise ValueError(
+                f"a model entry needs 'path' (and may have name, priority, ttft_s, tbt_s); got {value}"
+            )
         path = str(value["path"])
         name = str(value.get("name") or default_model_name(path))
         slo = (
@@ -583,7 +641,7 @@ def parse_model_entry(value: str | dict) -> tuple[ModelEntry, SLO | None]:
             if set(_SLO_KEYS) & set(value)
             else None
         )
-        return ModelEntry(name, path), slo
+        return ModelEntry(name, path, value.get("priority", DEFAULT_PRIORITY)), slo
     name, sep, path = str(value).partition("=")
     if not sep:
         path, name = name, default_model_name(name)
@@ -617,6 +675,9 @@ def build_serve_config(settings: dict) -> ServeConfig:
     entries = [parse_model_entry(value) for value in settings.get("models") or []]
     default_slo = SLO(**{k: float(settings[k]) for k in _SLO_KEYS if settings.get(k) is not None})
     model_slos = tuple((entry.name, slo) for entry, slo in entries if slo is not None)
+    priorities = tuple(
+        (entry.name, entry.priority) for entry, _ in entries if entry.priority != DEFAULT_PRIORITY
+    )
 
     def pick(keys: tuple[str, ...]) -> dict:
         return {k: settings[k] for k in keys if settings.get(k) is not None}
@@ -625,7 +686,12 @@ def build_serve_config(settings: dict) -> ServeConfig:
         **pick(_NODE_KEYS),
         engine=EngineConfig(**pick(_ENGINE_KEYS)),
         memory=MemoryConfig(**pick(_MEMORY_KEYS)),
-        scheduler=SchedulerConfig(default_slo=default_slo, model_slos=model_slos, **pick(_SCHEDULER_KEYS)),
+        scheduler=SchedulerConfig(
+            default_slo=default_slo,
+            model_slos=model_slos,
+            model_priorities=priorities,
+            **pick(_SCHEDULER_KEYS),
+        ),
     )
     keys = [settings["api_key"]] if settings.get("api_key") else []
     if settings.get("api_key_file"):
@@ -634,10 +700,35 @@ def build_serve_config(settings: dict) -> ServeConfig:
         models=tuple(entry for entry, _ in entries),
         node=node,
         api_keys=tuple(keys),
+        api_key_weights=key_weights(settings.get("api_key_weights") or {}, keys),
         limits=ApiLimits(**pick(_LIMIT_KEYS)),
         liveness=LivenessConfig(**{k: float(v) for k, v in pick(_LIVENESS_KEYS).items()}),
         **pick(_SERVE_FIELD_KEYS),
     )
+
+
+def key_weights(weights: object, keys: list[str]) -> tuple[tuple[str, float], ...]:
+    """`api_key_weights` (a mapping of API keys, or their ids, to weights) by key id.
+
+    A key the server holds may be named itself; it is turned into its id at once. A server without the
+    keys (a node) names them by id.
+    """
+    if not isinstance(weights, dict):
+        raise ValueError("api_key_weights must map API keys (or their ids, key-...) to weights")
+    ids = {api_key_id(key) for key in keys}
+    by_id = {}
+    for name, weight in weights.items():
+        name = str(name)
+        if name in keys:
+            name = api_key_id(name)
+        elif not is_api_key_id(name) or (keys and name not in ids):
+            # The entry may be a mistyped secret: it is not repeated in the error.
+            raise ValueError(
+                "api_key_weights names a key that is neither a configured API key nor the id of one "
+                f"({API_KEY_ID_PREFIX}..., as the server logs at start)"
+            )
+        by_id[name] = check_weight(f"the weight of API key {name}", weight)
+    return tuple(by_id.items())
 
 
 def read_api_keys(path: str) -> list[str]:

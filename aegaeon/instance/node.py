@@ -24,7 +24,14 @@ from pathlib import Path
 
 import torch
 
-from aegaeon.config import DEFAULT_ATTAINMENT_TARGET, SLO, NodeConfig, SchedulerConfig
+from aegaeon.config import (
+    DEFAULT_ATTAINMENT_TARGET,
+    DEFAULT_KEY_WEIGHT,
+    DEFAULT_PRIORITY,
+    SLO,
+    NodeConfig,
+    SchedulerConfig,
+)
 from aegaeon.engine.architecture import Architecture
 from aegaeon.engine.handoff import RequestHandoff, SequenceHandoff
 from aegaeon.engine.outputs import RequestDelta
@@ -285,13 +292,18 @@ class Node:
     # -- the live registry ---------------------------------------------------------------------------
 
     def add_model(
-        self, name: str, path: str | Path, slo: SLO | None = None, pinned: bool = False
+        self,
+        name: str,
+        path: str | Path,
+        slo: SLO | None = None,
+        pinned: bool = False,
+        priority: float = DEFAULT_PRIORITY,
     ) -> ModelFacts:
         """Serve one more model: every engine registers it, then requests for it are taken.
 
         Each engine is held while it registers the model (its checkpoint's headers are checked; its
         weights are read into the host cache when first needed, or now if `pinned`, which keeps them
-        there while this node serves it). `slo` (None: the default) steers its scheduling.
+        there while this node serves it). `slo` (None: the default) and `priority` steer its scheduling.
         """
         with self.lock:
             if name in self.models or name in self._removing:
@@ -321,6 +333,11 @@ class Node:
             if slo is not None:
                 slos = {**dict(self.config.scheduler.model_slos), name: slo}
                 self._use_scheduler(replace(self.config.scheduler, model_slos=tuple(slos.items())))
+            if priority != self.config.scheduler.priority(name):
+                priorities = {**dict(self.config.scheduler.model_priorities), name: priority}
+                self._use_scheduler(
+                    replace(self.config.scheduler, model_priorities=tuple(priorities.items()))
+                )
             self.tokenizers[name] = tokenizer
             self._spawn_with(name, str(path))
             self.models[name] = facts  # last: requests for it are taken from now on
@@ -387,18 +404,27 @@ class Node:
         request_id: str | None = None,
         output_token_ids: Mapping[int, list[int]] | None = None,
         finish_reasons: Mapping[int, str] | None = None,
+        key: str | None = None,
+        key_weight: float = DEFAULT_KEY_WEIGHT,
     ) -> str:
         """Accept a request (ValueError/KeyError on bad input, before anything is queued); its id.
 
         A request begun elsewhere (its node went silent) brings its tokens so far by choice index, and
         the choices that finished: it continues as after an instance restart, its KV recomputed.
+        `key` (the id of the API key it came with) and `key_weight` place it in its model's fair queue.
         """
         if self.error is not None:
             raise Unavailable(f"the node has failed: {self.error}")
         prepared = self.prepare_prompt(prompt, params, model)
         request_id = request_id or f"req-{next(self._ids)}"
         sched = SchedRequest(
-            request_id, prepared.model, self.now(), len(prepared.token_ids), prepared.max_tokens
+            request_id,
+            prepared.model,
+            self.now(),
+            len(prepared.token_ids),
+            prepared.max_tokens,
+            key=key,
+            key_weight=key_weight,
         )
         live = LiveRequest(sched, prepared.token_ids, params, on_output, on_error)
         live.token_ids = {index: list(ids) for index, ids in (output_token_ids or {}).items() if ids}
@@ -411,7 +437,7 @@ class Node:
         with self._work:
             if request_id in self.live:
                 raise ValueError(f"request id {request_id!r} is already in use")
-            self._admit(prepared.model)
+            self._admit(prepared.model, key, key_weight)
             self.live[request_id] = live
             if live.token_ids:
                 try:
@@ -425,18 +451,30 @@ class Node:
             self._work.notify_all()
         return request_id
 
-    def _admit(self, model: str) -> None:
-        """Refuse a request of `model` if too many of its requests wait already (under the lock)."""
+    def _admit(self, model: str, key: str | None = None, key_weight: float = DEFAULT_KEY_WEIGHT) -> None:
+        """Refuse a request of `model` if too many of its requests wait already (under the lock).
+
+        At the limit, a request whose API key holds less than its weighted share of the limit among
+        the keys waiting is still taken: one key's flood fills the queue for itself only. (The shares
+        add up to the limit, so the queue stays bounded by about twice it.)
+        """
         limit = self.config.max_waiting_per_model
-        waiting = sum(
-            1 for live in self.live.values() if live.sched.model == model and not live.sched.token_times
+        waiting = [
+            live.sched
+            for live in self.live.values()
+            if live.sched.model == model and not live.sched.token_times
+        ]
+        if len(waiting) < limit:
+            return
+        weights = {r.key: r.key_weight for r in waiting} | {key: key_weight}
+        mine = sum(1 for r in waiting if r.key == key)
+        if mine < limit * key_weight / sum(weights.values()):
+            return
+        drain_s = min(queue.waiting_work_s(self.now()) for queue in self.prefill.instances)
+        raise Overloaded(
+            f"model {model!r} has {len(waiting)} waiting to start (the limit is {limit}); retry later",
+            retry_after_s(drain_s),
         )
-        if waiting >= limit:
-            drain_s = min(queue.waiting_work_s(self.now()) for queue in self.prefill.instances)
-            raise Overloaded(
-                f"model {model!r} has {waiting} waiting to start (the limit is {limit}); retry later",
-                retry_after_s(drain_s),
-            )
 
     def shed_if_late(self, request: SchedRequest) -> bool:
         """Fail a request that waited longer than `shed_waiting_after_s` for its prefill; True if so."""

@@ -29,6 +29,13 @@ Edge cases (c = 0: nothing to amortise, the formula is 0/0 or gives zero quotas)
   S · TBT_i, so the plan reports α = S (the floor does not apply: shorter turns would buy nothing
   but more swaps).
 - c > 0 always gives α > S (the first term is positive), so α − S never vanishes.
+
+Priorities: with models of unequal priority w_i, batch i is planned as if its TBT SLO were
+TBT_i · max_j w_j / w_i, so the highest-priority batches keep their plan and the others get
+proportionally shorter turns (a smaller share of the round; the round, shorter, comes round to the
+high-priority batches sooner). The starvation bound: each batch waits c + Σ_{j≠i} q_j between its
+turns; if the weighted plan keeps a batch waiting longer than its TTFT SLO, and longer than the
+unweighted plan would, the round is planned unweighted. Equal priorities plan exactly as above.
 """
 
 from __future__ import annotations
@@ -75,13 +82,14 @@ class RoundPlan:
     batches: tuple[DecodeBatch, ...]
     quotas_s: tuple[float, ...]
     step_s: tuple[float, ...]  # d_i: predicted seconds of one decode step of batch i
-    n: tuple[float, ...]  # n_i = TBT_i / d_i: steps batch i can afford per TBT
-    tbt_s: tuple[float, ...]
+    n: tuple[float, ...]  # n_i = TBT_i / d_i: steps batch i can afford per TBT (as planned: weighted)
+    tbt_s: tuple[float, ...]  # each batch's TBT SLO
     # Batch i needs a model switch before its turn (its model differs from the previous batch's,
     # cyclically: batch 0 follows the last batch of the previous round).
     switch_before: tuple[bool, ...]
     tokens_per_round: tuple[float, ...]  # q_i / d_i: tokens each batch emits in a round (formula)
-    token_gap_s: tuple[float, ...]  # α · TBT_i: expected mean gap between batch i's tokens
+    # α · TBT_i (TBT_i as planned: weighted): expected mean gap between batch i's tokens
+    token_gap_s: tuple[float, ...]
     alpha: float
     c: float
     s: float
@@ -223,6 +231,25 @@ class DecodeInstance:
         self.batches = [b for batches in by_model.values() for b in batches]
         return self.batches
 
+    def weighted_tbt(self, batches: Sequence[DecodeBatch], tbt: list[float]) -> list[float]:
+        """The TBT each batch is planned with: its SLO's, loosened by max priority / its priority."""
+        weights = [self.config.priority(b.model) for b in batches]
+        top = max(weights)
+        # The top-priority batches keep their TBT exactly (equal priorities plan as without them).
+        return [t if w == top else t * (top / w) for t, w in zip(tbt, weights, strict=True)]
+
+    def starves(
+        self, batches: Sequence[DecodeBatch], quotas: Sequence[float], unweighted: Sequence[float], c: float
+    ) -> bool:
+        """Whether the weighted quotas keep some batch waiting for its turn past its TTFT SLO, and
+        longer than the unweighted ones would."""
+        weighted_round, unweighted_round = c + sum(quotas), c + sum(unweighted)
+        for batch, quota, plain in zip(batches, quotas, unweighted, strict=True):
+            wait = weighted_round - quota
+            if wait > self.config.slo(batch.model).ttft_s and wait > unweighted_round - plain:
+                return True
+        return False
+
     def plan_round(self, overhead_s: float = 0.0, switch_s: Mapping[str, float] | None = None) -> RoundPlan:
         """Drop finished requests, re-pack, and plan the round's turns.
 
@@ -250,7 +277,12 @@ class DecodeInstance:
             for b in batches
         ]
         tbt = [self.config.slo(b.model).tbt_s for b in batches]
-        quotas, alpha, s, n = plan_quotas(step, tbt, c, self.config)
+        planned_tbt = self.weighted_tbt(batches, tbt)
+        quotas, alpha, s, n = plan_quotas(step, planned_tbt, c, self.config)
+        if planned_tbt != tbt:
+            unweighted = plan_quotas(step, tbt, c, self.config)
+            if self.starves(batches, quotas, unweighted[0], c):
+                (quotas, alpha, s, n), planned_tbt = unweighted, tbt
         switch_before = tuple(multi_model and b.model != batches[i - 1].model for i, b in enumerate(batches))
         return RoundPlan(
             batches=tuple(batches),
@@ -260,7 +292,7 @@ class DecodeInstance:
             tbt_s=tuple(tbt),
             switch_before=switch_before,
             tokens_per_round=tuple(q / d for q, d in zip(quotas, step, strict=True)),
-            token_gap_s=tuple(alpha * t for t in tbt),
+            token_gap_s=tuple(alpha * t for t in planned_tbt),
             alpha=alpha,
             c=c,
             s=s,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from aegaeon.config import DEFAULT_KEY_WEIGHT, check_weight
+
 
 @dataclass(eq=False)
 class SchedRequest:
@@ -20,8 +22,13 @@ class SchedRequest:
     token_times: list[float] = field(default_factory=list)
     finished_s: float | None = None
     failed: bool = False
+    # The API key the request came with, by id (never the key itself; None: no keys are configured),
+    # and its weight: the key's share of the model's waiting queue (fair_queue.py).
+    key: str | None = None
+    key_weight: float = DEFAULT_KEY_WEIGHT
 
     def __post_init__(self) -> None:
+        self.key_weight = check_weight("key_weight", self.key_weight)
         if self.prompt_len < 1:
             raise ValueError(f"prompt_len must be >= 1, got {self.prompt_len}")
         if self.max_tokens < 1:

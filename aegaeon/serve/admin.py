@@ -12,8 +12,9 @@ from http import HTTPStatus
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
+from aegaeon.config import DEFAULT_PRIORITY
 from aegaeon.serve.backend import Backend
 from aegaeon.serve.error_handlers import GuardedRoute
 from aegaeon.serve.guards import bearer_auth
@@ -30,7 +31,8 @@ class AddModelRequest(BaseModel):
     path: str = Field(min_length=1)
     ttft_s: float | None = Field(default=None, gt=0)  # SLO targets; None: the node's default
     tbt_s: float | None = Field(default=None, gt=0)
-    priority: StrictInt = 0  # recorded and listed; the scheduler does not use it yet
+    # A weight: the model's share of decode rounds and its place in prefill order (docs/scheduling.md).
+    priority: float = Field(default=DEFAULT_PRIORITY, gt=0, allow_inf_nan=False, strict=True)
     pinned: StrictBool = False  # kept in every node's host model cache while registered
 
 

@@ -8,7 +8,7 @@ streaming.py (SSE bodies from a request's outputs).
 from __future__ import annotations
 
 import importlib.metadata
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI
@@ -27,8 +27,11 @@ def build_app(
     api_keys: Sequence[str] = (),
     limits: ApiLimits | None = None,
     admin_key: str | None = None,
+    api_key_weights: Mapping[str, float] | None = None,
 ) -> FastAPI:
     """The API app; with `api_keys`, every /v1 route and /tokenize, /detokenize need `Bearer KEY`.
+
+    `api_key_weights` (by key id) weighs each key's share of a model's waiting queue (default 1).
 
     `limits` (default `ApiLimits()`) bounds each request: body bytes, `n`, prompt and output tokens.
     With `admin_key`, the admin routes (admin.py) are served, to holders of that key only.
@@ -42,7 +45,7 @@ def build_app(
     install_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
     app.router.route_class = GuardedRoute
-    serving = Routes(backend, limits)
+    serving = Routes(backend, limits, api_key_weights or {})
     auth = [Depends(bearer_auth(api_keys))] if api_keys else []
     rate = (
         [Depends(rate_limit(RateLimiter(limits.requests_per_minute)))] if limits.requests_per_minute else []

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Protocol
 import zmq
 import zmq.asyncio
 
-from aegaeon.config import LivenessConfig
+from aegaeon.config import DEFAULT_KEY_WEIGHT, LivenessConfig
 from aegaeon.errors import Draining, InvalidRequest, ModelNotFound, Unavailable
 from aegaeon.serve.keys import ClusterKeys
 from aegaeon.serve.metadata import (
@@ -139,9 +139,19 @@ class Backend(Protocol):
     async def health(self) -> Health: ...
 
     async def generate(
-        self, model: str, prompt_token_ids: list[int], params: SamplingParams, request_id: str
+        self,
+        model: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        request_id: str,
+        key: str | None = None,
+        key_weight: float = DEFAULT_KEY_WEIGHT,
     ) -> RequestStream:
-        """Submit a request; its output stream once it is accepted. A refusal raises an AegaeonError."""
+        """Submit a request; its output stream once it is accepted. A refusal raises an AegaeonError.
+
+        `key`: the id of the API key it came with (None: none), `key_weight` that key's share of the
+        model's waiting queue.
+        """
         ...
 
     def close(self) -> None:
@@ -218,6 +228,8 @@ class _InFlight:
     token_ids: dict[int, list[int]] = field(default_factory=dict)
     finish_reasons: dict[int, str] = field(default_factory=dict)
     moving: bool = False  # being handed to another node
+    key: str | None = None  # the id of its API key, and that key's weight in fair sharing
+    key_weight: float = DEFAULT_KEY_WEIGHT
 
 
 class _NodeLink:
@@ -383,7 +395,13 @@ class ClusterBackend:
             raise InvalidRequest(f"a model called {record.name!r} is registered already", param="name")
         await asyncio.to_thread(self.store.put_model, record)
         message = lambda: AddModel(  # noqa: E731 - one command id per node
-            uuid.uuid4().hex, record.name, record.path, record.ttft_s, record.tbt_s, record.pinned
+            uuid.uuid4().hex,
+            record.name,
+            record.path,
+            record.ttft_s,
+            record.tbt_s,
+            record.pinned,
+            record.priority,
         )
         nodes = await asyncio.to_thread(self._live_node_ids)
         errors = await self._on_nodes(sorted(nodes), message, ADD_MODEL_TIMEOUT_S)
@@ -465,7 +483,13 @@ class ClusterBackend:
     # -- generation --------------------------------------------------------------------------------------
 
     async def generate(
-        self, model: str, prompt_token_ids: list[int], params: SamplingParams, request_id: str
+        self,
+        model: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        request_id: str,
+        key: str | None = None,
+        key_weight: float = DEFAULT_KEY_WEIGHT,
     ) -> RequestStream:
         """Route a request to a node, submit it, and return its output stream once the node accepted it.
 
@@ -477,7 +501,7 @@ class ClusterBackend:
         while True:
             try:
                 return await self._generate_on_some_node(
-                    model, prompt_token_ids, params, request_id, refused_by
+                    model, prompt_token_ids, params, request_id, refused_by, key, key_weight
                 )
             except Draining:  # that node (now in refused_by) is shutting down: another one may take it
                 if len(refused_by) > MAX_DRAINING_RETRIES:
@@ -490,6 +514,8 @@ class ClusterBackend:
         params: SamplingParams,
         request_id: str,
         avoid: set[str],
+        key: str | None = None,
+        key_weight: float = DEFAULT_KEY_WEIGHT,
     ) -> RequestStream:
         loop = asyncio.get_running_loop()
         node_id = await self._pick_node(model, avoid)
@@ -503,12 +529,21 @@ class ClusterBackend:
         )
         await asyncio.to_thread(self.store.put_request, record)
         flight = _InFlight(
-            node_id, model, list(prompt_token_ids), params, asyncio.Queue(), loop.create_future()
+            node_id,
+            model,
+            list(prompt_token_ids),
+            params,
+            asyncio.Queue(),
+            loop.create_future(),
+            key=key,
+            key_weight=key_weight,
         )
         self._in_flight[request_id] = flight
         self._watch()
         try:
-            await link.send(Submit(request_id, model, list(prompt_token_ids), params))
+            await link.send(
+                Submit(request_id, model, list(prompt_token_ids), params, key=key, key_weight=key_weight)
+            )
             answer = await asyncio.wait_for(flight.accepted, ACCEPT_TIMEOUT_S)
         except TimeoutError:
             self._in_flight.pop(request_id, None)
@@ -605,6 +640,7 @@ class ClusterBackend:
                 "request_id": request_id,
                 "model": flight.model,
                 "node_id": flight.node_id,
+                **({"api_key_id": flight.key} if flight.key else {}),
                 "outcome": outcome,
                 "seconds": seconds,
                 **fields,
@@ -665,6 +701,8 @@ class ClusterBackend:
                     flight.params,
                     {index: list(ids) for index, ids in flight.token_ids.items()},
                     dict(flight.finish_reasons),
+                    key=flight.key,
+                    key_weight=flight.key_weight,
                 )
             )
             answer = await asyncio.wait_for(flight.accepted, ACCEPT_TIMEOUT_S)

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
 
+from aegaeon.config import DEFAULT_KEY_WEIGHT
 from aegaeon.errors import InvalidRequest, Unavailable
 from aegaeon.serve.backend import Health, Location, ModelInfo, RequestStream, model_not_found
 from aegaeon.serve.metadata import ModelRecord
@@ -108,9 +109,18 @@ class EngineBackend:
         return Health(True, None, len(self._streams))
 
     async def generate(
-        self, model: str, prompt_token_ids: list[int], params: SamplingParams, request_id: str
+        self,
+        model: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        request_id: str,
+        key: str | None = None,
+        key_weight: float = DEFAULT_KEY_WEIGHT,
     ) -> RequestStream:
-        """Queue the request on the engine; its checks (prompt, model) raise here, before any output."""
+        """Queue the request on the engine; its checks (prompt, model) raise here, before any output.
+
+        One engine batches every request it holds: the API key (`key`, `key_weight`) changes nothing.
+        """
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
 

@@ -10,6 +10,7 @@ from fastapi import Request
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from aegaeon.config import api_key_id
 from aegaeon.errors import RateLimited, RequestTooLarge, Unauthorized
 from aegaeon.serve.errors import error_response
 from aegaeon.serve.rate_limit import RateLimiter
@@ -34,6 +35,7 @@ def bearer_auth(
     api_keys: Sequence[str], what: str = "API key"
 ) -> Callable[[Request], Coroutine[Any, Any, None]]:
     expected = [f"Bearer {key}".encode() for key in api_keys]
+    ids = [api_key_id(key) for key in api_keys]
 
     async def require_key(request: Request) -> None:
         given = request.headers.get("authorization", "").encode()
@@ -41,6 +43,8 @@ def bearer_auth(
         matches = [hmac.compare_digest(given, key) for key in expected]
         if not any(matches):
             raise Unauthorized(f"invalid or missing {what}: send the header 'Authorization: Bearer <key>'")
+        # The routes know the client by its key's id (fair sharing, logs), never by the key itself.
+        request.state.api_key_id = ids[matches.index(True)]
 
     return require_key
 

@@ -14,8 +14,9 @@ import shlex
 import signal
 import socket
 import threading
+from collections.abc import Sequence
 
-from aegaeon.config import MIB, ServeConfig
+from aegaeon.config import MIB, ServeConfig, api_key_id
 from aegaeon.instance.node import Node
 from aegaeon.logs import configure_logging
 from aegaeon.serve.dashboard import ObservabilityServer, observability_router
@@ -67,8 +68,11 @@ def node_summary(node: Node, node_id: str, address: str) -> list[str]:
     return lines
 
 
-def api_summary(url: str, model: str | None, api_key: str | None) -> list[str]:
+def api_summary(url: str, model: str | None, api_key: str | None, keys: Sequence[str] = ()) -> list[str]:
     lines = [f"  OpenAI API at {url}/v1   (models: {url}/v1/models)"]
+    if keys:
+        # Ids, not keys: what api_key_weights, the logs and the scheduler name a key by.
+        lines.append(f"  API key ids: {', '.join(api_key_id(key) for key in keys)}")
     if model is not None:
         lines.append(f"  try:  {example_curl(url, model, api_key)}")
     return lines
@@ -129,7 +133,13 @@ def _http(config: ServeConfig, store: MetadataStore, keys: ClusterKeys | None):
 
     port = config.port or free_port(config.host)
     backend = ClusterBackend(store, keys=keys, liveness=config.liveness)
-    app = build_app(backend, api_keys=config.api_keys, limits=config.limits, admin_key=config.admin_key)
+    app = build_app(
+        backend,
+        api_keys=config.api_keys,
+        limits=config.limits,
+        admin_key=config.admin_key,
+        api_key_weights=dict(config.api_key_weights),
+    )
     return backend, app, f"http://{config.host}:{port}", port
 
 
@@ -149,7 +159,7 @@ def _run_all(config: ServeConfig, store: MetadataStore, keys: ClusterKeys | None
         lines.append(f"  dashboard at {url}/dashboard   Prometheus metrics at {url}/metrics")
         first_model = config.models[0].name
         print(
-            "\n".join([*lines, *api_summary(url, first_model, _first(config.api_keys))]),
+            "\n".join([*lines, *api_summary(url, first_model, _first(config.api_keys), config.api_keys)]),
             flush=True,
         )
         # uvicorn re-raises SIGTERM/SIGINT once it has shut down: release the node before that.
@@ -172,7 +182,12 @@ def _run_api(config: ServeConfig, store: MetadataStore, keys: ClusterKeys | None
     lines = [f"aegaeon api server {backend.api_server_id} (metadata in {config.redis_url})"]
     lines.append(f"  models of the live nodes now: {', '.join(models) or 'none yet'}")
     print(
-        "\n".join([*lines, *api_summary(url, models[0] if models else None, _first(config.api_keys))]),
+        "\n".join(
+            [
+                *lines,
+                *api_summary(url, models[0] if models else None, _first(config.api_keys), config.api_keys),
+            ]
+        ),
         flush=True,
     )
     serve_http(app, config.host, port, on_shutdown=backend.close, drain_timeout_s=config.drain_timeout_s)

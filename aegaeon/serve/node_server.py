@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
-from aegaeon.config import DEFAULT_HEARTBEAT_INTERVAL_S, SLO
+from aegaeon.config import DEFAULT_HEARTBEAT_INTERVAL_S, DEFAULT_PRIORITY, SLO
 from aegaeon.engine.outputs import RequestDelta
 from aegaeon.instance.admission import Draining
 from aegaeon.instance.node import Node
@@ -190,7 +190,8 @@ class NodeServer:
     def _register(self) -> None:
         snapshot = self.node.snapshot()
         self._publish()
-        slos = dict(self.node.config.scheduler.model_slos)
+        scheduler = self.node.config.scheduler
+        slos = dict(scheduler.model_slos)
         for model in snapshot.models:  # the configured models are the initial registry
             slo = slos.get(model.name)
             self.store.add_model_if_absent(
@@ -199,6 +200,7 @@ class NodeServer:
                     model.model_dir,
                     ttft_s=slo.ttft_s if slo else None,
                     tbt_s=slo.tbt_s if slo else None,
+                    priority=scheduler.priority(model.name),
                     source=FROM_CONFIG,
                 )
             )
@@ -262,12 +264,20 @@ class NodeServer:
                 and record.name not in self.node.models
             ):
                 try:
-                    self._add_model(record.name, record.path, record.ttft_s, record.tbt_s, record.pinned)
+                    self._add_model(
+                        record.name, record.path, record.ttft_s, record.tbt_s, record.pinned, record.priority
+                    )
                 except Exception as error:  # noqa: BLE001 - one model that fails to load must not stop the node
                     logger.warning("could not serve registered model %s: %s", record.name, error)
 
     def _add_model(
-        self, name: str, path: str, ttft_s: float | None, tbt_s: float | None, pinned: bool
+        self,
+        name: str,
+        path: str,
+        ttft_s: float | None,
+        tbt_s: float | None,
+        pinned: bool,
+        priority: float = DEFAULT_PRIORITY,
     ) -> None:
         """Serve `name` here; its SLO targets not given are the node's defaults."""
         default = self.node.config.scheduler.default_slo
@@ -280,7 +290,7 @@ class NodeServer:
             self._loading.add(name)
         self._publish()
         try:
-            self.node.add_model(name, path, slo, pinned)
+            self.node.add_model(name, path, slo, pinned, priority)
         finally:
             with self._registry_lock:
                 self._loading.discard(name)
@@ -299,7 +309,14 @@ class NodeServer:
         error = None
         try:
             if isinstance(message, AddModel):
-                self._add_model(message.name, message.path, message.ttft_s, message.tbt_s, message.pinned)
+                self._add_model(
+                    message.name,
+                    message.path,
+                    message.ttft_s,
+                    message.tbt_s,
+                    message.pinned,
+                    message.priority,
+                )
             else:
                 self._remove_model(message.name, message.timeout_s)
         except Exception as exc:  # noqa: BLE001 - sent to the api server, which answers the admin with it
@@ -384,6 +401,8 @@ class NodeServer:
                 request_id=request_id,
                 output_token_ids=message.output_token_ids,
                 finish_reasons=message.finish_reasons,
+                key=message.key,
+                key_weight=message.key_weight,
             )
         except (ValueError, KeyError, RuntimeError) as error:
             del self._senders[request_id]

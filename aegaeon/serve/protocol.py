@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from aegaeon.config import DEFAULT_PRIORITY
 from aegaeon.engine.sampling_params import MAX_LOGPROBS, GrammarSpec, SamplingParams
 from aegaeon.errors import InvalidRequest
 
@@ -656,12 +657,12 @@ class ModelLocation(BaseModel):
 
 
 class ModelSettings(BaseModel):
-    """A registered model's path and settings (`priority` is recorded, not yet used in scheduling)."""
+    """A registered model's path and settings."""
 
     path: str
     ttft_s: float | None = None
     tbt_s: float | None = None
-    priority: int = 0
+    priority: float = DEFAULT_PRIORITY
     pinned: bool = False
 
 

@@ -11,7 +11,7 @@ Tokenizing and chat templating run in worker threads, so a long prompt holds up 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import asdict, replace
 from http import HTTPStatus
 from typing import Any
@@ -20,7 +20,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 from jinja2 import TemplateError
 
-from aegaeon.config import ApiLimits
+from aegaeon.config import DEFAULT_KEY_WEIGHT, ApiLimits
 from aegaeon.engine.grammar import check_grammar
 from aegaeon.engine.sampler import TokenLogprobs
 from aegaeon.engine.sampling_params import SamplingParams
@@ -79,9 +79,11 @@ CHAT_ID_PREFIX = "chatcmpl"
 class Routes:
     """The route handlers; they talk to the backend only."""
 
-    def __init__(self, backend: Backend, limits: ApiLimits):
+    def __init__(self, backend: Backend, limits: ApiLimits, key_weights: Mapping[str, float] | None = None):
         self.backend = backend
         self.limits = limits
+        # Each API key's share of a model's waiting queue, by key id.
+        self.key_weights = dict(key_weights or {})
 
     # models, health, tokenizer tools
 
@@ -150,7 +152,14 @@ class Routes:
         try:
             for prompt_ids in prompts:
                 live = await self._submit(
-                    info, tokenizer, prompt_ids, params, COMPLETION_ID_PREFIX, body.include_usage, "prompt"
+                    info,
+                    tokenizer,
+                    prompt_ids,
+                    params,
+                    COMPLETION_ID_PREFIX,
+                    body.include_usage,
+                    "prompt",
+                    _key_id(request),
                 )
                 live.drop_output = body.max_tokens == 0
                 lives.append(live)
@@ -229,7 +238,14 @@ class Routes:
             tokenizer, body.template_messages(), True, body.template_tools()
         )
         live = await self._submit(
-            info, tokenizer, prompt_ids, params, CHAT_ID_PREFIX, body.include_usage, "messages"
+            info,
+            tokenizer,
+            prompt_ids,
+            params,
+            CHAT_ID_PREFIX,
+            body.include_usage,
+            "messages",
+            _key_id(request),
         )
         if body.stream:
             return streaming_response(self._chat_chunks(live, body.logprobs, parser, body.continuous_usage))
@@ -396,8 +412,12 @@ class Routes:
         id_prefix: str,
         include_usage: bool,
         param: str,
+        key: str | None = None,
     ) -> LiveRequest:
-        """Check the prompt against the model and submit it; every failure here is a clean error."""
+        """Check the prompt against the model and submit it; every failure here is a clean error.
+
+        `key`: the id of the API key it came with (None: the server needs none).
+        """
         if not prompt_ids:
             raise InvalidRequest(f"the {param} is empty", param=param)
         most = self.limits.max_prompt_tokens
@@ -415,10 +435,18 @@ class Routes:
                 param=param,
             )
         request_id = new_id(id_prefix)
-        stream = await self.backend.generate(info.name, prompt_ids, params, request_id)
+        weight = self.key_weights.get(key, DEFAULT_KEY_WEIGHT) if key else DEFAULT_KEY_WEIGHT
+        stream = await self.backend.generate(
+            info.name, prompt_ids, params, request_id, key=key, key_weight=weight
+        )
         return LiveRequest(
             request_id, info.name, now_s(), len(prompt_ids), params.n, include_usage, tokenizer, stream
         )
+
+
+def _key_id(request: Request) -> str | None:
+    """The id of the API key the request was authenticated with (None: no keys are configured)."""
+    return getattr(request.state, "api_key_id", None)
 
 
 def model_card(info: ModelInfo) -> ModelCard:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import msgspec
 
 from aegaeon import errors
+from aegaeon.config import DEFAULT_KEY_WEIGHT, DEFAULT_PRIORITY
 from aegaeon.engine.outputs import RequestDelta
 from aegaeon.engine.sampling_params import SamplingParams
 
@@ -28,6 +29,9 @@ class Submit(msgspec.Struct, tag=True, frozen=True):
     # By choice index: the tokens the client has already received, and the choices that finished.
     output_token_ids: dict[int, list[int]] = msgspec.field(default_factory=dict)
     finish_reasons: dict[int, str] = msgspec.field(default_factory=dict)
+    # The id of the API key it came with (None: no keys) and that key's weight in fair sharing.
+    key: str | None = None
+    key_weight: float = DEFAULT_KEY_WEIGHT
 
 
 class Abort(msgspec.Struct, tag=True, frozen=True):
@@ -43,6 +47,7 @@ class AddModel(msgspec.Struct, tag=True, frozen=True):
     ttft_s: float | None = None
     tbt_s: float | None = None
     pinned: bool = False
+    priority: float = DEFAULT_PRIORITY
 
 
 class RemoveModel(msgspec.Struct, tag=True, frozen=True):

@@ -6,6 +6,8 @@ import enum
 import time
 from dataclasses import dataclass, field, fields
 
+from aegaeon.config import DEFAULT_PRIORITY
+
 # An instance silent this long is dropped from the registry (liveness itself is `alive_within_s`).
 DEFAULT_INSTANCE_TTL_S = 300.0
 # The liveness window `pick_node` uses: a few missed heartbeats of a node beating every second or two.
@@ -103,15 +105,16 @@ FROM_ADMIN = "admin"
 class ModelRecord:
     """A model of the live registry: where its weights are and how it is served.
 
-    `ttft_s` / `tbt_s` (None: the node's default SLO) steer scheduling; `priority` is recorded for
-    operators and not yet used by the scheduler; `pinned` keeps it in every node's host model cache.
+    `ttft_s` / `tbt_s` (None: the node's default SLO) and `priority` (a weight: its share of decode
+    rounds and its place in prefill order) steer scheduling; `pinned` keeps it in every node's host
+    model cache.
     """
 
     name: str
     path: str
     ttft_s: float | None = None
     tbt_s: float | None = None
-    priority: int = 0
+    priority: float = DEFAULT_PRIORITY
     pinned: bool = False
     state: str = MODEL_ACTIVE  # MODEL_ACTIVE | MODEL_DRAINING
     source: str = FROM_ADMIN  # FROM_ADMIN | FROM_CONFIG
