@@ -1,6 +1,7 @@
 """KV moves between the device and the host KV pool, and what each move holds until it completes.
 
-A move is a batch of block copies ending in an event. The blocks it reads stay allocated until it
+A move is a batch of block copies ending in an event: all the blocks of the sequences swapped
+together, one copy per run of blocks consecutive on both sides. The blocks it reads stay allocated until it
 completes (a swap-out's device blocks, a swap-in's host blocks); a sequence whose KV is still
 arriving is run only once it has landed.
 """
@@ -12,7 +13,7 @@ from collections.abc import Callable
 from aegaeon.engine.residency import ServedModel
 from aegaeon.engine.sequence import Sequence
 from aegaeon.memory.copies import Copy, CopyStream
-from aegaeon.memory.kv_pool import HostKVPool, HostKVPoolFullError
+from aegaeon.memory.kv_pool import HostKVPool
 
 
 class KVMover:
@@ -24,51 +25,73 @@ class KVMover:
         # KV copies not yet known complete, with what to release once they are.
         self._moves: list[tuple[Copy, Callable[[], None]]] = []
 
-    def swap_out(self, served: ServedModel, seq: Sequence) -> bool:
-        """Start copying a running sequence's KV to the host pool; its device blocks free on completion.
+    def swap_out(self, served: ServedModel, seqs: list[Sequence]) -> list[bool]:
+        """Start copying running sequences' KV to the host pool, all in one move; their device blocks
+        free once it completes.
 
-        When the pool cannot hold it now, the KV is dropped instead (a preemption by recompute): the
-        sequence waits swapped out without host blocks and is prefilled again from its prompt and
-        output so far when swapped in, which under greedy decoding continues exactly. A full pool is
-        momentary back-pressure, never a failure. True if the KV was kept.
+        A sequence whose KV the pool cannot hold now is dropped instead (a preemption by recompute):
+        it waits swapped out without host blocks and is prefilled again from its prompt and output so
+        far when swapped in, which under greedy decoding continues exactly. A full pool is momentary
+        back-pressure, never a failure. Per sequence: True if its KV was kept.
         """
         if self.kv_pool is None:
             raise RuntimeError("this engine has no host KV pool to swap to (pass kv_pool=...)")
-        if seq.kv_arrival is not None:
-            seq.kv_arrival.wait()
-            seq.kv_arrival = None
+        for seq in seqs:
+            if seq.kv_arrival is not None:
+                seq.kv_arrival.wait()
+                seq.kv_arrival = None
         self.reap()  # completed swap-ins give their host blocks back first
-        try:
-            handles = self.kv_pool.allocate(served.kv_shape, len(seq.block_table))
-        except HostKVPoolFullError:
-            served.batcher.drop(seq)
-            return False
-        copy = self.kv_pool.copy_from_device(self.copies, handles, served.runner.kv_cache, seq.block_table)
-        blocks = served.batcher.swap_out(seq)
-        seq.host_blocks = handles
-        # The device blocks are reused only once the copy that reads them has completed.
-        self._moves.append((copy, lambda: served.batcher.allocator.free(blocks)))
-        return True
+        allocated = self.kv_pool.allocate_each(served.kv_shape, [len(seq.block_table) for seq in seqs])
+        kept = [
+            (seq, host_blocks)
+            for seq, host_blocks in zip(seqs, allocated, strict=True)
+            if host_blocks is not None
+        ]
+        if kept:
+            handles = [handle for _, host_blocks in kept for handle in host_blocks]
+            blocks = [block for seq, _ in kept for block in seq.block_table]
+            copy = self.kv_pool.copy_from_device(self.copies, handles, served.runner.kv_cache, blocks)
+            for seq, host_blocks in kept:
+                served.batcher.swap_out(seq)
+                seq.host_blocks = host_blocks
+            # The device blocks are reused only once the copy that reads them has completed.
+            self._moves.append((copy, lambda: served.batcher.allocator.free(blocks)))
+        for seq, host_blocks in zip(seqs, allocated, strict=True):
+            if host_blocks is None:
+                served.batcher.drop(seq)
+        return [host_blocks is not None for host_blocks in allocated]
 
-    def swap_in(self, served: ServedModel, seq: Sequence) -> bool:
-        """Bring a swapped-out sequence back: start copying its KV in (a step runs it once
-        `kv_arrival` is done), or, if its KV was dropped, queue it to be recomputed. False if the
-        device has no blocks for it now: it stays swapped out and waits."""
+    def swap_in(self, served: ServedModel, seqs: list[Sequence]) -> list[bool]:
+        """Bring swapped-out sequences back, in order: the KV of those that kept it starts moving in,
+        all in one move (a step runs each once `kv_arrival` is done); those whose KV was dropped are
+        queued to be recomputed. Per sequence: False if the device has no blocks for it now (it stays
+        swapped out and waits)."""
         self.reap()
-        if not seq.host_blocks:
-            served.batcher.requeue(seq)
-            return True
         allocator = served.batcher.allocator
-        if len(seq.host_blocks) > allocator.num_free:
+        if sum(len(seq.host_blocks) for seq in seqs) > allocator.num_free:
             self.finish()  # swap-outs still copying hold device blocks until they complete
-            if len(seq.host_blocks) > allocator.num_free:
-                return False
-        blocks = served.batcher.swap_in(seq)
-        copy = self.kv_pool.copy_to_device(self.copies, seq.host_blocks, served.runner.kv_cache, blocks)
-        host_blocks, seq.host_blocks = seq.host_blocks, []
-        seq.kv_arrival = copy
-        self._moves.append((copy, lambda: self.kv_pool.free(host_blocks)))
-        return True
+        placed: list[bool] = []
+        moving: list[Sequence] = []
+        handles: list[int] = []
+        blocks: list[int] = []
+        for seq in seqs:
+            if not seq.host_blocks:
+                served.batcher.requeue(seq)
+            elif len(seq.host_blocks) > allocator.num_free:
+                placed.append(False)
+                continue
+            else:
+                handles += seq.host_blocks
+                blocks += served.batcher.swap_in(seq)
+                seq.host_blocks = []
+                moving.append(seq)
+            placed.append(True)
+        if handles:
+            copy = self.kv_pool.copy_to_device(self.copies, handles, served.runner.kv_cache, blocks)
+            for seq in moving:
+                seq.kv_arrival = copy
+            self._moves.append((copy, lambda: self.kv_pool.free(handles)))
+        return placed
 
     def evict(self, served: ServedModel) -> None:
         """Take every running sequence of `served` off the device and wait for all moves.
@@ -77,10 +100,10 @@ class KVMover:
         with no pool preempted (recomputed later); the moves must finish because the KV region is
         about to be read with another block shape.
         """
-        for seq in list(served.batcher.running):
-            if self.kv_pool is not None:
-                self.swap_out(served, seq)
-            else:
+        if self.kv_pool is not None:
+            self.swap_out(served, list(served.batcher.running))
+        else:
+            for seq in list(served.batcher.running):
                 served.batcher.preempt(seq)
         self.finish()
 

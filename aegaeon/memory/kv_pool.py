@@ -45,10 +45,11 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import itertools
 import math
 import os
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -282,28 +283,49 @@ class HostKVPool:
         if count < 0:
             raise ValueError(f"cannot allocate {count} blocks")
         self._check_fits(shape)
+        with self._locked():
+            handles = self._allocate(shape, count)
+            if handles is None:
+                raise HostKVPoolFullError(self._full_message(shape, count))
+            return handles
+
+    def allocate_each(self, shape: KVShape, counts: Sequence[int]) -> list[list[int] | None]:
+        """`counts[i]` blocks of `shape` for each i, under one lock: as `allocate` once per count in
+        order, but None (instead of HostKVPoolFullError) for a count the pool cannot hold after those
+        before it."""
+        if any(count < 0 for count in counts):
+            raise ValueError(f"cannot allocate {min(counts)} blocks")
+        self._check_fits(shape)
+        with self._locked():
+            total = sum(counts)
+            together = self._allocate(shape, total)
+            if together is not None:  # the usual case: all fit, taken in one pass over the slabs
+                bounds = list(itertools.accumulate(counts, initial=0))
+                return [together[start:end] for start, end in itertools.pairwise(bounds)]
+            return [self._allocate(shape, count) for count in counts]
+
+    def _allocate(self, shape: KVShape, count: int) -> list[int] | None:
+        """`count` blocks of `shape` (fullest slab first), or None if they do not fit. The lock is held."""
         if count == 0:
             return []
         blocks_per_slab = self.slab_bytes // shape.block_bytes
-        with self._locked():
-            table = self._table
-            slabs = self._shape_slabs(shape)
-            free_slabs = np.flatnonzero(table[:, _KEY] == 0)
-            free_in_shape = int((table[slabs, _BLOCKS] - table[slabs, _USED]).sum())
-            if count > free_in_shape + len(free_slabs) * blocks_per_slab:
-                message = self._full_message(shape, count, slabs, free_in_shape, len(free_slabs))
-                raise HostKVPoolFullError(message)
-            # Fullest slab first (ties: lowest index), then free slabs in order.
-            partial = slabs[table[slabs, _USED] < table[slabs, _BLOCKS]]
-            order = partial[np.argsort(-table[partial, _USED], kind="stable")]
-            handles: list[int] = []
-            for slab in [*order.tolist(), *free_slabs.tolist()]:
-                if len(handles) == count:
-                    break
-                if table[slab, _KEY] == 0:
-                    self._assign(slab, shape, blocks_per_slab)
-                handles += self._take(slab, count - len(handles), shape.block_bytes)
-            return handles
+        table = self._table
+        slabs = self._shape_slabs(shape)
+        free_slabs = np.flatnonzero(table[:, _KEY] == 0)
+        free_in_shape = int((table[slabs, _BLOCKS] - table[slabs, _USED]).sum())
+        if count > free_in_shape + len(free_slabs) * blocks_per_slab:
+            return None
+        # Fullest slab first (ties: lowest index), then free slabs in order.
+        partial = slabs[table[slabs, _USED] < table[slabs, _BLOCKS]]
+        order = partial[np.argsort(-table[partial, _USED], kind="stable")]
+        handles: list[int] = []
+        for slab in [*order.tolist(), *free_slabs.tolist()]:
+            if len(handles) == count:
+                break
+            if table[slab, _KEY] == 0:
+                self._assign(slab, shape, blocks_per_slab)
+            handles += self._take(slab, count - len(handles), shape.block_bytes)
+        return handles
 
     def _assign(self, slab: int, shape: KVShape, blocks: int) -> None:
         self._table[slab] = (
@@ -334,10 +356,12 @@ class HostKVPool:
         base = self._data_offset + slab * self.slab_bytes
         return (base + blocks * block_bytes).tolist()
 
-    def _full_message(
-        self, shape: KVShape, count: int, slabs: np.ndarray, free_in_shape: int, free_slabs: int
-    ) -> str:
+    def _full_message(self, shape: KVShape, count: int) -> str:
+        """Why `count` blocks of `shape` do not fit. The lock is held."""
         blocks_per_slab = self.slab_bytes // shape.block_bytes
+        slabs = self._shape_slabs(shape)
+        free_in_shape = int((self._table[slabs, _BLOCKS] - self._table[slabs, _USED]).sum())
+        free_slabs = int((self._table[:, _KEY] == 0).sum())
         return (
             f"the host KV pool {self.path} cannot hold {count} blocks of shape {shape} "
             f"({count * shape.block_bytes} bytes): that shape's {len(slabs)} slabs have {free_in_shape} free "
