@@ -44,6 +44,7 @@ had half done stays half done; `validate()` recounts everything and says what is
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import itertools
 import math
@@ -129,6 +130,17 @@ class KVShape:
 
     def __str__(self) -> str:
         return f"[{self.layers}, 2, {BLOCK_SIZE}, {self.kv_heads}, {self.head_dim}] {self.dtype}"
+
+
+def _has_repeats(values: np.ndarray) -> bool:
+    """Whether a value appears twice (a sort: numpy's hashing `unique` is slower at these sizes)."""
+    return bool((np.diff(np.sort(values)) == 0).any())
+
+
+@functools.cache
+def _kv_shape(layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> KVShape:
+    """The KVShape of a device KV region's blocks (made once per shape: each move asks)."""
+    return KVShape(layers, kv_heads, head_dim, dtype)
 
 
 @dataclass(frozen=True)
@@ -395,7 +407,7 @@ class HostKVPool:
         frees nothing.
         """
         handles = np.fromiter(handles, dtype=np.int64)
-        if len(np.unique(handles)) != len(handles):
+        if _has_repeats(handles):
             raise ValueError("the same block handle appears twice in one free()")
         with self._locked():
             slabs, blocks = self._locate_all(handles)
@@ -428,25 +440,27 @@ class HostKVPool:
 
     def _move_plan(
         self, handles: list[int], kv: torch.Tensor, blocks: list[int]
-    ) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
-        """The device KV region's bytes and the runs pairing its `blocks` with the pool's `handles`."""
+    ) -> tuple[torch.Tensor, np.ndarray]:
+        """The device KV region's bytes and the runs pairing its `blocks` with the pool's `handles`
+        (rows of pool offset, device offset, bytes)."""
         if kv.dim() != 6 or kv.shape[2:4] != (2, BLOCK_SIZE) or not kv.is_contiguous():
             raise ValueError(
                 f"a KV region is a contiguous [blocks, layers, 2, {BLOCK_SIZE}, kv_heads, head_dim] "
                 f"tensor, got {tuple(kv.shape)}"
             )
-        shape = KVShape(kv.shape[1], kv.shape[4], kv.shape[5], kv.dtype)
+        shape = _kv_shape(kv.shape[1], kv.shape[4], kv.shape[5], kv.dtype)
         if len(handles) != len(blocks):
             raise ValueError(f"{len(handles)} host KV blocks for {len(blocks)} device blocks")
-        if len(set(handles)) != len(handles) or len(set(blocks)) != len(blocks):
+        host = np.array(handles, dtype=np.int64)
+        device = np.array(blocks, dtype=np.int64)
+        if _has_repeats(host) or _has_repeats(device):
             raise ValueError("a KV move names the same block twice")
-        if blocks and not (0 <= min(blocks) and max(blocks) < kv.shape[0]):
+        if len(device) and not (0 <= device.min() and device.max() < kv.shape[0]):
             raise ValueError(f"device KV blocks {blocks} are not all below {kv.shape[0]}")
         with self._locked():
-            self._locate_all(np.array(handles, dtype=np.int64), shape)
+            self._locate_all(host, shape)
         block_bytes = shape.block_bytes
-        runs = block_runs(handles, [block * block_bytes for block in blocks], block_bytes)
-        return kv.view(-1).view(torch.uint8), runs
+        return kv.view(-1).view(torch.uint8), block_runs(host, device * block_bytes, block_bytes)
 
     def copy_from_device(
         self, copies: CopyStream, handles: list[int], kv: torch.Tensor, blocks: list[int]
@@ -458,16 +472,14 @@ class HostKVPool:
         the pool's lock is taken once, to check the handles.
         """
         device, runs = self._move_plan(handles, kv, blocks)
-        pool = self.region.tensor
-        return copies.copy([(pool[h : h + n], device[d : d + n]) for h, d, n in runs])
+        return copies.copy_runs(self.region.tensor, device, runs)
 
     def copy_to_device(
         self, copies: CopyStream, handles: list[int], kv: torch.Tensor, blocks: list[int]
     ) -> Copy:
         """Start copying pool blocks `handles[i]` into device KV blocks `kv[blocks[i]]` (see above)."""
         device, runs = self._move_plan(handles, kv, blocks)
-        pool = self.region.tensor
-        return copies.copy([(device[d : d + n], pool[h : h + n]) for h, d, n in runs])
+        return copies.copy_runs(device, self.region.tensor, runs[:, [1, 0, 2]])
 
     def view(self, handle: int, shape: KVShape) -> torch.Tensor:
         """The block as a `[layers, 2, 16, kv_heads, head_dim]` tensor of its dtype (a view, no copy)."""
