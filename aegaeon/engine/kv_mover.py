@@ -1,9 +1,9 @@
 """KV moves between the device and the host KV pool, and what each move holds until it completes.
 
 A move is a batch of block copies ending in an event: all the blocks of the sequences swapped
-together, one copy per run of blocks consecutive on both sides. The blocks it reads stay allocated until it
-completes (a swap-out's device blocks, a swap-in's host blocks); a sequence whose KV is still
-arriving is run only once it has landed.
+together, one copy per run of blocks consecutive on both sides. The blocks it reads stay allocated
+until it completes (a swap-out's device blocks, a swap-in's host blocks); a sequence whose KV is
+still arriving is run only once it has landed.
 """
 
 from __future__ import annotations
@@ -75,17 +75,17 @@ class KVMover:
         handles: list[int] = []
         blocks: list[int] = []
         for seq in seqs:
+            if len(seq.host_blocks) > allocator.num_free:
+                placed.append(False)  # it stays swapped out
+                continue
+            placed.append(True)
             if not seq.host_blocks:
                 served.batcher.requeue(seq)
-            elif len(seq.host_blocks) > allocator.num_free:
-                placed.append(False)
                 continue
-            else:
-                handles += seq.host_blocks
-                blocks += served.batcher.swap_in(seq)
-                seq.host_blocks = []
-                moving.append(seq)
-            placed.append(True)
+            handles += seq.host_blocks
+            blocks += served.batcher.swap_in(seq)
+            seq.host_blocks = []
+            moving.append(seq)
         if handles:
             copy = self.kv_pool.copy_to_device(self.copies, handles, served.runner.kv_cache, blocks)
             for seq in moving:
