@@ -3,13 +3,15 @@
     python benchmarks/kv_moves.py [--json] [--repeats 7] [--device cpu] [--model-dir DIR]
 
 On the 100M benchmark model (benchmarks/engine.py; float32, 256 KiB KV blocks) 16 requests of 512
-prompt tokens are prefilled, then swapped out to the host KV pool and back in through the engine's
-public `swap_out` / `swap_in`, `--repeats` times (after one warm-up round that faults the pool's
-pages in). Side by side in the same rounds, the baseline copies one contiguous tensor of the same
-total bytes each way with `copy_` (device to host, then host to device). Reported: the median time
-of each, and memcpy time / swap time (1.0: the swaps move KV as fast as one memcpy).
+prompt tokens are prefilled, then swapped out to the host KV pool and back in, all 16 in one call of
+the engine's public `swap_out` / `swap_in` (as an instance places a batch), `--repeats` times (after
+one warm-up round that faults the pool's pages in). Side by side in the same rounds, the baseline
+copies one contiguous tensor of the same total bytes each way with `copy_` (device to host, then
+host to device). Reported: the median time of each, and memcpy time / swap time (1.0: the swaps move
+KV as fast as one memcpy).
 
-Uses only the engine's public API, so it also runs against older checkouts of aegaeon.
+Uses only the engine's public API. (Checkouts before 2026-12-05 took one request per call: their own
+copy of this file loops over the requests.)
 """
 
 from __future__ import annotations
@@ -104,12 +106,10 @@ def run(shm_dir: str) -> None:
         engine.step()
 
     def swap_out() -> None:
-        for request_id in ids:
-            engine.swap_out(request_id)
+        engine.swap_out(*ids)
 
     def swap_in() -> None:
-        for request_id in ids:
-            engine.swap_in(request_id)
+        engine.swap_in(*ids)
 
     host_kwargs = {"pin_memory": True} if device.type == "cuda" else {}
     host = torch.ones(batch_bytes, dtype=torch.uint8, **host_kwargs)

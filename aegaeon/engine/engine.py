@@ -124,30 +124,45 @@ class LLMEngine:
 
     # -- KV ------------------------------------------------------------------------------------------
 
-    def swap_out(self, request_id: str) -> None:
-        """Take a request off the device: its KV to the host KV pool, or dropped to be recomputed
-        when the pool is full (so are sequences waiting to run); a running one's model must be active."""
-        request = self._request(request_id)
-        batcher = self.models[request.model].batcher
-        for seq in request.seqs:
-            if seq.status is SequenceStatus.RUNNING:
-                self.kv.swap_out(self._active_for(request), seq)
-            elif seq.status is SequenceStatus.WAITING:
-                batcher.drop(seq)  # no KV on the device yet: it waits to be prefilled when placed again
+    def swap_out(self, *request_ids: str) -> None:
+        """Take requests off the device, their KV to the host KV pool in one move, or dropped to be
+        recomputed when the pool is full (so are sequences waiting to run); a running one's model
+        must be active."""
+        requests = [self._request(request_id) for request_id in request_ids]
+        running: list[Sequence] = []
+        for request in requests:
+            batcher = self.models[request.model].batcher
+            for seq in request.seqs:
+                if seq.status is SequenceStatus.RUNNING:
+                    self._active_for(request)
+                    running.append(seq)
+                elif seq.status is SequenceStatus.WAITING:
+                    batcher.drop(seq)  # no KV on the device yet: it waits to be prefilled when placed again
+        if running:
+            self.kv.swap_out(self.active, running)
         self.kv.reap()
 
-    def swap_in(self, request_id: str) -> bool:
-        """Bring a swapped-out request back: its KV starts moving to the device (steps run it once it
-        lands) or, dropped, is recomputed by the next steps. False if nothing was swapped out, or the
-        device had no room for all of it (the rest stays swapped out)."""
-        request = self._request(request_id)
-        swapped = [seq for seq in request.seqs if seq.status is SequenceStatus.SWAPPED]
-        if not swapped:
-            return False
-        served = self._active_for(request)
-        placed = [self.kv.swap_in(served, seq) for seq in swapped]
+    def swap_in(self, *request_ids: str) -> list[str]:
+        """Bring swapped-out requests back, their KV in one move (steps run each once it lands) or,
+        dropped, recomputed by the next steps. The ids of those placed whole: not those with nothing
+        swapped out, nor those the device had no room for (the rest of them stays swapped out)."""
+        requests = [self._request(request_id) for request_id in request_ids]
+        swapped = [
+            [seq for seq in request.seqs if seq.status is SequenceStatus.SWAPPED] for request in requests
+        ]
+        for request, seqs in zip(requests, swapped, strict=True):
+            if seqs:
+                self._active_for(request)
+        flat = [seq for seqs in swapped for seq in seqs]
+        if not flat:
+            return []
+        placed = {seq for seq, ok in zip(flat, self.kv.swap_in(self.active, flat), strict=True) if ok}
         self.kv.reap()
-        return all(placed)
+        return [
+            request_id
+            for request_id, seqs in zip(request_ids, swapped, strict=True)
+            if seqs and all(seq in placed for seq in seqs)
+        ]
 
     def on_device(self, request_id: str) -> bool:
         """Whether the request has sequences whose KV is on the device (running)."""

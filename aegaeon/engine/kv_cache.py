@@ -9,7 +9,6 @@ it lives.
 from __future__ import annotations
 
 import math
-from collections import deque
 
 import torch
 
@@ -35,20 +34,29 @@ def kv_block_bytes(arch: Architecture, dtype: torch.dtype) -> int:
 
 
 class BlockAllocator:
-    """Free list over the block ids of one KV tensor."""
+    """First-in first-out free list over the block ids of one KV tensor (blocks freed together are
+    handed out together again, so a request's blocks tend to stay consecutive)."""
 
     def __init__(self, num_blocks: int):
         self.num_blocks = num_blocks
-        self._free: deque[int] = deque(range(num_blocks))
+        # The free blocks are self._free[self._head:]: allocating moves the head, freeing appends,
+        # both one slice (a swap pass allocates hundreds of blocks).
+        self._free: list[int] = list(range(num_blocks))
+        self._head = 0
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        return len(self._free) - self._head
 
     def allocate(self, count: int) -> list[int]:
-        if count > len(self._free):
-            raise OutOfBlocksError(f"asked for {count} KV blocks, {len(self._free)} free")
-        return [self._free.popleft() for _ in range(count)]
+        if count > self.num_free:
+            raise OutOfBlocksError(f"asked for {count} KV blocks, {self.num_free} free")
+        blocks = self._free[self._head : self._head + count]
+        self._head += count
+        if self._head > self.num_blocks:  # drop the taken prefix now and then, not on every call
+            del self._free[: self._head]
+            self._head = 0
+        return blocks
 
     def free(self, blocks: list[int]) -> None:
         self._free.extend(blocks)

@@ -172,17 +172,13 @@ class EngineService:
 
         Returns the ids swapped in (KV copied back, or queued to be recomputed).
         """
-        swapped_in = []
-        for request_id in self.engine.requests_of(model):
-            if request_id not in batch_ids:
-                self.engine.swap_out(request_id)
-            elif self.engine.swap_in(request_id):
-                swapped_in.append(request_id)
-        return swapped_in
+        requests = self.engine.requests_of(model)
+        # Out first: the device blocks they free can take the batch's KV.
+        self.engine.swap_out(*(request_id for request_id in requests if request_id not in batch_ids))
+        return self.engine.swap_in(*(request_id for request_id in requests if request_id in batch_ids))
 
     def swap_out(self, request_ids: list[str]) -> None:
-        for request_id in request_ids:
-            self.engine.swap_out(request_id)
+        self.engine.swap_out(*request_ids)
 
     def export_request(self, request_id: str):
         return self.engine.export_request(request_id)

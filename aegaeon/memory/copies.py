@@ -1,15 +1,16 @@
 """Copies between host and device memory that run beside the computation, each ending in an event.
 
-Scale-ups (a model's byte range in chunks) and KV swaps (a request's blocks, one copy per run of
-blocks that are consecutive on both sides: `block_runs`) each go through a `CopyStream` of their
-own, the KV one ahead of the weights one. On CUDA the copies are issued on dedicated streams of the
-engine's device (the KV stream at a higher priority) from page-locked host memory and an event marks
-their end, so the compute stream keeps working meanwhile and later waits only on what it reads.
-Every stream and event call names that device: the current device of the process may be another
-one. On the CPU there is no second engine to copy with: a copy runs inline when nothing else is
-copying, else the device's copier thread runs the copies in issue order, KV moves before the next
-chunk of a weights copy, and marks each one's end; either way the bytes are copied by copies.c,
-shared among threads in chunks (it releases the GIL).
+Scale-ups (a model's byte range in chunks) and KV swaps (the blocks of the requests moved together,
+one copy per run of blocks that are consecutive on both sides: `block_runs`) each go through a
+`CopyStream` of their own, the KV one ahead of the weights one. On CUDA the copies are issued on
+dedicated streams of the engine's device (the KV stream at a higher priority) from page-locked host
+memory and an event marks their end, so the compute stream keeps working meanwhile and later waits
+only on what it reads. Every stream and event call names that device: the current device of the
+process may be another one. On the CPU there is no second engine to copy with: a copy runs inline
+when nothing else is copying, else the device's copier thread runs the copies in issue order, KV
+moves before the next chunk of a weights copy, and marks each one's end; either way the bytes are
+copied by copies.c, shared among threads in chunks (it releases the GIL), and a KV move's runs go
+there as one array of addresses (`ByteRuns`), not a tensor per run.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ import torch
 from aegaeon.config import MIB
 from aegaeon.native import load_library
 
-CopyPairs = Sequence[tuple[torch.Tensor, torch.Tensor]]  # (target, source)
-Run = tuple[int, int, int]  # (target offset, source offset, bytes)
+# (target, source) pairs, or on the CPU runs of bytes standing for many pairs.
+CopyPairs = Sequence["tuple[torch.Tensor, torch.Tensor] | ByteRuns"]
 # A CPU copy of fewer bytes runs on the calling thread alone: waking another thread for a share of
 # it would cost more than it saves.
 PARALLEL_COPY_MIN_BYTES = 4 * MIB
@@ -51,21 +52,41 @@ _JOB_HEADER = 5
 KV_STREAM_PRIORITY = -1
 
 
-def block_runs(targets: Sequence[int], sources: Sequence[int], block_bytes: int) -> list[Run]:
-    """(target offset, source offset, bytes) of each run of blocks consecutive on both sides.
+def block_runs(
+    targets: Sequence[int] | np.ndarray, sources: Sequence[int] | np.ndarray, block_bytes: int
+) -> np.ndarray:
+    """Rows of (target offset, source offset, bytes), one per run of blocks consecutive on both sides.
 
     `targets[i]` and `sources[i]` are the byte offsets of block i of a move; copying the runs copies
-    every block, in as few copies as the two layouts allow. (A loop: moves are tens to hundreds of
-    blocks, where numpy's per-call cost is larger than the loop's.)
+    every block, in as few copies as the two layouts allow.
     """
-    runs: list[list[int]] = []
-    for target, source in zip(targets, sources, strict=True):
-        last = runs[-1] if runs else None
-        if last is not None and target == last[0] + last[2] and source == last[1] + last[2]:
-            last[2] += block_bytes
-        else:
-            runs.append([target, source, block_bytes])
-    return [(target, source, nbytes) for target, source, nbytes in runs]
+    targets = np.asarray(targets, dtype=np.int64)
+    sources = np.asarray(sources, dtype=np.int64)
+    if targets.shape != sources.shape:
+        raise ValueError(f"{len(targets)} target blocks for {len(sources)} source blocks")
+    if not len(targets):
+        return np.empty((0, 3), dtype=np.int64)
+    # A run starts at the first block and wherever either side does not follow on from the block before.
+    starts = np.flatnonzero(
+        np.concatenate(([True], (np.diff(targets) != block_bytes) | (np.diff(sources) != block_bytes)))
+    )
+    blocks = np.diff(starts, append=len(targets))
+    return np.stack([targets[starts], sources[starts], blocks * block_bytes], axis=1)
+
+
+@dataclass(frozen=True, eq=False)
+class ByteRuns:
+    """Runs of bytes from one contiguous CPU byte tensor into another (a KV move on the CPU): `runs`
+    has rows of (target offset, source offset, bytes). Copied like the pairs it stands for, without
+    a tensor per run."""
+
+    target: torch.Tensor
+    source: torch.Tensor
+    runs: np.ndarray
+
+    def ranges(self) -> np.ndarray:
+        """The runs as (target address, source address, bytes)."""
+        return self.runs + np.array([self.target.data_ptr(), self.source.data_ptr(), 0], dtype=np.int64)
 
 
 @functools.cache
@@ -81,11 +102,13 @@ def _kernel() -> Callable[[int, int], None] | None:
 class CopyJob:
     """Byte runs to copy, shared among the threads that `run` it (copies.c takes them chunk by chunk)."""
 
-    def __init__(self, ranges: list[Run]):
-        self.nbytes = sum(nbytes for _, _, nbytes in ranges)
-        self._job = np.zeros(_JOB_HEADER + 3 * len(ranges), dtype=np.int64)
+    def __init__(self, ranges: np.ndarray):
+        """`ranges`: rows of (target address, source address, bytes)."""
+        ranges = np.asarray(ranges, dtype=np.int64).reshape(-1, 3)
+        self.nbytes = int(ranges[:, 2].sum())
+        self._job = np.zeros(_JOB_HEADER + ranges.size, dtype=np.int64)
         self._job[2:_JOB_HEADER] = len(ranges), COPY_CHUNK_BYTES, self.nbytes >= STREAM_COPY_MIN_BYTES
-        self._job[_JOB_HEADER:] = np.array(ranges, dtype=np.int64).reshape(-1)
+        self._job[_JOB_HEADER:] = ranges.reshape(-1)
 
     def run(self, helper: bool) -> None:
         """Copy chunks until none is left; the caller's run (not a `helper`'s) returns once all landed."""
@@ -134,7 +157,7 @@ class _QueuedCopy:
     """A copy waiting for (or being run by) a CPU copier: its pairs and how many of them have run."""
 
     stream: CopyStream
-    pairs: list[tuple[torch.Tensor, torch.Tensor]]
+    pairs: list[tuple[torch.Tensor, torch.Tensor] | ByteRuns]
     copy: Copy
     ran: int = 0
 
@@ -244,9 +267,16 @@ class CopyStream:
             copy.wait()
         return copy
 
+    def copy_runs(self, target: torch.Tensor, source: torch.Tensor, runs: np.ndarray) -> Copy:
+        """Start copying runs of bytes between two contiguous byte tensors (rows of `runs`: target
+        offset, source offset, bytes), as `copy` of the pairs of slices they name."""
+        if self.stream is not None:
+            return self.copy([(target[t : t + n], source[s : s + n]) for t, s, n in runs.tolist()])
+        return self.copy([ByteRuns(target, source, runs)])
+
     def _copy_on_cpu(self, pairs: CopyPairs) -> None:
-        """`target.copy_(source)` for each pair; one `CopyJob` of all pairs whose two sides are the
-        same contiguous bytes, shared among `torch.get_num_threads()` threads.
+        """`target.copy_(source)` for each pair; one `CopyJob` of all byte runs and all pairs whose
+        two sides are the same contiguous bytes, shared among `torch.get_num_threads()` threads.
 
         torch spreads each copy over its thread pool: a batch of copies is then a fork and join per
         copy, each waiting for the slowest thread, and on a busy host for threads not yet scheduled.
@@ -255,16 +285,23 @@ class CopyStream:
         spinning on the cores for milliseconds after each parallel op: a fixed half of the bytes
         handed to a thread sharing a core with them took twice as long as the other half).
         """
-        ranges: list[Run] = []
-        for target, source in pairs:
+        ranges: list[np.ndarray] = []
+        plain_pairs: list[tuple[int, int, int]] = []
+        for pair in pairs:
+            if isinstance(pair, ByteRuns):
+                ranges.append(pair.ranges())
+                continue
+            target, source = pair
             plain = target.device.type == source.device.type == "cpu" and target.dtype == source.dtype
             if plain and target.shape == source.shape and target.is_contiguous() and source.is_contiguous():
-                ranges.append((target.data_ptr(), source.data_ptr(), target.nbytes))
+                plain_pairs.append((target.data_ptr(), source.data_ptr(), target.nbytes))
             else:
                 target.copy_(source)
+        if plain_pairs:
+            ranges.append(np.array(plain_pairs, dtype=np.int64))
         if not ranges:
             return
-        job = CopyJob(ranges)
+        job = CopyJob(np.concatenate(ranges) if len(ranges) > 1 else ranges[0])
         if self._helpers is not None and job.nbytes >= PARALLEL_COPY_MIN_BYTES:
             for _ in range(self._threads - 1):
                 # The future is dropped: a helper's run copies or finds nothing left, and the job's

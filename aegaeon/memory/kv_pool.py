@@ -44,11 +44,13 @@ had half done stays half done; `validate()` recounts everything and says what is
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
+import itertools
 import math
 import os
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,6 +130,17 @@ class KVShape:
 
     def __str__(self) -> str:
         return f"[{self.layers}, 2, {BLOCK_SIZE}, {self.kv_heads}, {self.head_dim}] {self.dtype}"
+
+
+def _has_repeats(values: np.ndarray) -> bool:
+    """Whether a value appears twice (a sort: numpy's hashing `unique` is slower at these sizes)."""
+    return bool((np.diff(np.sort(values)) == 0).any())
+
+
+@functools.cache
+def _kv_shape(layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> KVShape:
+    """The KVShape of a device KV region's blocks (made once per shape: each move asks)."""
+    return KVShape(layers, kv_heads, head_dim, dtype)
 
 
 @dataclass(frozen=True)
@@ -282,28 +295,49 @@ class HostKVPool:
         if count < 0:
             raise ValueError(f"cannot allocate {count} blocks")
         self._check_fits(shape)
+        with self._locked():
+            handles = self._allocate(shape, count)
+            if handles is None:
+                raise HostKVPoolFullError(self._full_message(shape, count))
+            return handles
+
+    def allocate_each(self, shape: KVShape, counts: Sequence[int]) -> list[list[int] | None]:
+        """`counts[i]` blocks of `shape` for each i, under one lock: as `allocate` once per count in
+        order, but None (instead of HostKVPoolFullError) for a count the pool cannot hold after those
+        before it."""
+        if any(count < 0 for count in counts):
+            raise ValueError(f"cannot allocate {min(counts)} blocks")
+        self._check_fits(shape)
+        with self._locked():
+            total = sum(counts)
+            together = self._allocate(shape, total)
+            if together is not None:  # the usual case: all fit, taken in one pass over the slabs
+                bounds = list(itertools.accumulate(counts, initial=0))
+                return [together[start:end] for start, end in itertools.pairwise(bounds)]
+            return [self._allocate(shape, count) for count in counts]
+
+    def _allocate(self, shape: KVShape, count: int) -> list[int] | None:
+        """`count` blocks of `shape` (fullest slab first), or None if they do not fit. The lock is held."""
         if count == 0:
             return []
         blocks_per_slab = self.slab_bytes // shape.block_bytes
-        with self._locked():
-            table = self._table
-            slabs = self._shape_slabs(shape)
-            free_slabs = np.flatnonzero(table[:, _KEY] == 0)
-            free_in_shape = int((table[slabs, _BLOCKS] - table[slabs, _USED]).sum())
-            if count > free_in_shape + len(free_slabs) * blocks_per_slab:
-                message = self._full_message(shape, count, slabs, free_in_shape, len(free_slabs))
-                raise HostKVPoolFullError(message)
-            # Fullest slab first (ties: lowest index), then free slabs in order.
-            partial = slabs[table[slabs, _USED] < table[slabs, _BLOCKS]]
-            order = partial[np.argsort(-table[partial, _USED], kind="stable")]
-            handles: list[int] = []
-            for slab in [*order.tolist(), *free_slabs.tolist()]:
-                if len(handles) == count:
-                    break
-                if table[slab, _KEY] == 0:
-                    self._assign(slab, shape, blocks_per_slab)
-                handles += self._take(slab, count - len(handles), shape.block_bytes)
-            return handles
+        table = self._table
+        slabs = self._shape_slabs(shape)
+        free_slabs = np.flatnonzero(table[:, _KEY] == 0)
+        free_in_shape = int((table[slabs, _BLOCKS] - table[slabs, _USED]).sum())
+        if count > free_in_shape + len(free_slabs) * blocks_per_slab:
+            return None
+        # Fullest slab first (ties: lowest index), then free slabs in order.
+        partial = slabs[table[slabs, _USED] < table[slabs, _BLOCKS]]
+        order = partial[np.argsort(-table[partial, _USED], kind="stable")]
+        handles: list[int] = []
+        for slab in [*order.tolist(), *free_slabs.tolist()]:
+            if len(handles) == count:
+                break
+            if table[slab, _KEY] == 0:
+                self._assign(slab, shape, blocks_per_slab)
+            handles += self._take(slab, count - len(handles), shape.block_bytes)
+        return handles
 
     def _assign(self, slab: int, shape: KVShape, blocks: int) -> None:
         self._table[slab] = (
@@ -334,10 +368,12 @@ class HostKVPool:
         base = self._data_offset + slab * self.slab_bytes
         return (base + blocks * block_bytes).tolist()
 
-    def _full_message(
-        self, shape: KVShape, count: int, slabs: np.ndarray, free_in_shape: int, free_slabs: int
-    ) -> str:
+    def _full_message(self, shape: KVShape, count: int) -> str:
+        """Why `count` blocks of `shape` do not fit. The lock is held."""
         blocks_per_slab = self.slab_bytes // shape.block_bytes
+        slabs = self._shape_slabs(shape)
+        free_in_shape = int((self._table[slabs, _BLOCKS] - self._table[slabs, _USED]).sum())
+        free_slabs = int((self._table[:, _KEY] == 0).sum())
         return (
             f"the host KV pool {self.path} cannot hold {count} blocks of shape {shape} "
             f"({count * shape.block_bytes} bytes): that shape's {len(slabs)} slabs have {free_in_shape} free "
@@ -371,7 +407,7 @@ class HostKVPool:
         frees nothing.
         """
         handles = np.fromiter(handles, dtype=np.int64)
-        if len(np.unique(handles)) != len(handles):
+        if _has_repeats(handles):
             raise ValueError("the same block handle appears twice in one free()")
         with self._locked():
             slabs, blocks = self._locate_all(handles)
@@ -404,8 +440,9 @@ class HostKVPool:
 
     def _move_plan(
         self, handles: list[int], kv: torch.Tensor, blocks: list[int], part: int = 0, parts: int = 1
-    ) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
-        """The device KV region's bytes and the runs pairing its `blocks` with the pool's `handles`.
+    ) -> tuple[torch.Tensor, np.ndarray]:
+        """The device KV region's bytes and the runs pairing its `blocks` with the pool's `handles`
+        (rows of pool offset, device offset, bytes).
 
         A tensor-parallel engine's host block holds every rank's block, rank r's at part r: the
         pool block has `parts` times the device block's layers, and this rank's are the `part`-th run.
@@ -415,23 +452,21 @@ class HostKVPool:
                 f"a KV region is a contiguous [blocks, layers, 2, {BLOCK_SIZE}, kv_heads, head_dim] "
                 f"tensor, got {tuple(kv.shape)}"
             )
-        shape = KVShape(kv.shape[1] * parts, kv.shape[4], kv.shape[5], kv.dtype)
+        shape = _kv_shape(kv.shape[1] * parts, kv.shape[4], kv.shape[5], kv.dtype)
         if not 0 <= part < parts:
             raise ValueError(f"part {part} of a host KV block in {parts} parts does not exist")
         if len(handles) != len(blocks):
             raise ValueError(f"{len(handles)} host KV blocks for {len(blocks)} device blocks")
-        if len(set(handles)) != len(handles) or len(set(blocks)) != len(blocks):
+        host = np.array(handles, dtype=np.int64)
+        device = np.array(blocks, dtype=np.int64)
+        if _has_repeats(host) or _has_repeats(device):
             raise ValueError("a KV move names the same block twice")
-        if blocks and not (0 <= min(blocks) and max(blocks) < kv.shape[0]):
+        if len(device) and not (0 <= device.min() and device.max() < kv.shape[0]):
             raise ValueError(f"device KV blocks {blocks} are not all below {kv.shape[0]}")
         with self._locked():
-            self._locate_all(np.array(handles, dtype=np.int64), shape)
+            self._locate_all(host, shape)
         block_bytes = shape.block_bytes // parts
-        runs = block_runs(
-            [handle + part * block_bytes for handle in handles],
-            [block * block_bytes for block in blocks],
-            block_bytes,
-        )
+        runs = block_runs(host + part * block_bytes, device * block_bytes, block_bytes)
         return kv.view(-1).view(torch.uint8), runs
 
     def copy_from_device(
@@ -450,8 +485,7 @@ class HostKVPool:
         the pool's lock is taken once, to check the handles.
         """
         device, runs = self._move_plan(handles, kv, blocks, part, parts)
-        pool = self.region.tensor
-        return copies.copy([(pool[h : h + n], device[d : d + n]) for h, d, n in runs])
+        return copies.copy_runs(self.region.tensor, device, runs)
 
     def copy_to_device(
         self,
@@ -464,8 +498,7 @@ class HostKVPool:
     ) -> Copy:
         """Start copying pool blocks `handles[i]` into device KV blocks `kv[blocks[i]]` (see above)."""
         device, runs = self._move_plan(handles, kv, blocks, part, parts)
-        pool = self.region.tensor
-        return copies.copy([(device[d : d + n], pool[h : h + n]) for h, d, n in runs])
+        return copies.copy_runs(device, self.region.tensor, runs[:, [1, 0, 2]])
 
     def view(self, handle: int, shape: KVShape) -> torch.Tensor:
         """The block as a `[layers, 2, 16, kv_heads, head_dim]` tensor of its dtype (a view, no copy)."""

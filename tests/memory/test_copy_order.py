@@ -8,6 +8,7 @@ chunks of a weights copy; on CUDA KV moves have a stream of their own at a highe
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -65,3 +66,36 @@ def test_copies_of_one_cpu_device_run_in_issue_order() -> None:
     # A KV move waited for inline while the copier is idle runs at once, on the caller's thread.
     small = torch.zeros(KV_BYTES, dtype=torch.uint8)
     assert kv.copy([(small, torch.full_like(small, 5))]).done() and bool((small == 5).all())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_kv_move_of_byte_runs_issued_during_a_prefetch_lands_first_run_by_run(device: str) -> None:
+    """A swap's runs (blocks of many requests, as offsets into two byte regions) cut in ahead of a
+    prefetch, and each run lands where it was sent."""
+    device = torch.device(device)
+    weights = CopyStream(device)
+    kv = CopyStream(device, ahead_of=weights)
+    nbytes = PREFETCH_BYTES[device.type]
+    source = host_bytes(nbytes, device, 7)
+    target = torch.zeros(nbytes, dtype=torch.uint8, device=device)
+    chunks = [
+        (target[start : start + CHUNK_BYTES], source[start : start + CHUNK_BYTES])
+        for start in range(0, nbytes, CHUNK_BYTES)
+    ]
+    kv_source = torch.arange(KV_BYTES, dtype=torch.int64).remainder(251).to(torch.uint8)
+    kv_source = kv_source.pin_memory() if device.type == "cuda" else kv_source
+    kv_target = torch.zeros(KV_BYTES, dtype=torch.uint8, device=device)
+    quarter = KV_BYTES // 4
+    # The source's quarters land in the order 3, 0, 2; the target's last quarter is not written.
+    runs = np.array([[0, 3 * quarter, quarter], [quarter, 0, quarter], [2 * quarter, 2 * quarter, quarter]])
+
+    prefetch = weights.copy(chunks, background=True)
+    kv.copy_runs(kv_target, kv_source, runs).synchronize()
+    assert not prefetch.done(), "the KV move waited for the whole prefetch"
+    prefetch.synchronize()
+    expected = torch.cat(
+        [kv_source[3 * quarter :], kv_source[:quarter], kv_source[2 * quarter : 3 * quarter]]
+    )
+    assert torch.equal(kv_target.cpu()[: 3 * quarter], expected)
+    assert not kv_target.cpu()[3 * quarter :].any()
+    assert torch.equal(target.cpu(), source)

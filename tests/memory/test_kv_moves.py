@@ -64,10 +64,15 @@ def scattered_handles(pool: HostKVPool, shape: KVShape, count: int, rng: random.
 
 
 def test_block_runs_join_blocks_consecutive_on_both_sides() -> None:
-    assert block_runs([0, 10, 20, 50, 60], [100, 110, 120, 130, 140], 10) == [(0, 100, 30), (50, 130, 20)]
-    assert block_runs([0, 10], [10, 0], 10) == [(0, 10, 10), (10, 0, 10)]  # consecutive on one side only
-    assert block_runs([30, 20], [0, 10], 10) == [(30, 0, 10), (20, 10, 10)]  # never backwards
-    assert block_runs([], [], 10) == []
+    def runs(targets: list[int], sources: list[int]) -> list[list[int]]:
+        return block_runs(targets, sources, 10).tolist()
+
+    assert runs([0, 10, 20, 50, 60], [100, 110, 120, 130, 140]) == [[0, 100, 30], [50, 130, 20]]
+    assert runs([0, 10], [10, 0]) == [[0, 10, 10], [10, 0, 10]]  # consecutive on one side only
+    assert runs([30, 20], [0, 10]) == [[30, 0, 10], [20, 10, 10]]  # never backwards
+    assert runs([0, 10, 30, 40], [50, 60, 70, 80]) == [[0, 50, 20], [30, 70, 20]]  # a gap on one side
+    assert runs([5], [7]) == [[5, 7, 10]]
+    assert runs([], []) == []
     with pytest.raises(ValueError):
         block_runs([0, 10], [0], 10)
 

@@ -182,6 +182,24 @@ def test_exhaustion_raises_a_clear_error_and_allocates_nothing(pool: HostKVPool)
     assert len(pool.allocate(SHAPE_B, 42)) == 42
 
 
+def test_allocate_each_gives_every_count_its_own_blocks_or_none_where_the_pool_is_full(pool: HostKVPool):
+    """Several requests' blocks under one lock: as many allocations in turn, a full pool answering
+    None for a request (which is then recomputed) and still serving smaller ones after it."""
+    each = pool.allocate_each(SHAPE_A, [5, 0, 40])
+    assert [len(handles) for handles in each] == [5, 0, 40]
+    assert len({handle for handles in each for handle in handles}) == 45
+    pool.validate()
+    held = pool.allocate(SHAPE_A, 6 * 32)  # 45 + 192 of 256 blocks of A: 19 left
+    each = pool.allocate_each(SHAPE_A, [10, 12, 9, 0])  # 10 fit, 12 then do not, 9 still do
+    assert [None if handles is None else len(handles) for handles in each] == [10, None, 9, 0]
+    assert pool.stats().allocated_bytes == 256 * SHAPE_A.block_bytes
+    with pytest.raises(ValueError, match="cannot allocate"):
+        pool.allocate_each(SHAPE_A, [1, -1])
+    pool.free(held)
+    pool.free([handle for handles in each if handles for handle in handles])
+    pool.validate()
+
+
 def test_a_block_larger_than_a_slab_is_refused(shm_dir: Path):
     with HostKVPool.create(shm_dir, "tiny", 4 * 4096, 4096) as pool:
         with pytest.raises(ValueError, match="kv_slab_bytes") as error:

@@ -174,11 +174,11 @@ class TensorParallelEngine(LLMEngine):
     def prefetch(self, name: str) -> bool:
         return self._lockstep("prefetch", (name,), first=False)
 
-    def swap_out(self, request_id: str) -> None:
-        self._lockstep("swap_out", (request_id,), first=False)
+    def swap_out(self, *request_ids: str) -> None:
+        self._lockstep("swap_out", request_ids, first=False)
 
-    def swap_in(self, request_id: str) -> bool:
-        return self._lockstep("swap_in", (request_id,), first=False)
+    def swap_in(self, *request_ids: str) -> list[str]:
+        return self._lockstep("swap_in", request_ids, first=False)
 
     def add_request(
         self,
