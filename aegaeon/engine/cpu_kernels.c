@@ -565,12 +565,79 @@ DEFINE_ROTARY(rotary_f32, float, paged_decode_f32, f32_store)
 DEFINE_ROTARY(rotary_bf16, bf16_t, paged_decode_bf16, bf16_store)
 DEFINE_ROTARY(rotary_f16, _Float16, paged_decode_f16, f16_store)
 
+/* ---- residual add + RMS norm, SiLU(gate) * up: rows of 16 floats at a time --------------------
+ * With AVX-512 a row goes 16 elements at a time and its rest (dim % 16) one at a time; the vector
+ * steps round to the storage dtype exactly as the scalar stores do (round to nearest even, NaN kept
+ * quiet; bfloat16 by the same integer arithmetic, so denormals are kept rather than flushed as the
+ * bf16 conversion instruction would). Without AVX-512 the whole row takes the scalar loop. */
+#if HAVE_AVX512
+/* x rounded to the storage dtype, as float32 again */
+static inline __m512 f32_round16(__m512 x) { return x; }
+static inline __m512 bf16_round16(__m512 x) {
+    const __m512i bits = _mm512_castps_si512(x);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)));
+    rounded = _mm512_mask_or_epi32(rounded, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), bits,
+                                   _mm512_set1_epi32(0x400000));  /* NaN: quiet, not rounded */
+    return _mm512_castsi512_ps(_mm512_and_si512(rounded, _mm512_set1_epi32((int)0xffff0000u)));
+}
+static inline __m512 f16_round16(__m512 x) {
+    return _mm512_cvtph_ps(_mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+/* 16 floats already rounded to the storage dtype (x_round16), stored */
+static inline void f32_store16(float *p, __m512 x) { _mm512_storeu_ps(p, x); }
+static inline void bf16_store16(bf16_t *p, __m512 rounded) {
+    _mm256_storeu_si256((__m256i *)p, _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(rounded), 16)));
+}
+static inline void f16_store16(_Float16 *p, __m512 rounded) {
+    _mm256_storeu_si256((__m256i *)p, _mm512_cvtps_ph(rounded, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
+/* silu(x) = x / (1 + exp(-x)), 16 at a time, as the scalar silu computes it */
+static inline __m512 silu16(__m512 x) {
+    const __mmask16 positive = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_GT_OQ);
+    const __m512 negated = _mm512_sub_ps(_mm512_setzero_ps(), x);
+    const __m512 e = exp16_nonpositive(_mm512_mask_blend_ps(positive, x, negated));
+    const __m512 numerator = _mm512_mask_blend_ps(positive, _mm512_mul_ps(x, e), x);
+    return _mm512_div_ps(numerator, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+}
+
+/* The vector part of a norm row: residual += x over [0, dim - dim % 16), the sum of the squares. */
+#define WIDE_NORM_SQUARES(T, LOAD16, ROUND16, STORE16)                                                \
+    __m512 sums = _mm512_setzero_ps();                                                                \
+    for (; d + WIDE_LANES <= dim; d += WIDE_LANES) {                                                  \
+        __m512 value = LOAD16(r + d);                                                                 \
+        if (x != NULL) {                                                                              \
+            value = ROUND16(_mm512_add_ps(value, LOAD16(x + row * dim + d)));                         \
+            STORE16(r + d, value);                                                                    \
+        }                                                                                             \
+        sums = _mm512_add_ps(sums, _mm512_mul_ps(value, value)); /* rounded, then summed, as torch */ \
+    }                                                                                                 \
+    squares = _mm512_reduce_add_ps(sums);
+/* The vector part of the normalisation: out = dtype(weight * dtype(residual * inverse_rms)). */
+#define WIDE_NORM_OUT(T, LOAD16, ROUND16, STORE16)                                                    \
+    for (; d + WIDE_LANES <= dim; d += WIDE_LANES) {                                                  \
+        const __m512 normed = ROUND16(_mm512_mul_ps(LOAD16(r + d), _mm512_set1_ps(inverse_rms)));     \
+        STORE16(o + d, ROUND16(_mm512_mul_ps(LOAD16(weight + d), normed)));                           \
+    }
+/* The vector part of a SiLU row: out = dtype(dtype(silu(gate)) * up). */
+#define WIDE_SILU_MUL(T, LOAD16, ROUND16, STORE16)                                                    \
+    for (; i + WIDE_LANES <= inter; i += WIDE_LANES) {                                                \
+        const __m512 activated = ROUND16(silu16(LOAD16(gate + i)));                                   \
+        STORE16(o + i, ROUND16(_mm512_mul_ps(activated, LOAD16(up + i))));                            \
+    }
+#else
+#define WIDE_NORM_SQUARES(T, LOAD16, ROUND16, STORE16)
+#define WIDE_NORM_OUT(T, LOAD16, ROUND16, STORE16)
+#define WIDE_SILU_MUL(T, LOAD16, ROUND16, STORE16)
+#endif
+
 /* ---- residual add + RMS norm -------------------------------------------------------------
  * Per row of `dim` elements: residual += x (x NULL: no add), then
  *   out = weight * dtype(residual * 1 / sqrt(mean(residual^2) + eps))
  * in float32 and rounded to the storage dtype where transformers' RMSNorm rounds: the normalised
  * row before the weight multiplies it, and the product. */
-#define DEFINE_ADD_RMS_NORM(NAME, T, LOAD, STORE)                                                     \
+#define DEFINE_ADD_RMS_NORM(NAME, T, LOAD, STORE, LOAD16, ROUND16, STORE16)                           \
     void NAME(T *residual, const T *x, const T *weight, T *out, int64_t rows, int64_t dim, float eps, \
               int32_t num_threads) {                                                                  \
         _Pragma("omp parallel for num_threads(num_threads) if(num_threads > 1 && rows * dim >= MIN_PARALLEL_ELEMENTS)") \
@@ -578,7 +645,9 @@ DEFINE_ROTARY(rotary_f16, _Float16, paged_decode_f16, f16_store)
             T *r = residual + row * dim;                                                              \
             T *o = out + row * dim;                                                                   \
             float squares = 0.0f;                                                                     \
-            for (int64_t d = 0; d < dim; d++) {                                                       \
+            int64_t d = 0;                                                                            \
+            WIDE_NORM_SQUARES(T, LOAD16, ROUND16, STORE16)                                            \
+            for (; d < dim; d++) {                                                                    \
                 float value = LOAD(r + d);                                                            \
                 if (x != NULL) {                                                                      \
                     STORE(r + d, value + LOAD(x + row * dim + d));                                    \
@@ -587,7 +656,9 @@ DEFINE_ROTARY(rotary_f16, _Float16, paged_decode_f16, f16_store)
                 squares += value * value;                                                             \
             }                                                                                         \
             const float inverse_rms = 1.0f / sqrtf(squares / (float)dim + eps);                       \
-            for (int64_t d = 0; d < dim; d++) {                                                       \
+            d = 0;                                                                                    \
+            WIDE_NORM_OUT(T, LOAD16, ROUND16, STORE16)                                                \
+            for (; d < dim; d++) {                                                                    \
                 T normed;                                                                             \
                 STORE(&normed, LOAD(r + d) * inverse_rms);                                            \
                 STORE(o + d, LOAD(weight + d) * LOAD(&normed));                                       \
@@ -604,14 +675,16 @@ static inline float silu(float x) {
     return x > 0.0f ? x / (1.0f + e) : x * e / (1.0f + e);
 }
 
-#define DEFINE_SILU_MUL(NAME, T, LOAD, STORE)                                                         \
+#define DEFINE_SILU_MUL(NAME, T, LOAD, STORE, LOAD16, ROUND16, STORE16)                               \
     void NAME(const T *gate_up, int64_t row_stride, T *out, int64_t rows, int64_t inter,            \
               int32_t num_threads) {                                                                  \
         _Pragma("omp parallel for num_threads(num_threads) if(num_threads > 1 && rows * inter >= MIN_PARALLEL_ELEMENTS)") \
         for (int64_t row = 0; row < rows; row++) {                                                    \
             const T *gate = gate_up + row * row_stride, *up = gate + inter;                           \
             T *o = out + row * inter;                                                                 \
-            for (int64_t i = 0; i < inter; i++) {                                                     \
+            int64_t i = 0;                                                                            \
+            WIDE_SILU_MUL(T, LOAD16, ROUND16, STORE16)                                                \
+            for (; i < inter; i++) {                                                                  \
                 T activated;                                                                          \
                 STORE(&activated, silu(LOAD(gate + i)));                                              \
                 STORE(o + i, LOAD(&activated) * LOAD(up + i));                                        \
@@ -619,13 +692,14 @@ static inline float silu(float x) {
         }                                                                                             \
     }
 
-DEFINE_SILU_MUL(silu_mul_f32, float, f32_load, f32_store)
-DEFINE_SILU_MUL(silu_mul_bf16, bf16_t, bf16_load, bf16_store)
-DEFINE_SILU_MUL(silu_mul_f16, _Float16, f16_load, f16_store)
-
-DEFINE_ADD_RMS_NORM(add_rms_norm_f32, float, f32_load, f32_store)
-DEFINE_ADD_RMS_NORM(add_rms_norm_bf16, bf16_t, bf16_load, bf16_store)
-DEFINE_ADD_RMS_NORM(add_rms_norm_f16, _Float16, f16_load, f16_store)
+#define ELEMENTWISE_KERNELS(SUFFIX, T)                                                                \
+    DEFINE_SILU_MUL(silu_mul_##SUFFIX, T, SUFFIX##_load, SUFFIX##_store, SUFFIX##_load16,             \
+                    SUFFIX##_round16, SUFFIX##_store16)                                               \
+    DEFINE_ADD_RMS_NORM(add_rms_norm_##SUFFIX, T, SUFFIX##_load, SUFFIX##_store, SUFFIX##_load16,     \
+                        SUFFIX##_round16, SUFFIX##_store16)
+ELEMENTWISE_KERNELS(f32, float)
+ELEMENTWISE_KERNELS(bf16, bf16_t)
+ELEMENTWISE_KERNELS(f16, _Float16)
 
 int64_t paged_decode_max_head_dim(void) { return MAX_HEAD_DIM; }
 int64_t paged_decode_max_group(void) { return MAX_GROUP; }
