@@ -733,3 +733,61 @@ ELEMENTWISE_KERNELS(f16, _Float16)
 
 int64_t paged_decode_max_head_dim(void) { return MAX_HEAD_DIM; }
 int64_t paged_decode_max_group(void) { return MAX_GROUP; }
+
+/* ---- greedy argmax -------------------------------------------------------------------------
+ * out[row] = the index of the largest of the row's `vocab` logits, the first one on ties, or of
+ * its first NaN if it has one (what torch's max(dim=-1) returns), for logits[row * row_stride + i].
+ * With AVX-512 each lane keeps the first index of its own largest value, 16 values at a time; the
+ * lanes' values then decide, and among equal ones the smallest index. */
+#if HAVE_AVX512
+#define WIDE_ARGMAX(LOAD16)                                                                           \
+    if (vocab >= WIDE_LANES) {                                                                        \
+        __m512 best = LOAD16(logits);                                                                 \
+        __m512i best_index = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15); \
+        __m512i index = best_index;                                                                   \
+        __mmask16 nan = _mm512_cmp_ps_mask(best, best, _CMP_UNORD_Q);                                 \
+        for (i = WIDE_LANES; i + WIDE_LANES <= vocab; i += WIDE_LANES) {                              \
+            index = _mm512_add_epi32(index, _mm512_set1_epi32(WIDE_LANES));                           \
+            const __m512 value = LOAD16(logits + i);                                                  \
+            const __mmask16 larger = _mm512_cmp_ps_mask(value, best, _CMP_GT_OQ);                     \
+            nan |= _mm512_cmp_ps_mask(value, value, _CMP_UNORD_Q);                                    \
+            best = _mm512_mask_mov_ps(best, larger, value);                                           \
+            best_index = _mm512_mask_mov_epi32(best_index, larger, index);                            \
+        }                                                                                             \
+        if (nan) {                                                                                    \
+            i = 0; /* the scalar loop below finds the first NaN */                                    \
+        } else {                                                                                      \
+            top = _mm512_reduce_max_ps(best);                                                         \
+            const __mmask16 tops = _mm512_cmp_ps_mask(best, _mm512_set1_ps(top), _CMP_EQ_OQ);         \
+            top_index = _mm512_mask_reduce_min_epi32(tops, best_index);                               \
+        }                                                                                             \
+    }
+#else
+#define WIDE_ARGMAX(LOAD16)
+#endif
+
+#define DEFINE_ARGMAX(NAME, T, LOAD, LOAD16)                                                          \
+    void NAME(const T *logits_rows, int64_t row_stride, int64_t rows, int64_t vocab, int64_t *out) {  \
+        for (int64_t row = 0; row < rows; row++) {                                                    \
+            const T *logits = logits_rows + row * row_stride;                                         \
+            float top = -INFINITY;                                                                    \
+            int64_t top_index = 0, i = 0;                                                             \
+            WIDE_ARGMAX(LOAD16)                                                                       \
+            for (; i < vocab; i++) {                                                                  \
+                const float value = LOAD(logits + i);                                                 \
+                if (isnan(value)) {                                                                   \
+                    top_index = i;                                                                    \
+                    break;                                                                            \
+                }                                                                                     \
+                if (value > top) {                                                                    \
+                    top = value;                                                                      \
+                    top_index = i;                                                                    \
+                }                                                                                     \
+            }                                                                                         \
+            out[row] = top_index;                                                                     \
+        }                                                                                             \
+    }
+
+DEFINE_ARGMAX(argmax_f32, float, f32_load, f32_load16)
+DEFINE_ARGMAX(argmax_bf16, bf16_t, bf16_load, bf16_load16)
+DEFINE_ARGMAX(argmax_f16, _Float16, f16_load, f16_load16)

@@ -1,5 +1,5 @@
 """The engine's CPU kernels (`cpu_kernels.c`): paged decode attention, rotary embedding, residual
-add + RMS norm, SiLU * up.
+add + RMS norm, SiLU * up, and the greedy argmax of logits.
 
 They are built with the system's C compiler for this CPU (`-march=native`, aegaeon/native.py) and
 loaded with ctypes. Where no compiler is found the engine keeps its torch paths (gather + SDPA,
@@ -50,7 +50,12 @@ _SILU_MUL_ARGTYPES = [
     ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,  # gate_up, row_stride, out
     ctypes.c_int64, ctypes.c_int64, ctypes.c_int32,  # rows, inter, threads
 ]  # fmt: skip
+_ARGMAX_ARGTYPES = [
+    ctypes.c_void_p, ctypes.c_int64,  # logits, row_stride
+    ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,  # rows, vocab, out
+]  # fmt: skip
 _ARGTYPES = {
+    "argmax": _ARGMAX_ARGTYPES,
     "paged_decode": _PAGED_DECODE_ARGTYPES,
     "rotary": _ROTARY_ARGTYPES,
     "add_rms_norm": _ADD_RMS_NORM_ARGTYPES,
@@ -160,6 +165,26 @@ def rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, signed_sin: torc
         if x.stride()[1:] != (head_dim, 1):
             raise ValueError("rotate: q and k need contiguous heads")
     LayerKernels(q.dtype).rotate(q, k, cos.contiguous(), signed_sin.contiguous())
+
+
+def argmax_rows(logits: torch.Tensor) -> torch.Tensor | None:
+    """int64 index of each row's largest value in `logits` `[rows, vocab]` (the first on ties, the
+    first NaN if any: what `max(dim=-1)` returns), or None where the kernel cannot take the tensor
+    (not on the CPU, another dtype, strided within rows, or the kernels not built)."""
+    if (
+        logits.dim() != 2
+        or logits.device.type != "cpu"
+        or logits.dtype not in _DTYPE_SUFFIXES
+        or logits.stride(1) != 1
+        or _library() is None
+    ):
+        return None
+    rows, vocab = logits.shape
+    out = torch.empty(rows, dtype=torch.long)
+    if vocab == 0:
+        raise ValueError("argmax_rows: rows of no values have no largest")
+    _kernel("argmax", logits.dtype)(logits.data_ptr(), logits.stride(0), rows, vocab, out.data_ptr())
+    return out
 
 
 def add_rms_norm(

@@ -59,9 +59,12 @@ class Transformer:
             hidden = self._add_rms_norm(residual, hidden, next_norm)
         return hidden
 
-    def logits(self, weights: ModelWeights, hidden: torch.Tensor) -> torch.Tensor:
-        """float32 logits `[rows, vocab]` for already-normed hidden states."""
-        return F.linear(hidden, weights.lm_head).float()
+    def logits(
+        self, weights: ModelWeights, hidden: torch.Tensor, dtype: torch.dtype | None = torch.float32
+    ) -> torch.Tensor:
+        """Logits `[rows, vocab]` for already-normed hidden states, in `dtype` (None: the weights')."""
+        logits = F.linear(hidden, weights.lm_head)
+        return logits if dtype is None else logits.to(dtype)
 
     def _add_rms_norm(
         self, residual: torch.Tensor, x: torch.Tensor | None, weight: torch.Tensor
