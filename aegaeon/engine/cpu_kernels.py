@@ -63,9 +63,14 @@ _ARGTYPES = {
 }
 
 
-@functools.cache
-def _library() -> ctypes.CDLL | None:
-    library = load_library(SOURCE, CFLAGS, "the CPU kernels", "they run on their slower torch paths")
+def build_for(march: str = "native") -> ctypes.CDLL | None:
+    """The kernels compiled for `-march=<march>` ("native": this CPU) and loaded, or None.
+
+    Which vector paths the source takes follows the target (AVX-512, AVX2, plain loops), so a CPU
+    that has them all can build and check each one (e.g. "x86-64-v3": AVX2; "x86-64": none).
+    """
+    flags = tuple(f"-march={march}" if flag == "-march=native" else flag for flag in CFLAGS)
+    library = load_library(SOURCE, flags, "the CPU kernels", "they run on their slower torch paths")
     if library is None:
         return None
     for suffix in _DTYPE_SUFFIXES.values():
@@ -75,6 +80,11 @@ def _library() -> ctypes.CDLL | None:
     for name in ("paged_decode_max_head_dim", "paged_decode_max_group"):
         getattr(library, name).restype = ctypes.c_int64
     return library
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    return build_for("native")
 
 
 def cpu_kernels_available() -> bool:
