@@ -1,5 +1,5 @@
-/* The engine's CPU kernels: paged decode attention, rotary embedding, residual add + RMS norm, and
- * SiLU(gate) * up.
+/* The engine's CPU kernels: paged decode attention, rotary embedding, residual add + RMS norm,
+ * SiLU(gate) * up, and the greedy argmax of a step's logits.
  *
  * Paged decode attention: one query token per row against its KV blocks, read in place. The torch
  * path gathers every row's blocks into a padded copy and hands it to SDPA, so each step writes and
@@ -20,7 +20,10 @@
  * Rotary embedding, residual add + RMS norm, SiLU * up: between the layers' matrix products torch
  * runs these as several small ops, each with its own fixed cost (~80 us per norm at 768 floats) and
  * a pass over memory (the rotation: five, a roll and its copy among them); here each is one pass
- * per row.
+ * per row (norm and SiLU 16 floats at a time with AVX-512).
+ *
+ * Greedy argmax: torch's max(dim=-1) over a step's logits takes ~0.7 ms at 16 x 32k on one core;
+ * one pass in the logits' own dtype takes a tenth of that.
  *
  * Built on first use by cpu_kernels.py (cc -O3 -march=native -fopenmp) and called through ctypes.
  * OpenMP resolves to the libgomp that torch has already loaded (same soname), so the kernel shares
