@@ -301,18 +301,20 @@ static inline void prefetch_lines(const char *k, const char *v, int64_t lines, i
         const T *q, const T *cos, const T *sin, const T *kv, const int32_t *table,                    \
         int64_t block_stride, int64_t k_offset, int64_t v_offset, int64_t token_stride, int64_t group, \
         const int64_t head_dim, int64_t ctx, int64_t sliding_window, float scale, int64_t kv_heads,   \
-        T *out) {                                                                                     \
+        T *out, const T *next_first) {                                                                \
         WIDE_TASK(NAME, T, LOAD, STORE, LOAD16, DOT32)                                                \
     }                                                                                                 \
                                                                                                       \
     /* Row `row` with the query heads of kv heads [h0, h1). Within a block the loop runs over the     \
-     * heads, so the block's K and V rows of those heads are read in address order. */               \
+     * heads, so the block's K and V rows of those heads are read in address order. `next_row`: the   \
+     * row this thread attends next (its first block is asked for during this row's last; -1: none). */ \
     static inline __attribute__((always_inline)) void NAME##_task(                                    \
         const T *q, int64_t q_row_stride, const T *new_kv, int64_t new_kv_row_stride,                 \
         const T *cos, const T *sin, T *kv, int64_t block_stride, int64_t k_offset, int64_t v_offset,  \
         int64_t token_stride, const int32_t *block_tables, int64_t table_stride,                      \
         const int32_t *context_lens, int64_t num_heads, int64_t num_kv_heads, const int64_t head_dim, \
-        int64_t sliding_window, float scale, T *out, int64_t row, int64_t h0, int64_t h1) {           \
+        int64_t sliding_window, float scale, T *out, int64_t row, int64_t h0, int64_t h1,             \
+        int64_t next_row) {                                                                           \
         const int64_t group = num_heads / num_kv_heads;                                              \
         const int64_t ctx = context_lens[row];                                                        \
         const int32_t *table = block_tables + row * table_stride;                                     \
@@ -335,10 +337,17 @@ static inline void prefetch_lines(const char *k, const char *v, int64_t lines, i
             }                                                                                         \
         }                                                                                             \
         if (HAVE_AVX512 && head_dim % WIDE_DIMS == 0) {                                               \
+            const T *next_first = NULL;                                                               \
+            if (next_row >= 0 && context_lens[next_row] > 0) {                                        \
+                const int64_t next_ctx = context_lens[next_row];                                      \
+                const int64_t next_start =                                                            \
+                    sliding_window > 0 && next_ctx > sliding_window ? next_ctx - sliding_window : 0;  \
+                next_first = kv + block_tables[next_row * table_stride + next_start / BLOCK_SIZE] * block_stride + h0 * head_dim; \
+            }                                                                                         \
             NAME##_task_wide(q + row * q_row_stride + h0 * group * head_dim, row_cos, row_sin,        \
                              kv + h0 * head_dim, table, block_stride, k_offset, v_offset, token_stride, \
                              group, head_dim, ctx, sliding_window, scale, h1 - h0,                    \
-                             out + (row * num_heads + h0 * group) * head_dim);                        \
+                             out + (row * num_heads + h0 * group) * head_dim, next_first);            \
             return;                                                                                   \
         }                                                                                             \
         const int64_t heads = (h1 - h0) * group;                                                      \
@@ -408,24 +417,26 @@ static inline void prefetch_lines(const char *k, const char *v, int64_t lines, i
         for (int64_t i = 0; i < tasks; i++) {                                                         \
             const int64_t task = tasks - 1 - i, row = task / split;                                   \
             const int64_t h0 = split == 1 ? 0 : task % split, h1 = split == 1 ? num_kv_heads : h0 + 1; \
+            /* On one thread the tasks run in this order: the next row is known. */                   \
+            const int64_t next_row = split == 1 && !parallel && row > 0 ? row - 1 : -1;              \
             switch (head_dim) {                                                                       \
             case 64:                                                                                  \
                 NAME##_task(q, q_row_stride, new_kv, new_kv_row_stride, cos, sin, kv, block_stride,   \
                             k_offset, v_offset, token_stride, block_tables, table_stride,             \
                             context_lens, num_heads, num_kv_heads, 64, sliding_window, scale, out,    \
-                            row, h0, h1);                                                             \
+                            row, h0, h1, next_row);                                                   \
                 break;                                                                                \
             case 128:                                                                                 \
                 NAME##_task(q, q_row_stride, new_kv, new_kv_row_stride, cos, sin, kv, block_stride,   \
                             k_offset, v_offset, token_stride, block_tables, table_stride,             \
                             context_lens, num_heads, num_kv_heads, 128, sliding_window, scale, out,   \
-                            row, h0, h1);                                                             \
+                            row, h0, h1, next_row);                                                   \
                 break;                                                                                \
             default:                                                                                  \
                 NAME##_task(q, q_row_stride, new_kv, new_kv_row_stride, cos, sin, kv, block_stride,   \
                             k_offset, v_offset, token_stride, block_tables, table_stride,             \
                             context_lens, num_heads, num_kv_heads, head_dim, sliding_window, scale,   \
-                            out, row, h0, h1);                                                        \
+                            out, row, h0, h1, next_row);                                              \
             }                                                                                         \
         }                                                                                             \
     }
@@ -505,6 +516,9 @@ static inline void prefetch_lines(const char *k, const char *v, int64_t lines, i
             const T *ahead = kv + table[ahead_block] * block_stride;                                  \
             ahead_k = (const char *)(ahead + k_offset);                                               \
             ahead_v = (const char *)(ahead + v_offset);                                               \
+        } else if (next_first != NULL) { /* the row's last block: the next row's first */              \
+            ahead_k = (const char *)(next_first + k_offset);                                          \
+            ahead_v = (const char *)(next_first + v_offset);                                          \
         }                                                                                             \
         int64_t asked = 0;                                                                            \
         for (int64_t h = 0; h < kv_heads; h++) {                                                      \
