@@ -1,5 +1,5 @@
 """The engine's CPU kernels (`cpu_kernels.c`): paged decode attention, rotary embedding, residual
-add + RMS norm, SiLU * up.
+add + RMS norm, SiLU * up, and the greedy argmax of logits.
 
 They are built with the system's C compiler for this CPU (`-march=native`, aegaeon/native.py) and
 loaded with ctypes. Where no compiler is found the engine keeps its torch paths (gather + SDPA,
@@ -50,7 +50,12 @@ _SILU_MUL_ARGTYPES = [
     ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,  # gate_up, row_stride, out
     ctypes.c_int64, ctypes.c_int64, ctypes.c_int32,  # rows, inter, threads
 ]  # fmt: skip
+_ARGMAX_ARGTYPES = [
+    ctypes.c_void_p, ctypes.c_int64,  # logits, row_stride
+    ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,  # rows, vocab, out
+]  # fmt: skip
 _ARGTYPES = {
+    "argmax": _ARGMAX_ARGTYPES,
     "paged_decode": _PAGED_DECODE_ARGTYPES,
     "rotary": _ROTARY_ARGTYPES,
     "add_rms_norm": _ADD_RMS_NORM_ARGTYPES,
@@ -58,9 +63,14 @@ _ARGTYPES = {
 }
 
 
-@functools.cache
-def _library() -> ctypes.CDLL | None:
-    library = load_library(SOURCE, CFLAGS, "the CPU kernels", "they run on their slower torch paths")
+def build_for(march: str = "native") -> ctypes.CDLL | None:
+    """The kernels compiled for `-march=<march>` ("native": this CPU) and loaded, or None.
+
+    Which vector paths the source takes follows the target (AVX-512, AVX2, plain loops), so a CPU
+    that has them all can build and check each one (e.g. "x86-64-v3": AVX2; "x86-64": none).
+    """
+    flags = tuple(f"-march={march}" if flag == "-march=native" else flag for flag in CFLAGS)
+    library = load_library(SOURCE, flags, "the CPU kernels", "they run on their slower torch paths")
     if library is None:
         return None
     for suffix in _DTYPE_SUFFIXES.values():
@@ -70,6 +80,11 @@ def _library() -> ctypes.CDLL | None:
     for name in ("paged_decode_max_head_dim", "paged_decode_max_group"):
         getattr(library, name).restype = ctypes.c_int64
     return library
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    return build_for("native")
 
 
 def cpu_kernels_available() -> bool:
@@ -160,6 +175,26 @@ def rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, signed_sin: torc
         if x.stride()[1:] != (head_dim, 1):
             raise ValueError("rotate: q and k need contiguous heads")
     LayerKernels(q.dtype).rotate(q, k, cos.contiguous(), signed_sin.contiguous())
+
+
+def argmax_rows(logits: torch.Tensor) -> torch.Tensor | None:
+    """int64 index of each row's largest value in `logits` `[rows, vocab]` (the first on ties, the
+    first NaN if any: what `max(dim=-1)` returns), or None where the kernel cannot take the tensor
+    (not on the CPU, another dtype, strided within rows, or the kernels not built)."""
+    if (
+        logits.dim() != 2
+        or logits.device.type != "cpu"
+        or logits.dtype not in _DTYPE_SUFFIXES
+        or logits.stride(1) != 1
+        or _library() is None
+    ):
+        return None
+    rows, vocab = logits.shape
+    out = torch.empty(rows, dtype=torch.long)
+    if vocab == 0:
+        raise ValueError("argmax_rows: rows of no values have no largest")
+    _kernel("argmax", logits.dtype)(logits.data_ptr(), logits.stride(0), rows, vocab, out.data_ptr())
+    return out
 
 
 def add_rms_norm(

@@ -70,12 +70,18 @@ class Transformer:
             hidden = self._add_rms_norm(residual, hidden, next_norm)
         return hidden
 
-    def logits(self, weights: ModelWeights, hidden: torch.Tensor) -> torch.Tensor:
-        """float32 logits `[rows, vocab]` for already-normed hidden states."""
-        logits = F.linear(hidden, weights.lm_head).float()
-        if self.group is None:
-            return logits
-        return self.group.gather_vocab(logits, self.arch.vocab_size)
+    def logits(
+        self, weights: ModelWeights, hidden: torch.Tensor, dtype: torch.dtype | None = torch.float32
+    ) -> torch.Tensor:
+        """Logits `[rows, vocab]` for already-normed hidden states, in `dtype` (None: the weights')."""
+        logits = F.linear(hidden, weights.lm_head)
+        if self.group is not None:
+            # Gathered in float32 (what every backend reduces); values that came from the weights'
+            # dtype go back to it exactly.
+            logits = self.group.gather_vocab(logits.float(), self.arch.vocab_size)
+            if dtype is None:
+                dtype = weights.lm_head.dtype
+        return logits if dtype is None else logits.to(dtype)
 
     def _embed(self, weights: ModelWeights, token_ids: torch.Tensor) -> torch.Tensor:
         """The tokens' embeddings; under TP each rank looks up its vocabulary rows, zeros elsewhere."""

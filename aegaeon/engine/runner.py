@@ -74,7 +74,9 @@ class ModelRunner:
 
         Sequences that asked for prompt logprobs get those of the prompt positions this step computed.
         """
-        logits, scored = self._forward(step)
+        # In the model's dtype: the sampler converts what it processes, and a greedy row's argmax is
+        # the same in any dtype (no float32 copy of the [rows, vocab] logits).
+        logits, scored = self._forward(step, dtype=None)
         sampling = step.sampling
         rows = [
             SamplingRow(
@@ -89,7 +91,7 @@ class ModelRunner:
         ]
         with torch.inference_mode():
             if scored:
-                self._score_prompts(logits[len(sampling) :], scored)
+                self._score_prompts(logits[len(sampling) :].float(), scored)
             return self.sampler(logits[: len(sampling)], rows)
 
     @torch.inference_mode()
@@ -98,9 +100,11 @@ class ModelRunner:
         return self._forward(step)[0][: len(step.sampling)]
 
     @torch.inference_mode()
-    def _forward(self, step: ScheduledStep) -> tuple[torch.Tensor, list[tuple[Sequence, int, int]]]:
-        """Logits of the sampling positions, then of the prompt positions to score; those as
-        (sequence, first position, count).
+    def _forward(
+        self, step: ScheduledStep, dtype: torch.dtype | None = torch.float32
+    ) -> tuple[torch.Tensor, list[tuple[Sequence, int, int]]]:
+        """Logits in `dtype` (None: the model's) of the sampling positions, then of the prompt
+        positions to score; those as (sequence, first position, count).
 
         The output projection and MLP of the last layer, the final norm and the LM head run only on
         these positions (the last of each completed prompt, every decoded token, and the prompt
@@ -112,7 +116,7 @@ class ModelRunner:
         else:
             token_ids, batch, rows = self._decode_inputs(step.seqs)
         hidden = self.model.forward(self.weights, self.kv_cache, token_ids, batch, rows)
-        return self.model.logits(self.weights, hidden), scored
+        return self.model.logits(self.weights, hidden, dtype), scored
 
     def _score_prompts(self, logits: torch.Tensor, scored: list[tuple[Sequence, int, int]]) -> None:
         """Each scored position's logits give the logprob of the prompt token after it."""

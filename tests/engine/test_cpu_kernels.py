@@ -4,6 +4,7 @@ torch definitions, in the engine, and the engine's fallback where they cannot be
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -43,13 +44,30 @@ MIN_PARALLEL_WORK = 4096
 PROMPTS = [[3 + (7 * i + j) % 97 for j in range(5 + 9 * i)] for i in range(12)]
 
 
+# The kernels' vector paths, by the target they are built for: this CPU's own (AVX-512 where it has
+# it), AVX2 without AVX-512, and none (plain loops). An x86 CPU runs all three.
+VECTOR_PATHS = {"native": "native", "avx2": "x86-64-v3", "plain": "x86-64"}
+
+
 @pytest.fixture(scope="module", autouse=True)
 def kernel_built():
     assert cpu_kernels.cpu_kernels_available(), "this machine has a C compiler: the kernels must build"
 
 
+@pytest.fixture(params=list(VECTOR_PATHS))
+def vector_path(request, monkeypatch):
+    """The module's functions on the kernels built for one vector path."""
+    if request.param != "native":
+        if platform.machine() != "x86_64":
+            pytest.skip("the other vector paths are x86 targets")
+        library = cpu_kernels.build_for(VECTOR_PATHS[request.param])
+        assert library is not None, f"the kernels must build for {VECTOR_PATHS[request.param]}"
+        monkeypatch.setattr(cpu_kernels, "_library", lambda: library)
+    return request.param
+
+
 @pytest.mark.parametrize("dtype_name", list(DTYPE_NAMES))
-def test_kernel_matches_reference(dtype_name):
+def test_kernel_matches_reference(dtype_name, vector_path):
     failures = check_kernel_against_reference(
         paged_decode_attention, DTYPE_NAMES[dtype_name], "cpu", head_dims=CPU_HEAD_DIMS
     )
@@ -58,7 +76,7 @@ def test_kernel_matches_reference(dtype_name):
 
 @pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
 @pytest.mark.parametrize("group", [1, 2, 3, 4, 8])
-def test_kernel_matches_reference_for_grouped_heads(dtype_name, group):
+def test_kernel_matches_reference_for_grouped_heads(dtype_name, group, vector_path):
     """Every query head of a KV head against the reference, over contexts that end anywhere in a block
     and windows that start anywhere in one, with the slots past each context holding NaN (a cache's
     unwritten slots hold anything; on AVX-512 a block's 16 scores are computed as one vector)."""
@@ -153,7 +171,7 @@ def hf_style_add_rms_norm(residual, x, weight, eps):
 
 @pytest.mark.parametrize("dtype_name", list(DTYPE_NAMES))
 @pytest.mark.parametrize("rows", [1, 16, 200])
-def test_add_rms_norm_matches_transformers(dtype_name, rows):
+def test_add_rms_norm_matches_transformers(dtype_name, rows, vector_path):
     dtype = DTYPE_NAMES[dtype_name]
     generator = torch.Generator().manual_seed(rows)
     residual, x = (torch.randn(rows, 768, generator=generator).to(dtype) for _ in range(2))
@@ -171,7 +189,7 @@ def test_add_rms_norm_matches_transformers(dtype_name, rows):
 
 @pytest.mark.parametrize("dtype_name", list(DTYPE_NAMES))
 @pytest.mark.parametrize("rows", [1, 16, 200])
-def test_silu_mul_matches_torch(dtype_name, rows):
+def test_silu_mul_matches_torch(dtype_name, rows, vector_path):
     dtype = DTYPE_NAMES[dtype_name]
     # Wide enough to cover both signs, saturation and the overflow of exp(-x) for very negative x.
     gate_up = (torch.randn(rows, 2 * 256, generator=torch.Generator().manual_seed(rows)) * 8).to(dtype)
@@ -180,6 +198,42 @@ def test_silu_mul_matches_torch(dtype_name, rows):
     expected = F.silu(gate) * up
     tolerance = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]
     torch.testing.assert_close(silu_mul(gate_up), expected, atol=tolerance, rtol=tolerance)
+
+
+@pytest.mark.parametrize("dtype_name", list(DTYPE_NAMES))
+def test_silu_mul_and_norm_in_bfloat16_round_as_torch(dtype_name, vector_path):
+    """Beyond the tolerance: the bfloat16 results are torch's own bits (their float32 arithmetic
+    differs from torch's in the last bits at most, which the rounding to bfloat16 all but hides)."""
+    dtype = DTYPE_NAMES[dtype_name]
+    generator = torch.Generator().manual_seed(5)
+    gate_up = (torch.randn(64, 2 * 2056, generator=generator) * 4).to(dtype)  # rows not a whole vector
+    gate, up = gate_up.chunk(2, dim=-1)
+    residual, x = (torch.randn(64, 776, generator=generator).to(dtype) for _ in range(2))
+    weight = (1 + 0.1 * torch.randn(776, generator=generator)).to(dtype)
+    expected_residual, expected = hf_style_add_rms_norm(residual, x, weight, 1e-6)
+    silu_out, norm_out = silu_mul(gate_up), add_rms_norm(residual, x, weight, 1e-6)
+    assert torch.equal(residual, expected_residual)
+    if dtype == torch.bfloat16:
+        assert torch.equal(silu_out, F.silu(gate) * up)
+        assert torch.equal(norm_out, expected)
+
+
+@pytest.mark.parametrize("dtype_name", list(DTYPE_NAMES))
+def test_argmax_rows_matches_torch(dtype_name, vector_path):
+    """The first of equal values, NaN first of all, rows shorter than a vector or not a whole number
+    of them; None for what the kernel does not take."""
+    dtype = DTYPE_NAMES[dtype_name]
+    logits = torch.randn(6, 1003, generator=torch.Generator().manual_seed(6)).to(dtype)
+    logits[0, [3, 900]] = 20.0
+    logits[1, [10, 500]] = float("nan")
+    logits[2, 1001] = float("nan")
+    logits[3] = float("-inf")
+    logits[4, 1002] = 30.0
+    for width in (1, 15, 16, 17, 1003):
+        part = logits[:, :width]  # strided rows
+        assert torch.equal(cpu_kernels.argmax_rows(part), part.max(dim=-1).indices), width
+    assert cpu_kernels.argmax_rows(logits.t()) is None  # strided within a row
+    assert cpu_kernels.argmax_rows(logits.to(torch.int32)) is None
 
 
 @pytest.mark.parametrize("dtype_name", list(DTYPE_NAMES))

@@ -54,6 +54,25 @@ def test_greedy_ties_take_first_index():
     assert Sampler()(logits, rows_for(SamplingParams(temperature=0, logprobs=1), 2)).token_ids == [1, 0]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_greedy_takes_the_first_of_equal_values_and_nans_over_a_vocabulary(dtype):
+    """Ties, infinities and NaN anywhere in rows as long as a vocabulary (and a few values short of a
+    vector): the same tokens as torch's argmax."""
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(7, 32_003, generator=generator).to(dtype)
+    logits[0, [5, 20_000]] = 50.0  # tied, far apart
+    logits[1, [7, 31_990]] = float("nan")  # NaN wins, the first one
+    logits[2, 32_002] = float("nan")  # in the last few values
+    logits[3] = float("-inf")
+    logits[4, [100, 200]] = float("inf")
+    logits[5, 32_001] = 60.0  # the largest among the last few values
+    expected = logits.float().argmax(dim=-1).tolist()
+    assert Sampler()(logits, rows_for(SamplingParams(temperature=0), 7)).token_ids == expected
+    assert Sampler()(logits[:, :15], rows_for(SamplingParams(temperature=0), 7)).token_ids == (
+        logits[:, :15].float().argmax(dim=-1).tolist()
+    )
+
+
 def test_greedy_fast_path_accepts_half_precision():
     logits = torch.randn(4, 30, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
     out = Sampler()(logits, rows_for(SamplingParams(temperature=0), 4))
