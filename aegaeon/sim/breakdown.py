@@ -13,12 +13,11 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping
 
 from aegaeon.scheduler.request import SchedRequest
+from aegaeon.scheduler.turn_loop import DECODE, PREFILL  # the phases' names double as components
 
 QUEUE = "queue"
 SWITCH = "switch"
-PREFILL = "prefill"
 KV = "kv"
-DECODE = "decode"
 WAIT = "wait"
 # In the order a request meets them.
 COMPONENTS = (QUEUE, SWITCH, PREFILL, KV, DECODE, WAIT)
