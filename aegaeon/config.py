@@ -257,6 +257,13 @@ DEFAULT_PROFILE_FOLDS = 5
 # A fit whose held-out mean relative error exceeds this is reported as poor (the node warns at start):
 # the scheduler's quotas rest on step predictions, and its TBT slack is about this fine.
 PROFILE_POOR_FIT_ERROR = 0.15
+# Live calibration: a serving node scales each model's predictions by the running ratio of measured
+# to predicted step times (a profile is measured in-process on an idle engine; live steps also pay
+# the call into the instance process and share the machine). The ratio's logarithm is the mean of the
+# first steps', then each step moves it this far toward its own; it stays within the bounds (beyond
+# them the profile itself is wrong: re-profile).
+CALIBRATION_WEIGHT = 0.05
+CALIBRATION_BOUNDS = (0.25, 4.0)
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from aegaeon.engine.sampling_params import SamplingParams
 from aegaeon.instance.remote import InstanceDied, RemoteEngine
 from aegaeon.memory.kv_pool import HostKVPool
 from aegaeon.scheduler.decode import DecodeInstance
+from aegaeon.scheduler.predictor import Predictor
 from aegaeon.scheduler.prefill import PrefillQueue
 from aegaeon.scheduler.request import SchedRequest
 from aegaeon.scheduler.turn_loop import (
@@ -83,6 +84,10 @@ class NodeServices(Protocol):
 
     @property
     def kv_pool(self) -> HostKVPool: ...
+
+    @property
+    def predictor(self) -> Predictor:
+        """The scheduler's step-time predictions, which the instance calibrates with its live steps."""
 
     def now(self) -> float: ...
 
@@ -186,8 +191,12 @@ class Instance(threading.Thread):
 
     def _execute(self, command: Command):
         match command:
-            case Step():
-                return self._step()
+            case Step(model=model, requests=requests):
+                context_lens = [r.context_len for r in requests]
+                start = time.perf_counter()
+                self._step()
+                self.node.predictor.observe_decode(model, context_lens, time.perf_counter() - start)
+                return None
             case Adopt():
                 return self._adopt_handoffs()
             case Switch(model=model):
@@ -206,7 +215,12 @@ class Instance(threading.Thread):
             case Claim(request=request):
                 return self._claim(request)
             case Prefill(request=request):
-                return self._prefill(request)
+                start = time.perf_counter()
+                self._prefill(request)
+                if request.token_times:  # not cut short by an abort
+                    elapsed = time.perf_counter() - start
+                    self.node.predictor.observe_prefill(request.model, [request.prompt_len], elapsed)
+                return None
             case HandOff(request=request):
                 return self.node.after_prefill(request, self)
         raise TypeError(f"unknown command {command!r}")

@@ -23,10 +23,17 @@ from pathlib import Path
 
 import numpy as np
 
-from aegaeon.config import DEFAULT_PROFILE_FOLDS, PROFILE_POOR_FIT_ERROR
+from aegaeon.config import (
+    CALIBRATION_BOUNDS,
+    CALIBRATION_WEIGHT,
+    DEFAULT_PROFILE_FOLDS,
+    PROFILE_POOR_FIT_ERROR,
+)
 from aegaeon.scheduler.models import ModelSpec
 
 PROFILE_FORMAT_VERSION = 1
+# The two kinds of step a profile predicts (live calibration keeps a factor per model and kind).
+PREFILL_STEP, DECODE_STEP = "prefill", "decode"
 # Each formula has three coefficients (a, b, c); fewer samples cannot determine them.
 NUM_COEFFS = 3
 
@@ -323,6 +330,9 @@ class Predictor:
 
     def __init__(self, profiles: Mapping[str, Profile]) -> None:
         self._profiles = dict(profiles)
+        # (model, "prefill" | "decode") -> log of measured / profiled step time, from live steps.
+        self._log_scale: dict[tuple[str, str], float] = {}
+        self._observed: dict[tuple[str, str], int] = {}
 
     @classmethod
     def for_models(
@@ -351,10 +361,34 @@ class Predictor:
             raise KeyError(f"no profile for model {model!r}") from None
 
     def prefill_s(self, model: str, lengths: Sequence[int]) -> float:
-        return self.profile(model).predict_prefill(lengths)
+        return self.profile(model).predict_prefill(lengths) * self.scale(model, PREFILL_STEP)
 
     def decode_s(self, model: str, context_lens: Sequence[int]) -> float:
-        return self.profile(model).predict_decode(context_lens)
+        return self.profile(model).predict_decode(context_lens) * self.scale(model, DECODE_STEP)
+
+    def scale(self, model: str, kind: str) -> float:
+        """The factor live steps of this kind showed the profile to be off by (1 until observed)."""
+        return math.exp(self._log_scale.get((model, kind), 0.0))
+
+    def observe_prefill(self, model: str, lengths: Sequence[int], measured_s: float) -> None:
+        """Calibrate to a live prefill of these prompt lengths that took `measured_s`."""
+        self._observe(model, PREFILL_STEP, self.profile(model).predict_prefill(lengths), measured_s)
+
+    def observe_decode(self, model: str, context_lens: Sequence[int], measured_s: float) -> None:
+        """Calibrate to a live decode step of these context lengths that took `measured_s`."""
+        self._observe(model, DECODE_STEP, self.profile(model).predict_decode(context_lens), measured_s)
+
+    def _observe(self, model: str, kind: str, profiled_s: float, measured_s: float) -> None:
+        if profiled_s <= 0 or measured_s <= 0:
+            return
+        low, high = (math.log(bound) for bound in CALIBRATION_BOUNDS)
+        key = (model, kind)
+        seen = self._observed[key] = self._observed.get(key, 0) + 1
+        # The plain mean of the first observations (prefills are few), then a moving average.
+        weight = max(CALIBRATION_WEIGHT, 1.0 / seen)
+        previous = self._log_scale.get(key, 0.0)
+        moved = previous + weight * (math.log(measured_s / profiled_s) - previous)
+        self._log_scale[key] = min(max(moved, low), high)
 
     def switch_s(self, model: str) -> float:
         """Seconds to switch this device to `model`."""

@@ -5,6 +5,7 @@ import random
 
 import pytest
 
+from aegaeon.config import CALIBRATION_BOUNDS
 from aegaeon.scheduler.predictor import (
     PROFILE_FORMAT_VERSION,
     FitError,
@@ -194,3 +195,24 @@ def test_fit_error_reads_as_a_user_would_want() -> None:
 def test_non_positive_times_are_refused() -> None:
     with pytest.raises(ValueError, match="positive"):
         fit_decode([([1], 0.1), ([2], 0.0), ([3], 0.3)])
+
+
+def test_live_steps_calibrate_a_model_s_predictions_within_bounds() -> None:
+    store = ProfileStore([profile("shape-a"), profile("shape-b")])
+    pred = Predictor.for_models([spec("a"), spec("b")], store, "float32", "cpu")
+    profiled_decode, profiled_prefill = pred.decode_s("a", [100]), pred.prefill_s("a", [64])
+    # Live decode steps of model a take 1.5x what its profile says (the call into the instance
+    # process, a shared machine): its decode predictions follow, nothing else moves.
+    for _ in range(200):
+        pred.observe_decode("a", [100], 1.5 * profiled_decode)
+    assert pred.decode_s("a", [100]) == pytest.approx(1.5 * profiled_decode, rel=1e-3)
+    profile_a = store.get("shape-a", "float32", "cpu")
+    assert pred.decode_s("a", [400]) == pytest.approx(1.5 * profile_a.predict_decode([400]), rel=1e-3)
+    assert pred.prefill_s("a", [64]) == profiled_prefill
+    assert pred.decode_s("b", [100]) == profiled_decode
+    # One outlier step moves it only a little; a profile off beyond the bounds is capped there.
+    pred.observe_decode("a", [100], 100 * profiled_decode)
+    assert pred.decode_s("a", [100]) < 2 * profiled_decode
+    for _ in range(500):
+        pred.observe_prefill("a", [64], 1000 * profiled_prefill)
+    assert pred.prefill_s("a", [64]) == pytest.approx(CALIBRATION_BOUNDS[1] * profiled_prefill)
