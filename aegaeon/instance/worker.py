@@ -212,23 +212,7 @@ def _build(spec: WorkerSpec):
     model_cache = HostModelCache.attach(spec.memory.shm_dir, spec.model_cache_name)
     kv_pool = HostKVPool.attach(spec.memory.shm_dir, spec.kv_pool_name)
     kv_pool.pin()
-    if spec.tensor_parallel_size > 1:
-        from aegaeon.engine.parallel.lockstep import TensorParallelEngine
-
-        engine = TensorParallelEngine(
-            models=spec.models,
-            tensor_parallel_size=spec.tensor_parallel_size,
-            device=spec.device,
-            dtype=spec.dtype,
-            config=spec.engine,
-            memory=spec.memory,
-            model_cache=model_cache,
-            kv_pool=kv_pool,
-            progress=spec.progress,
-            cpu_threads=spec.cpu_threads,
-        )
-        return EngineService(engine, kv_pool)
-    engine = LLMEngine(
+    common = dict(
         models=spec.models,
         device=spec.device,
         dtype=spec.dtype,
@@ -238,6 +222,14 @@ def _build(spec: WorkerSpec):
         kv_pool=kv_pool,
         progress=spec.progress,
     )
+    if spec.tensor_parallel_size > 1:
+        from aegaeon.engine.parallel.lockstep import TensorParallelEngine
+
+        engine = TensorParallelEngine(
+            tensor_parallel_size=spec.tensor_parallel_size, cpu_threads=spec.cpu_threads, **common
+        )
+    else:
+        engine = LLMEngine(**common)
     return EngineService(engine, kv_pool)
 
 
