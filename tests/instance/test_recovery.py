@@ -22,36 +22,37 @@ from tests.instance.test_node import node_config
 MODELS = ("llama", "qwen3")
 REQUESTS = 20
 OUTPUT_TOKENS = 32
-# Kill once this many tokens have streamed in all: every request is well under way, none is done.
-KILL_AFTER_TOKENS = 2 * REQUESTS
+# Kill once this many outputs have streamed in all: every request is well under way, none is done.
+KILL_AFTER_OUTPUTS = 2 * REQUESTS
 FINISH_TIMEOUT_S = 180.0
 
 
 class Streams:
-    """Submit the requests; collect the tokens each one streams."""
+    """Submit interleaved requests of both models; collect the tokens each one streams."""
 
-    def __init__(self, node: Node):
+    def __init__(self, node: Node, requests: int = REQUESTS, output_tokens: int = OUTPUT_TOKENS):
+        self.requests = requests
+        self.prompts: dict[str, tuple[str, list[int]]] = {}
         self.tokens: dict[str, list[int]] = {}
-        self.tokens_seen = 0
+        self.outputs_seen = 0
         self.finished = 0
         self.errors: list[BaseException] = []
         self.done = threading.Event()
         self._lock = threading.Lock()
-        params = SamplingParams(temperature=0, max_tokens=OUTPUT_TOKENS, ignore_eos=True)
-        for index in range(REQUESTS):
-            request_id = f"r{index}"
-            self.tokens[request_id] = []
+        params = SamplingParams(temperature=0, max_tokens=output_tokens, ignore_eos=True)
+        for index in range(requests):
+            request_id, model = f"r{index}", MODELS[index % len(MODELS)]
             prompt = [3 + index, 7, 11 + 2 * index, 5]
-            node.submit(
-                prompt, params, MODELS[index % len(MODELS)], self._on_output, self._on_error, request_id
-            )
+            self.prompts[request_id] = (model, prompt)
+            self.tokens[request_id] = []
+            node.submit(prompt, params, model, self._on_output, self._on_error, request_id)
 
     def _on_output(self, output) -> None:
         with self._lock:
             self.tokens[output.request_id].extend(output.outputs[0].token_ids)
-            self.tokens_seen += 1
+            self.outputs_seen += 1
             self.finished += output.finished
-            if self.finished == REQUESTS:
+            if self.finished == self.requests:
                 self.done.set()
 
     def _on_error(self, error: BaseException) -> None:
@@ -79,7 +80,7 @@ def test_killed_instance_process_is_restarted_and_every_stream_finishes_unchange
         old_pid = instance.engine.info.pid
         disturbed = Streams(node)
         deadline = time.monotonic() + FINISH_TIMEOUT_S
-        while disturbed.tokens_seen < KILL_AFTER_TOKENS and time.monotonic() < deadline:
+        while disturbed.outputs_seen < KILL_AFTER_OUTPUTS and time.monotonic() < deadline:
             time.sleep(0.005)
         assert disturbed.finished < REQUESTS, "the kill came too late to test anything"
         os.kill(old_pid, signal.SIGKILL)

@@ -10,56 +10,22 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 
 import psutil
 import pytest
 
 from aegaeon.cli import build_parser, serve_config_from_args
-from aegaeon.engine.sampling_params import SamplingParams
 from aegaeon.instance.node import Node
 from aegaeon.scheduler.timeline import EventKind
 from tests.instance.test_node import node_config
+from tests.instance.test_recovery import MODELS, Streams
 
-MODELS = ("llama", "qwen3")
 REQUESTS = 6
 OUTPUT_TOKENS = 12
 # Kill once this many outputs have streamed in all: every request under way, none done.
 KILL_AFTER_OUTPUTS = 2 * REQUESTS
 FINISH_TIMEOUT_S = 300.0
-
-
-class Streams:
-    """Submit interleaved requests of both models; collect the tokens each one streams."""
-
-    def __init__(self, node: Node):
-        self.prompts: dict[str, tuple[str, list[int]]] = {}
-        self.tokens: dict[str, list[int]] = {}
-        self.outputs_seen = 0
-        self.finished = 0
-        self.errors: list[BaseException] = []
-        self.done = threading.Event()
-        self._lock = threading.Lock()
-        params = SamplingParams(temperature=0, max_tokens=OUTPUT_TOKENS, ignore_eos=True)
-        for index in range(REQUESTS):
-            request_id, model = f"r{index}", MODELS[index % len(MODELS)]
-            prompt = [3 + index, 7, 11 + 2 * index, 5]
-            self.prompts[request_id] = (model, prompt)
-            self.tokens[request_id] = []
-            node.submit(prompt, params, model, self._on_output, self._on_error, request_id)
-
-    def _on_output(self, output) -> None:
-        with self._lock:
-            self.tokens[output.request_id].extend(output.outputs[0].token_ids)
-            self.outputs_seen += 1
-            self.finished += output.finished
-            if self.finished == REQUESTS:
-                self.done.set()
-
-    def _on_error(self, error: BaseException) -> None:
-        self.errors.append(error)
-        self.done.set()
 
 
 def test_tp2_instance_switches_models_exactly_and_survives_a_killed_rank(
@@ -68,7 +34,7 @@ def test_tp2_instance_switches_models_exactly_and_survives_a_killed_rank(
     models = {name: five_model_dirs[name] for name in MODELS}
     config = node_config(profile_path, colocated=True, tensor_parallel_size=2)
     with Node(models, config, progress=False) as node:
-        undisturbed = Streams(node)
+        undisturbed = Streams(node, REQUESTS, OUTPUT_TOKENS)
         assert undisturbed.done.wait(FINISH_TIMEOUT_S) and not undisturbed.errors, undisturbed.errors
         for request_id, (model, prompt) in undisturbed.prompts.items():
             assert undisturbed.tokens[request_id] == hf_greedy(models[model], prompt, OUTPUT_TOKENS)
@@ -78,7 +44,7 @@ def test_tp2_instance_switches_models_exactly_and_survives_a_killed_rank(
         old_pid = instance.engine.info.pid
         ranks = psutil.Process(old_pid).children()
         assert len(ranks) == 1  # rank 1; rank 0 is the instance process itself
-        disturbed = Streams(node)
+        disturbed = Streams(node, REQUESTS, OUTPUT_TOKENS)
         deadline = time.monotonic() + FINISH_TIMEOUT_S
         while disturbed.outputs_seen < KILL_AFTER_OUTPUTS and time.monotonic() < deadline:
             time.sleep(0.005)
@@ -102,7 +68,7 @@ def test_tp2_prefill_and_decode_instances_hand_requests_over_exactly(
     models = {name: five_model_dirs[name] for name in MODELS}
     config = node_config(profile_path, colocated=False, tensor_parallel_size=2)
     with Node(models, config, progress=False) as node:
-        streams = Streams(node)
+        streams = Streams(node, REQUESTS, OUTPUT_TOKENS)
         assert streams.done.wait(FINISH_TIMEOUT_S) and not streams.errors, streams.errors
         for request_id, (model, prompt) in streams.prompts.items():
             assert streams.tokens[request_id] == hf_greedy(models[model], prompt, OUTPUT_TOKENS)
