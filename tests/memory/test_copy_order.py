@@ -29,11 +29,10 @@ def host_bytes(nbytes: int, device: torch.device, fill: int) -> torch.Tensor:
     return torch.full((nbytes,), fill, dtype=torch.uint8, pin_memory=device.type == "cuda")
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_a_kv_move_issued_during_a_prefetch_lands_before_it(device: str) -> None:
-    device = torch.device(device)
-    weights = CopyStream(device)
-    kv = CopyStream(device, ahead_of=weights)
+def prefetch_chunks(
+    device: torch.device,
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor, torch.Tensor]:
+    """A model-sized weights copy in CHUNK_BYTES chunks: the chunks, their target and their source."""
     nbytes = PREFETCH_BYTES[device.type]
     source = host_bytes(nbytes, device, 7)
     target = torch.zeros(nbytes, dtype=torch.uint8, device=device)
@@ -41,6 +40,15 @@ def test_a_kv_move_issued_during_a_prefetch_lands_before_it(device: str) -> None
         (target[start : start + CHUNK_BYTES], source[start : start + CHUNK_BYTES])
         for start in range(0, nbytes, CHUNK_BYTES)
     ]
+    return chunks, target, source
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_kv_move_issued_during_a_prefetch_lands_before_it(device: str) -> None:
+    device = torch.device(device)
+    weights = CopyStream(device)
+    kv = CopyStream(device, ahead_of=weights)
+    chunks, target, source = prefetch_chunks(device)
     kv_source = host_bytes(KV_BYTES, device, 3)
     kv_target = torch.zeros(KV_BYTES, dtype=torch.uint8, device=device)
 
@@ -75,13 +83,7 @@ def test_a_kv_move_of_byte_runs_issued_during_a_prefetch_lands_first_run_by_run(
     device = torch.device(device)
     weights = CopyStream(device)
     kv = CopyStream(device, ahead_of=weights)
-    nbytes = PREFETCH_BYTES[device.type]
-    source = host_bytes(nbytes, device, 7)
-    target = torch.zeros(nbytes, dtype=torch.uint8, device=device)
-    chunks = [
-        (target[start : start + CHUNK_BYTES], source[start : start + CHUNK_BYTES])
-        for start in range(0, nbytes, CHUNK_BYTES)
-    ]
+    chunks, target, source = prefetch_chunks(device)
     kv_source = torch.arange(KV_BYTES, dtype=torch.int64).remainder(251).to(torch.uint8)
     kv_source = kv_source.pin_memory() if device.type == "cuda" else kv_source
     kv_target = torch.zeros(KV_BYTES, dtype=torch.uint8, device=device)
